@@ -1,0 +1,1 @@
+"""Kokoa Proxy: origins hidden behind disposable WireGuard-tunnelled edges."""

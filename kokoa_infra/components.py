@@ -1,0 +1,177 @@
+"""Pulumi components: an Origin with its EdgeNodes, their secret keys, SSH pushes and A records."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Sequence
+
+import pulumi
+import pulumi_cloudflare as cloudflare
+import pulumi_random as random
+from pulumi_command import remote
+
+from kokoa_infra.keys import public_key
+from kokoa_infra.model import Edge, Origin as OriginSpec, Ssh, Topology
+from kokoa_infra.render import (INSTALL_DIR, EdgePeer, bundle_archive, bundle_digest,
+                                render_edge_bundle, render_origin_bundle)
+
+ORIGIN_TYPE = "kokoa:index:Origin"
+EDGE_TYPE = "kokoa:index:EdgeNode"
+DNS_TTL = 60
+
+
+def _wireguard_secret(name: str, parent: pulumi.Resource) -> pulumi.Output[str]:
+    """32 random bytes kept in state: a private key or PSK that survives later runs."""
+    raw = random.RandomBytes(name, length=32, opts=pulumi.ResourceOptions(parent=parent))
+    return pulumi.Output.secret(raw.base64)
+
+
+def _connection(ssh: Ssh, private_key: pulumi.Input[str]) -> remote.ConnectionArgs:
+    return remote.ConnectionArgs(host=ssh.host, port=ssh.port, user=ssh.user,
+                                 private_key=private_key, host_key=ssh.host_key)
+
+
+def _push_command(name: str, label: str, ssh: Ssh, ssh_private_key: pulumi.Input[str],
+                  files: pulumi.Output[dict[str, str]], parent: pulumi.Resource,
+                  depends_on: Sequence[pulumi.Resource] = ()) -> remote.Command:
+    """Copy the bundle over SSH (stdin) and run its install.sh; its uninstall.sh on delete.
+
+    The bundle's hash is part of `create`, so a changed file is an in-place update that
+    re-runs the idempotent install. A changed connection replaces the command: the old
+    host is cleaned up first (delete_before_replace), then the new one installed.
+    """
+    command = pulumi.Output.unsecret(files.apply(lambda f: _install_script(label, bundle_digest(f))))
+    return remote.Command(
+        name,
+        connection=_connection(ssh, ssh_private_key),
+        create=command,
+        delete=f"if [ -x {INSTALL_DIR}/uninstall.sh ]; then {INSTALL_DIR}/uninstall.sh; fi",
+        stdin=pulumi.Output.secret(files.apply(lambda f: base64.b64encode(bundle_archive(f)).decode())),
+        # Logs may name paths and addresses, never keys; still, keep them out of plain state.
+        logging=remote.Logging.STDERR,
+        opts=pulumi.ResourceOptions(parent=parent, delete_before_replace=True,
+                                    depends_on=list(depends_on),
+                                    additional_secret_outputs=["stdout", "stderr"]),
+    )
+
+
+def _install_script(label: str, digest: str) -> str:
+    # Runs in the SSH user's login shell: POSIX sh only.
+    return (f"export KOKOA_BUNDLE={label} KOKOA_BUNDLE_SHA256={digest}\n"
+            "set -eu\n"
+            "tmp=$(mktemp -d /tmp/kokoa-bundle.XXXXXX)\n"
+            "trap 'rm -rf \"$tmp\"' EXIT\n"
+            "base64 -d | tar -xzf - -C \"$tmp\"\n"
+            "bash \"$tmp/install.sh\"\n")
+
+
+@dataclass(frozen=True)
+class EdgeNodeArgs:
+    topology: Topology
+    edge: Edge
+    origin_public_key: pulumi.Output[str]
+    ssh_private_key: pulumi.Input[str]
+    stack: str
+
+
+class EdgeNode(pulumi.ComponentResource):
+    """An edge server: WireGuard tunnel to its origin, nginx with TLS, its A record."""
+
+    public_key: pulumi.Output[str]
+    preshared_key: pulumi.Output[str]
+    bundle: pulumi.Output[dict[str, str]]
+    install: remote.Command
+    dns_record: cloudflare.DnsRecord | None
+
+    def __init__(self, name: str, args: EdgeNodeArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__(EDGE_TYPE, name, {}, opts)
+        edge, topology = args.edge, args.topology
+        private_key = _wireguard_secret(f"{name}-wireguard-key", self)
+        self.preshared_key = _wireguard_secret(f"{name}-preshared-key", self)
+        self.public_key = pulumi.Output.unsecret(private_key.apply(public_key))
+        self.bundle = pulumi.Output.secret(pulumi.Output.all(
+            private_key, self.preshared_key, args.origin_public_key,
+        ).apply(lambda keys: render_edge_bundle(topology, edge, *keys)))
+        self.install = _push_command(f"{name}-install", f"edge/{edge.name}", edge.ssh,
+                                     args.ssh_private_key, self.bundle, self)
+
+        origin = topology.origin(edge.origin)
+        zone_id = topology.zone_for(origin)
+        self.dns_record = None
+        if edge.dns and zone_id:
+            # Only after the install: DNS never sends users to a half-built edge.
+            self.dns_record = cloudflare.DnsRecord(
+                f"{name}-a-record",
+                zone_id=zone_id,
+                name=origin.domain,
+                type="A",
+                content=edge.public_ip,
+                ttl=DNS_TTL,
+                proxied=False,
+                comment=f"kokoa edge {edge.name} (stack {args.stack})",
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.install]))
+        self.register_outputs({"publicKey": self.public_key})
+
+
+@dataclass(frozen=True)
+class OriginArgs:
+    topology: Topology
+    origin: OriginSpec
+    ssh_private_key: pulumi.Input[str]
+    stack: str
+
+
+class Origin(pulumi.ComponentResource):
+    """An origin server: WireGuard hub for its edges, tunnel gateway, certificate; owns its EdgeNodes."""
+
+    public_key: pulumi.Output[str]
+    bundle: pulumi.Output[dict[str, str]]
+    edges: dict[str, EdgeNode]
+    install: remote.Command
+    certificate: remote.Command | None
+
+    def __init__(self, name: str, args: OriginArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__(ORIGIN_TYPE, name, {}, opts)
+        spec, topology = args.origin, args.topology
+        private_key = _wireguard_secret(f"{name}-wireguard-key", self)
+        self.public_key = pulumi.Output.unsecret(private_key.apply(public_key))
+        self.edges = {
+            edge.name: EdgeNode(edge.name, EdgeNodeArgs(
+                topology=topology, edge=edge, origin_public_key=self.public_key,
+                ssh_private_key=args.ssh_private_key, stack=args.stack),
+                opts=pulumi.ResourceOptions(parent=self))
+            for edge in topology.edges_of(spec)
+        }
+        edge_specs = list(topology.edges_of(spec))
+        edge_nodes = [self.edges[edge.name] for edge in edge_specs]
+
+        def render(values: list[str]) -> dict[str, str]:
+            origin_key, *edge_keys = values
+            peers = [EdgePeer(edge, edge_keys[2 * i], edge_keys[2 * i + 1])
+                     for i, edge in enumerate(edge_specs)]
+            return render_origin_bundle(topology, spec, origin_key, peers)
+
+        self.bundle = pulumi.Output.secret(pulumi.Output.all(
+            private_key, *[k for node in edge_nodes for k in (node.public_key, node.preshared_key)],
+        ).apply(render))
+        self.install = _push_command(f"{name}-install", f"origin/{spec.name}", spec.ssh,
+                                     args.ssh_private_key, self.bundle, self)
+
+        # HTTP-01 validation needs an edge that relays it and DNS pointing there, so the
+        # first certificate waits for the edges' installs and A records.
+        serving = [node for node, edge in zip(edge_nodes, edge_specs) if edge.dns]
+        self.certificate = None
+        if serving:
+            self.certificate = remote.Command(
+                f"{name}-certificate",
+                connection=_connection(spec.ssh, args.ssh_private_key),
+                # Naming domain and ACME account in the command re-runs it when they change.
+                create=(f"KOKOA_DOMAIN={spec.domain} KOKOA_ACME_SERVER={topology.settings.acme_server} "
+                        f"{INSTALL_DIR}/certificate.sh"),
+                opts=pulumi.ResourceOptions(
+                    parent=self,
+                    depends_on=[self.install, *[n.install for n in serving],
+                                *[n.dns_record for n in serving if n.dns_record is not None]]),
+            )
+        self.register_outputs({"publicKey": self.public_key})

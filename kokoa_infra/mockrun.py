@@ -1,0 +1,198 @@
+"""Run the Kokoa Pulumi program under Pulumi's mocks and record everything it declares.
+
+No Pulumi CLI or provider plugin is needed: the SDK's mock monitor stands in for the
+engine. The tests assert on the recorded resources and outputs; the lab executes the
+recorded `pulumi_command.remote` commands over real SSH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import runpy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import pulumi
+from pulumi.runtime import mocks as pulumi_mocks
+from pulumi.runtime import rpc, settings as pulumi_settings
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+RANDOM_BYTES = "random:index/randomBytes:RandomBytes"
+
+
+@dataclass(frozen=True)
+class DeclaredResource:
+    """One resource as the program registered it (secrets unwrapped in `inputs`)."""
+
+    urn: str
+    type: str
+    name: str
+    inputs: dict[str, Any]
+    secret_paths: frozenset[str]
+    dependencies: tuple[str, ...]
+    parent: str
+    delete_before_replace: bool
+
+
+@dataclass
+class ProgramRun:
+    """What one evaluation of the program declared and exported."""
+
+    resources: list[DeclaredResource] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    secret_outputs: set[str] = field(default_factory=set)
+    logs: list[tuple[str, str]] = field(default_factory=list)
+
+    def of_type(self, type_token: str) -> list[DeclaredResource]:
+        return [r for r in self.resources if r.type == type_token]
+
+    def named(self, name: str) -> DeclaredResource:
+        matches = [r for r in self.resources if r.name == name]
+        if len(matches) != 1:
+            raise KeyError(f"{len(matches)} resources named {name!r}")
+        return matches[0]
+
+
+class KokoaMocks(pulumi.runtime.Mocks):
+    """Provider stand-ins: RandomBytes get bytes derived from `seed` and the resource name.
+
+    A fixed seed makes keys repeat across runs the way Pulumi state keeps them.
+    """
+
+    def __init__(self, seed: bytes = b"kokoa-tests") -> None:
+        self.seed = seed
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+        state = dict(args.inputs)
+        if args.typ == RANDOM_BYTES:
+            length = int(args.inputs["length"])
+            raw = hashlib.sha256(self.seed + b"\0" + args.name.encode()).digest()[:length]
+            state["base64"] = base64.b64encode(raw).decode()
+            state["hex"] = raw.hex()
+        return f"{args.name}-id", state
+
+    def call(self, args: pulumi.runtime.MockCallArgs):
+        return {}
+
+
+def _secret_paths(value: Any, prefix: str = "") -> set[str]:
+    found: set[str] = set()
+    if rpc.is_rpc_secret(value):
+        found.add(prefix or ".")
+        value = rpc.unwrap_rpc_secret(value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found |= _secret_paths(item, f"{prefix}.{key}" if prefix else key)
+    return found
+
+
+def _unwrap(value: Any) -> Any:
+    value = rpc.unwrap_rpc_secret(value)
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    return value
+
+
+class RecordingMonitor(pulumi_mocks.MockMonitor):
+    """The SDK's mock monitor, also keeping each registration's options and secrets."""
+
+    def __init__(self, mocks: pulumi.runtime.Mocks, run: ProgramRun) -> None:
+        super().__init__(mocks)
+        self.run = run
+
+    def RegisterResource(self, request):  # noqa: N802 (gRPC name)
+        response = super().RegisterResource(request)
+        if request.type != "pulumi:pulumi:Stack":
+            wrapped = json.loads(json.dumps(_struct_to_python(request.object)))
+            self.run.resources.append(DeclaredResource(
+                urn=response.urn,
+                type=request.type,
+                name=request.name,
+                inputs=_unwrap(wrapped),
+                secret_paths=frozenset(_secret_paths(wrapped)),
+                dependencies=tuple(request.dependencies),
+                parent=request.parent,
+                delete_before_replace=request.deleteBeforeReplace,
+            ))
+        return response
+
+
+class _LogRecorder(logging.Handler):
+    """Keeps what the program logs through `pulumi.log` (the mock engine's logger)."""
+
+    def __init__(self, run: ProgramRun) -> None:
+        super().__init__(logging.INFO)
+        self.run = run
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run.logs.append((record.levelname.lower(), record.getMessage()))
+
+
+def _struct_to_python(struct) -> Any:
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(struct)
+
+
+def config_map(stack_config: Mapping[str, Any]) -> dict[str, str]:
+    """`Pulumi.<stack>.yaml`'s `config:` mapping → the string map the runtime expects.
+
+    Secrets must already be plain text here (the mocks have no secrets provider).
+    """
+    flat: dict[str, str] = {}
+    for key, value in stack_config.items():
+        if isinstance(value, dict) and set(value) == {"secure"}:
+            raise ValueError(f"{key} is encrypted; pass its plain value to the mock run")
+        flat[key] = value if isinstance(value, str) else json.dumps(value)
+    return flat
+
+
+SECRET_CONFIG_KEYS = ("kokoa:sshPrivateKey", "cloudflare:apiToken")
+
+
+def run_program(stack_config: Mapping[str, Any], *, stack: str = "test",
+                seed: bytes = b"kokoa-tests", program: Path | None = None) -> ProgramRun:
+    """Evaluate `__main__.py` with `stack_config` under mocks and return what it declared.
+
+    Raises whatever the program raises (a `pulumi.RunError` for invalid config), after
+    the run has settled; `ProgramRun.logs` still holds the messages logged before.
+    """
+    run = ProgramRun()
+    mocks = KokoaMocks(seed)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        logger = logging.getLogger(f"kokoa.mockrun.{id(run)}")
+        logger.propagate = False
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(_LogRecorder(run))
+        pulumi.runtime.set_mocks(mocks, project="kokoa", stack=stack, preview=False,
+                                 logger=logger, monitor=RecordingMonitor(mocks, run))
+        pulumi.runtime.set_all_config(config_map(stack_config),
+                                      [k for k in SECRET_CONFIG_KEYS if k in stack_config])
+        main = program or PROJECT_DIR / "__main__.py"
+
+        async def evaluate() -> None:
+            await pulumi.runtime.stack.run_pulumi_func(
+                lambda: runpy.run_path(str(main), run_name="__main__"))
+            root = pulumi_settings.get_root_resource()
+            for name, value in dict(root.outputs).items():
+                out = pulumi.Output.from_input(value)
+                run.outputs[name] = json.loads(json.dumps(await out.future()))
+                if await out.is_secret():
+                    run.secret_outputs.add(name)
+
+        loop.run_until_complete(evaluate())
+    finally:
+        pulumi_settings.SETTINGS.outputs.clear()
+        pulumi_settings.reset_options()
+        loop.close()
+        asyncio.set_event_loop(None)
+    return run

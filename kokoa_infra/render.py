@@ -1,0 +1,158 @@
+"""Topology + keys → the files of each node's bundle, from the Jinja2 templates (no Pulumi here)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import shlex
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import jinja2
+
+from kokoa_infra.model import Edge, Origin, Topology
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+INSTALL_DIR = "/etc/kokoa/bundle"
+ACME_WEBROOT = "/var/lib/kokoa/acme-webroot"
+CERT_EXPORT_DIR = "/var/lib/kokoa/cert-export"
+# The origin's tunnel gateway serves the certificate to its edges on this port of its WireGuard IP.
+CERT_PORT = 9080
+GATEWAY_PORT = 80
+RENEW_INTERVAL = 12 * 3600
+
+BundleFiles = dict[str, str]
+
+
+@dataclass(frozen=True)
+class EdgePeer:
+    """An edge as its origin's WireGuard config sees it."""
+
+    edge: Edge
+    public_key: str
+    preshared_key: str
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["shell_quote"] = lambda value: shlex.quote(str(value))
+    return env
+
+
+ENV = _environment()
+
+
+def _render(template: str, **context) -> str:
+    return ENV.get_template(template).render(**context)
+
+
+def _common(topology: Topology, origin: Origin) -> dict:
+    return {
+        "settings": topology.settings,
+        "origin": origin,
+        "install_dir": INSTALL_DIR,
+        "acme_webroot": ACME_WEBROOT,
+        "cert_export_dir": CERT_EXPORT_DIR,
+        "cert_port": CERT_PORT,
+        "gateway_port": GATEWAY_PORT,
+        "tunnel_prefix": 24,
+    }
+
+
+def render_origin_bundle(topology: Topology, origin: Origin, private_key: str,
+                         peers: list[EdgePeer]) -> BundleFiles:
+    """Files an origin host needs: its WireGuard interface, tunnel gateway, certificate jobs."""
+    peers = sorted(peers, key=lambda p: p.edge.index)
+    ctx = _common(topology, origin) | {
+        "private_key": private_key,
+        "peers": peers,
+        "renew_interval": RENEW_INTERVAL,
+        "upstream": _upstream(origin.upstream),
+    }
+    files = {
+        "wg0.conf": _render("origin/wg0.conf.j2", **ctx),
+        "gateway.conf": _render("origin/gateway.conf.j2", **ctx),
+        "certificate.sh": _render("origin/certificate.sh.j2", **ctx),
+        "install.sh": _render("origin/install.sh.j2", **ctx),
+        "uninstall.sh": _render("origin/uninstall.sh.j2", **ctx),
+    }
+    if topology.settings.acme_ca_bundle:
+        files["acme-ca.pem"] = topology.settings.acme_ca_bundle
+    return files
+
+
+def render_edge_bundle(topology: Topology, edge: Edge, private_key: str, preshared_key: str,
+                       origin_public_key: str) -> BundleFiles:
+    """Files an edge host needs: tunnel to its origin, nginx, certificate refresh."""
+    origin = topology.origin(edge.origin)
+    interface = edge.interface(origin)
+    ctx = _common(topology, origin) | {
+        "edge": edge,
+        "interface": interface,
+        "private_key": private_key,
+        "preshared_key": preshared_key,
+        "origin_public_key": origin_public_key,
+        "refresh_interval": topology.settings.cert_refresh_interval,
+        "tls_dir": f"/etc/letsencrypt/live/{origin.domain}",
+    }
+    return {
+        f"{interface}.conf": _render("edge/wg-origin.conf.j2", **ctx),
+        "nginx.conf": _render("edge/nginx.conf.j2", **ctx),
+        "cert-refresh.sh": _render("edge/cert-refresh.sh.j2", **ctx),
+        "install.sh": _render("edge/install.sh.j2", **ctx),
+        "uninstall.sh": _render("edge/uninstall.sh.j2", **ctx),
+    }
+
+
+@dataclass(frozen=True)
+class Upstream:
+    scheme: str
+    server: str
+    path: str
+
+
+def _upstream(url: str) -> Upstream:
+    scheme, rest = url.split("://", 1)
+    server, _, path = rest.partition("/")
+    if ":" not in server.rsplit("]", 1)[-1]:
+        server += ":443" if scheme == "https" else ":80"
+    return Upstream(scheme=scheme, server=server, path="/" + path if path else "")
+
+
+def file_mode(name: str) -> int:
+    """Private files (keys) 0600, scripts 0755, the rest 0644."""
+    if name.endswith(".sh"):
+        return 0o755
+    if name.endswith(".conf") and name.startswith("wg"):
+        return 0o600
+    return 0o644
+
+
+def bundle_archive(files: Mapping[str, str]) -> bytes:
+    """A reproducible .tar.gz of a bundle: sorted names, fixed owner and times, real modes."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(files):
+            data = files[name].encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = file_mode(name)
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def bundle_digest(files: Mapping[str, str]) -> str:
+    return hashlib.sha256(bundle_archive(files)).hexdigest()
