@@ -1,8 +1,234 @@
-"""Placeholder: replaced by the `kokoa health` implementation."""
+"""`kokoa health`: ping every node and probe HTTPS through every edge, once or every N seconds."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
 import click
+
+from kokoa_infra.health_probes import (
+    CHECKS, PingPermissionError, SweepOptions, check_ping_permission, fit_file_descriptors,
+    run_sweep)
+from kokoa_infra.health_report import (
+    Sweep, dumps, exit_code, render_prometheus, render_summary_line, render_table,
+    statuses, statuses_from_document, sweep_document, transitions, write_atomically)
+from kokoa_infra.health_targets import (
+    LocalNetwork, Target, TargetsError, parse_targets, read_local_network)
+from kokoa_infra.outputs import OutputsError, load_outputs
+
+EXIT_COULD_NOT_RUN = 2
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+RECENT_CHANGES_SHOWN = 10
+
+
+class HealthError(click.ClickException):
+    """kokoa health could not run; exits 2 with the message (no traceback)."""
+
+    exit_code = EXIT_COULD_NOT_RUN
+
+
+class StopRequested(Exception):
+    """SIGTERM arrived: end the loop like Ctrl-C does."""
+
+
+def parse_checks(_ctx: click.Context | None, _param: click.Parameter | None,
+                 value: str) -> tuple[str, ...]:
+    """'ping,https' -> ("ping", "https"); an unknown or empty name is a usage error (exit 2)."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CHECKS]
+    if unknown or not names:
+        raise click.BadParameter(
+            f"unknown check {', '.join(map(repr, unknown)) or '(none given)'}: "
+            f"choose from {', '.join(CHECKS)}, comma-separated")
+    return tuple(check for check in CHECKS if check in names)
+
+
+def read_targets(stack: str | None, outputs_file: str | None) -> list[Target]:
+    """The nodes from the stack outputs; HealthError with the reason when they cannot be had."""
+    try:
+        return parse_targets(load_outputs(stack=stack, outputs_file=outputs_file))
+    except (OutputsError, TargetsError) as exc:
+        raise HealthError(str(exc)) from exc
+
+
+def read_previous_statuses(status_file: str | None) -> dict[str, str]:
+    if status_file is None:
+        return {}
+    try:
+        return statuses_from_document(Path(status_file).read_text(encoding="utf-8"))
+    except OSError:
+        return {}
+
+
+@dataclass
+class Reporter:
+    """Where each sweep goes: stdout (table, live view, line or JSON), stderr, the files."""
+
+    as_json: bool
+    live: bool
+    status_file: str | None
+    prometheus_file: str | None
+    previous: dict[str, str] | None   # None: no memory of earlier states, log no transitions
+    interval_s: float | None = None
+    out: TextIO = sys.stdout
+    err: TextIO = sys.stderr
+
+    def __post_init__(self) -> None:
+        self.recent_changes: deque[str] = deque(maxlen=RECENT_CHANGES_SHOWN)
+
+    def report(self, sweep: Sweep) -> list[str]:
+        """Log transitions, print, write the files; return the files that could not be written."""
+        if self.previous is not None:
+            for line in transitions(self.previous, sweep):
+                self.recent_changes.append(line)
+                print(line, file=self.err, flush=True)
+            self.previous = statuses(sweep)
+        self.out.write(self._stdout_text(sweep))
+        self.out.flush()
+        failed = []
+        for path, render in ((self.status_file, lambda: dumps(sweep_document(sweep), pretty=True)),
+                             (self.prometheus_file, lambda: render_prometheus(sweep))):
+            if path is None:
+                continue
+            try:
+                write_atomically(path, render())
+            except OSError as exc:
+                failed.append(f"cannot write {path}: {exc.strerror or exc}")
+        return failed
+
+    def _stdout_text(self, sweep: Sweep) -> str:
+        if self.as_json:
+            return dumps(sweep_document(sweep), pretty=self.interval_s is None)
+        if self.interval_s is None:
+            return render_table(sweep)
+        if not self.live:
+            return render_summary_line(sweep) + "\n"
+        footer = f"next sweep in {self.interval_s:g} s · Ctrl-C to stop\n"
+        changes = ("\nrecent changes:\n" + "\n".join(self.recent_changes) + "\n"
+                   if self.recent_changes else "")
+        return CLEAR_SCREEN + "kokoa health\n\n" + render_table(sweep) + changes + footer
+
+
+def run_interval(sweep_once: Callable[[], Sweep], report: Callable[[Sweep], None],
+                 interval_s: float, stop: threading.Event,
+                 max_sweeps: int | None = None) -> int:
+    """Sweep every `interval_s` seconds (start to start) until Ctrl-C, SIGTERM or `stop`; return 0."""
+    def request_stop(_signum: int, _frame: object) -> None:
+        raise StopRequested()
+
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, request_stop) if on_main_thread else None
+    sweeps = 0
+    try:
+        while not stop.is_set() and (max_sweeps is None or sweeps < max_sweeps):
+            started = time.monotonic()
+            report(sweep_once())
+            sweeps += 1
+            stop.wait(max(0.0, interval_s - (time.monotonic() - started)))
+    except (KeyboardInterrupt, StopRequested):
+        pass
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    return 0
 
 
 @click.command()
-def health() -> None:
-    """Check every node (not implemented yet)."""
-    raise click.ClickException("kokoa health is not implemented yet")
+@click.option("--once", is_flag=True, help="Check every node once and exit (the default).")
+@click.option("--interval", type=click.FloatRange(min=1.0), metavar="SECONDS",
+              help="Check every SECONDS seconds until Ctrl-C or SIGTERM.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the JSON document (one line per sweep with --interval).")
+@click.option("--status-file", metavar="FILE", help="Write the JSON document to FILE atomically.")
+@click.option("--prometheus", "prometheus_file", metavar="FILE",
+              help="Write node-exporter textfile metrics to FILE (name it *.prom) atomically.")
+@click.option("--stack", metavar="NAME", help="Read this stack's outputs with `pulumi`.")
+@click.option("--outputs", "outputs_file", metavar="FILE",
+              help="Read the outputs from FILE (JSON of `pulumi stack output --json`).")
+@click.option("--checks", default="ping,https", show_default=True, callback=parse_checks,
+              help="Checks to run, comma-separated: ping, https.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0.05, 60), default=1.0,
+              show_default=True, metavar="SECONDS", help="Wait this long for each echo reply.")
+@click.option("--count", type=click.IntRange(1, 100), default=1, show_default=True,
+              help="Echo requests per node; one reply makes ping ok.")
+@click.option("--https-timeout", "https_timeout_s", type=click.FloatRange(0.1, 120), default=5.0,
+              show_default=True, metavar="SECONDS", help="Connect and read timeout of the HTTPS probe.")
+@click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Trust these CA certificates (PEM) instead of the system's.")
+@click.option("--concurrency", type=click.IntRange(1, 4096), default=128, show_default=True,
+              help="Pings in flight at once.")
+@click.option("--https-concurrency", type=click.IntRange(1, 1024), default=32, show_default=True,
+              help="HTTPS probes in flight at once.")
+@click.option("--ping-via", type=click.Choice(["auto", "wireguard", "public"]), default="auto",
+              show_default=True,
+              help="Address to ping: auto = WireGuard IP when this host is on its tunnel network.")
+def health(once: bool, interval: float | None, as_json: bool, status_file: str | None,
+           prometheus_file: str | None, stack: str | None, outputs_file: str | None,
+           checks: tuple[str, ...], timeout_s: float, count: int, https_timeout_s: float,
+           ca_bundle: str | None, concurrency: int, https_concurrency: int, ping_via: str) -> None:
+    """Ping every node and probe HTTPS through every edge.
+
+    Exit code: 0 every node healthy, 1 some unhealthy, 2 could not run.
+    """
+    if once and interval is not None:
+        raise click.UsageError("give --once or --interval, not both")
+    if stack and outputs_file:
+        raise click.UsageError("give --stack or --outputs, not both")
+    options = fit_file_descriptors(SweepOptions(
+        checks=checks, timeout_s=timeout_s, count=count, https_timeout_s=https_timeout_s,
+        ca_bundle=ca_bundle, concurrency=concurrency, https_concurrency=https_concurrency,
+        ping_via=ping_via))  # type: ignore[arg-type]
+    targets = read_targets(stack, outputs_file)
+    if "ping" in checks:
+        try:
+            check_ping_permission()
+        except PingPermissionError as exc:
+            raise HealthError(str(exc)) from exc
+
+    def local_network() -> LocalNetwork:
+        if "ping" in checks and ping_via == "auto":
+            return read_local_network()
+        return LocalNetwork(addresses={}, routes=())
+
+    # Without a status file a single run has nothing to compare with, so it logs no transitions.
+    remembers = interval is not None or status_file is not None
+    reporter = Reporter(as_json=as_json, live=sys.stdout.isatty(), status_file=status_file,
+                        prometheus_file=prometheus_file, interval_s=interval,
+                        previous=read_previous_statuses(status_file) if remembers else None)
+    if interval is None:
+        sweep = run_sweep(targets, options, local_network())
+        failed = reporter.report(sweep)
+        if failed:
+            raise HealthError("; ".join(failed))
+        sys.exit(exit_code(sweep))
+
+    current = {"targets": targets, "outputs_error": ""}
+
+    def sweep_once() -> Sweep:
+        # Re-read the outputs every sweep so added or removed nodes are picked up.
+        try:
+            current["targets"] = read_targets(stack, outputs_file)
+            current["outputs_error"] = ""
+        except HealthError as exc:
+            if exc.message != current["outputs_error"]:
+                print(f"kokoa health: keeping the last node list: {exc.message}", file=sys.stderr)
+            current["outputs_error"] = exc.message
+        return run_sweep(current["targets"], options, local_network())
+
+    def report(sweep: Sweep) -> None:
+        for problem in reporter.report(sweep):
+            print(f"kokoa health: {problem}", file=sys.stderr, flush=True)
+
+    sys.exit(run_interval(sweep_once, report, interval, threading.Event()))
+
+
+if __name__ == "__main__":
+    health(prog_name="kokoa health")

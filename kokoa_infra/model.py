@@ -104,7 +104,8 @@ class Topology:
         return next(o for o in self.origins if o.name == name)
 
     def edges_of(self, origin: Origin) -> tuple[Edge, ...]:
-        return tuple(e for e in self.edges if e.origin == origin.name)
+        """In index order, so that reordering the config changes nothing."""
+        return tuple(sorted((e for e in self.edges if e.origin == origin.name), key=lambda e: e.index))
 
     def zone_for(self, origin: Origin) -> str | None:
         return origin.zone_id or self.settings.cloudflare_zone_id

@@ -159,7 +159,8 @@ class FakeCloudflare:
         return f"http://{LOOPBACK}:{self.port}{API_PREFIX}"
 
     def start(self) -> FakeCloudflare:
-        self._thread = threading.Thread(target=self._server.serve_forever,
+        # A short poll interval: shutdown() waits for the loop to notice, and tests stop a lot.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         name="fake-cloudflare", daemon=True)
         self._thread.start()
         return self

@@ -1,0 +1,45 @@
+# Kokoa Proxy: `make test` and `make lab` do all set-up on a fresh Debian 12 machine (as root).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+# What the tests and the lab run for real: WireGuard, nginx, sshd, ACME (pebble + certbot).
+DEBIAN_PACKAGES := wireguard-tools wireguard-go nginx shellcheck openssh-server openssh-client \
+	certbot pebble iproute2 iputils-ping fping curl openssl util-linux wrk
+
+.PHONY: setup system-packages venv test lab lab-down bench clean
+
+setup: system-packages venv
+
+system-packages:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  [ "$$(id -u)" -eq 0 ] || { echo "run as root (apt-get and network namespaces need it)"; exit 1; }; \
+	  apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing \
+	    >/tmp/kokoa-apt.log 2>&1 || { tail -20 /tmp/kokoa-apt.log; exit 1; }; \
+	fi
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+lab: setup
+	$(VENV)/bin/kokoa lab up
+
+lab-down: venv
+	$(VENV)/bin/kokoa lab down
+
+bench: setup
+	$(VENV)/bin/python bench/health_sweep.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

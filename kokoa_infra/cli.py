@@ -1,0 +1,123 @@
+"""The `kokoa` command: edit the stack config, write node bundles, check health, run the lab."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from kokoa_infra.health import health
+from kokoa_infra.lab.cli import lab
+from kokoa_infra.outputs import OutputsError, load_outputs
+from kokoa_infra.render import bundle_archive
+from kokoa_infra.stackfile import StackFileError, append_entry, stack_file
+
+STACK_HELP = "Stack whose config to edit: Pulumi.NAME.yaml in the current directory."
+FILE_HELP = "Edit this stack file instead of Pulumi.<stack>.yaml."
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Kokoa Proxy: web origins behind disposable WireGuard-tunnelled edges.
+
+    `pulumi up` does the deployment; these commands help around it.
+    """
+
+
+def _append(stack: str | None, file: str | None, list_key: str, entry: dict) -> None:
+    try:
+        path = stack_file(stack, file)
+        written = append_entry(path, list_key, entry)
+    except StackFileError as exc:
+        raise click.ClickException(f"nothing changed:\n{exc}") from None
+    allocation = "subnet" if list_key == "origins" else "index"
+    click.echo(f"added {list_key[:-1]} {written['name']} ({allocation} {written[allocation]}) to {path}; "
+               "run `pulumi up` to deploy it")
+
+
+@main.command("add-origin")
+@click.option("--stack", help=STACK_HELP)
+@click.option("--file", "file", type=click.Path(dir_okay=False), help=FILE_HELP)
+@click.option("--name", required=True, help="Origin name, ^[a-z][a-z0-9-]{0,30}$.")
+@click.option("--domain", required=True, help="The site's domain, e.g. blog.example.com.")
+@click.option("--host", required=True, help="SSH address of the origin server.")
+@click.option("--upstream", required=True, help="The application as seen from the origin, e.g. http://127.0.0.1:8080.")
+@click.option("--endpoint", help="Address edges dial for WireGuard (default: --host).")
+@click.option("--listen-port", type=int, help="WireGuard UDP port (default 51820).")
+@click.option("--subnet", type=int, help="0..255; default: the next free one.")
+@click.option("--ssh-port", type=int, help="Default 22.")
+@click.option("--ssh-user", help="Default: kokoa:sshUser.")
+@click.option("--host-key", help="Pin the server's SSH host key ('ssh-ed25519 AAAA...').")
+def add_origin(stack, file, name, domain, host, upstream, endpoint, listen_port, subnet,
+               ssh_port, ssh_user, host_key) -> None:
+    """Append an origin to the stack config with the next free subnet."""
+    _append(stack, file, "origins", {
+        "name": name, "domain": domain, "subnet": subnet, "host": host, "endpoint": endpoint,
+        "listenPort": listen_port, "upstream": upstream, "sshPort": ssh_port,
+        "sshUser": ssh_user, "hostKey": host_key})
+
+
+@main.command("add-edge")
+@click.option("--stack", help=STACK_HELP)
+@click.option("--file", "file", type=click.Path(dir_okay=False), help=FILE_HELP)
+@click.option("--name", required=True, help="Edge name, ^[a-z][a-z0-9-]{0,30}$.")
+@click.option("--origin", required=True, help="The origin this edge serves.")
+@click.option("--public-ip", required=True, help="The edge's public IPv4 address (its A record).")
+@click.option("--index", type=int, help="10..254 within the origin; default: the next free one.")
+@click.option("--host", help="SSH address (default: --public-ip).")
+@click.option("--ssh-port", type=int, help="Default 22.")
+@click.option("--ssh-user", help="Default: kokoa:sshUser.")
+@click.option("--host-key", help="Pin the server's SSH host key ('ssh-ed25519 AAAA...').")
+@click.option("--drained", is_flag=True, help="Add it without an A record (dns: false).")
+def add_edge(stack, file, name, origin, public_ip, index, host, ssh_port, ssh_user, host_key,
+             drained) -> None:
+    """Append an edge to the stack config with the next free index of its origin."""
+    _append(stack, file, "edges", {
+        "name": name, "origin": origin, "publicIp": public_ip, "index": index, "host": host,
+        "sshPort": ssh_port, "sshUser": ssh_user, "hostKey": host_key,
+        "dns": False if drained else None})
+
+
+@main.command()
+@click.argument("node")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Where to write the .tar.gz (default: kokoa-<role>-<name>.tar.gz).")
+@click.option("--stack", help="Read `pulumi stack output` of this stack (default: the selected one).")
+@click.option("--outputs", "outputs_file", type=click.Path(dir_okay=False),
+              help="Read the outputs from this JSON file instead of calling pulumi.")
+def bundle(node: str, output: str | None, stack: str | None, outputs_file: str | None) -> None:
+    """Write the bundle of NODE (origin/NAME or edge/NAME) as a .tar.gz.
+
+    The archive holds the node's private key: it is written with mode 0600.
+    Unpack it on the host and run `sudo ./install.sh`.
+    """
+    try:
+        outputs = load_outputs(stack, outputs_file, show_secrets=True)
+    except OutputsError as exc:
+        raise click.ClickException(str(exc)) from None
+    bundles = outputs.get("bundles")
+    if not isinstance(bundles, dict):
+        raise click.ClickException("the outputs have no readable `bundles` (read them with --show-secrets; "
+                                   "has `pulumi up` run?)")
+    if node not in bundles:
+        known = ", ".join(sorted(bundles)) or "none"
+        raise click.ClickException(f"no bundle {node!r}; known: {known}")
+    files = bundles[node]
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise click.ClickException(f"bundle {node!r} is not a mapping of file names to contents")
+    target = Path(output or f"kokoa-{node.replace('/', '-')}.tar.gz")
+    data = bundle_archive(files)
+    tmp = target.with_name(f".{target.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.replace(tmp, target)
+    click.echo(f"wrote {target} ({len(files)} files, mode 0600)")
+
+
+main.add_command(health)
+main.add_command(lab)
+
+if __name__ == "__main__":
+    main()

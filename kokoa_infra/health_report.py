@@ -1,0 +1,277 @@
+"""Results of a health sweep and everything made from them: JSON, table, Prometheus text, transitions, files."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from kokoa_infra.health_targets import Target
+
+HEALTHY, UNHEALTHY = "healthy", "unhealthy"
+
+
+@dataclass(frozen=True)
+class PingResult:
+    """ICMP echo to one node: `via` says whether its WireGuard or public address was used."""
+
+    ok: bool
+    address: str
+    via: str
+    rtt_ms: float | None
+    sent: int
+    received: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class HttpsResult:
+    """GET https://<domain>/ through one edge."""
+
+    ok: bool
+    code: int | None
+    latency_ms: float | None
+    cert_days_left: int | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """One node's checks; a check left out of the sweep is None."""
+
+    target: Target
+    ping: PingResult | None
+    https: HttpsResult | None
+
+    @property
+    def healthy(self) -> bool:
+        return all(check.ok for check in (self.ping, self.https) if check is not None)
+
+    @property
+    def status(self) -> str:
+        return HEALTHY if self.healthy else UNHEALTHY
+
+    @property
+    def key(self) -> str:
+        # Origin and edge names are unique only within their role.
+        return f"{self.target.role}/{self.target.name}"
+
+    def problem(self) -> str:
+        """Why the node is unhealthy ("" when it is not)."""
+        reasons = []
+        if self.ping is not None and not self.ping.ok:
+            reasons.append(f"ping {self.ping.address}: {self.ping.error or 'no reply'}")
+        if self.https is not None and not self.https.ok:
+            reasons.append(f"https: {self.https.error or 'failed'}")
+        return "; ".join(reasons)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Every node checked once."""
+
+    checked_at: datetime
+    duration_s: float
+    checks: tuple[str, ...]
+    nodes: list[NodeResult]
+
+
+def summarize(nodes: list[NodeResult]) -> dict[str, int]:
+    healthy = sum(node.healthy for node in nodes)
+    return {"total": len(nodes), "healthy": healthy, "unhealthy": len(nodes) - healthy}
+
+
+def exit_code(sweep: Sweep) -> int:
+    """0 when every node is healthy, 1 when some are not."""
+    return 0 if all(node.healthy for node in sweep.nodes) else 1
+
+
+def timestamp(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def node_document(node: NodeResult) -> dict[str, Any]:
+    checks: dict[str, Any] = {}
+    if node.ping is not None:
+        checks["ping"] = {"ok": node.ping.ok, "address": node.ping.address, "via": node.ping.via,
+                          "rttMs": node.ping.rtt_ms, "sent": node.ping.sent,
+                          "received": node.ping.received, "error": node.ping.error}
+    if node.https is not None:
+        checks["https"] = {"ok": node.https.ok, "code": node.https.code,
+                           "latencyMs": node.https.latency_ms,
+                           "certDaysLeft": node.https.cert_days_left, "error": node.https.error}
+    target = node.target
+    return {"name": target.name, "role": target.role, "origin": target.origin,
+            "domain": target.domain, "status": node.status, "checks": checks}
+
+
+def sweep_document(sweep: Sweep) -> dict[str, Any]:
+    """The `--json` / `--status-file` document."""
+    return {"checkedAt": timestamp(sweep.checked_at),
+            "durationMs": round(sweep.duration_s * 1000, 1),
+            "checks": list(sweep.checks),
+            "nodes": [node_document(node) for node in sweep.nodes],
+            "summary": summarize(sweep.nodes)}
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def _table_row(node: NodeResult) -> list[str]:
+    ping, https = node.ping, node.https
+    return [
+        node.target.name, node.target.role, node.target.origin,
+        "healthy" if node.healthy else "UNHEALTHY",
+        "-" if ping is None else f"{ping.address} ({ping.via})",
+        "-" if ping is None else (_ms(ping.rtt_ms) if ping.ok else "no reply"),
+        "-" if https is None else (str(https.code) if https.code is not None else "fail"),
+        "-" if https is None else _ms(https.latency_ms),
+        "-" if https is None or https.cert_days_left is None else f"{https.cert_days_left} d",
+        node.problem(),
+    ]
+
+
+def render_table(sweep: Sweep) -> str:
+    """A table of every node, unhealthy ones first, and a summary line."""
+    header = ["NAME", "ROLE", "ORIGIN", "STATUS", "PING ADDRESS", "RTT", "HTTPS", "LATENCY",
+              "CERT", "PROBLEM"]
+    ordered = sorted(sweep.nodes, key=lambda node: node.healthy)   # stable: keeps output order
+    rows = [header] + [_table_row(node) for node in ordered]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in rows]
+    return "\n".join(lines + ["", render_summary_line(sweep)]) + "\n"
+
+
+def render_summary_line(sweep: Sweep) -> str:
+    """One line per sweep, for logs and pipes."""
+    counts = summarize(sweep.nodes)
+    line = (f"{timestamp(sweep.checked_at)} {counts['healthy']}/{counts['total']} healthy "
+            f"({sweep.duration_s:.2f} s)")
+    unhealthy = [f"{node.key} [{node.problem()}]" for node in sweep.nodes if not node.healthy]
+    return line + (": unhealthy " + ", ".join(unhealthy) if unhealthy else "")
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(node: NodeResult, **extra: str) -> str:
+    pairs = {"name": node.target.name, "role": node.target.role, "origin": node.target.origin,
+             **extra}
+    return "{" + ",".join(f'{key}="{_label_value(value)}"' for key, value in pairs.items()) + "}"
+
+
+_METRICS = {
+    "kokoa_node_up": "1 when every selected check of the node passed.",
+    "kokoa_ping_up": "1 when the node answered ICMP echo.",
+    "kokoa_ping_rtt_seconds": "Mean ICMP echo round trip.",
+    "kokoa_https_up": "1 when GET https://<domain>/ through the edge returned a status below 500.",
+    "kokoa_https_status_code": "HTTP status of the probe through the edge.",
+    "kokoa_https_latency_seconds": "Time from connect to response headers through the edge.",
+    "kokoa_cert_days_left": "Whole days until the edge's certificate expires.",
+    "kokoa_health_nodes": "Nodes by status in the last sweep.",
+    "kokoa_health_last_sweep_timestamp_seconds": "When the last sweep started (Unix time).",
+    "kokoa_health_sweep_duration_seconds": "How long the last sweep took.",
+}
+
+
+def render_prometheus(sweep: Sweep) -> str:
+    """The sweep in the node-exporter textfile format."""
+    samples: dict[str, list[str]] = {name: [] for name in _METRICS}
+    for node in sweep.nodes:
+        samples["kokoa_node_up"].append(f"{_labels(node)} {int(node.healthy)}")
+        if node.ping is not None:
+            samples["kokoa_ping_up"].append(
+                f"{_labels(node, address=node.ping.address, via=node.ping.via)} {int(node.ping.ok)}")
+            if node.ping.rtt_ms is not None:
+                samples["kokoa_ping_rtt_seconds"].append(f"{_labels(node)} {node.ping.rtt_ms / 1000:.6f}")
+        if node.https is not None:
+            samples["kokoa_https_up"].append(f"{_labels(node)} {int(node.https.ok)}")
+            if node.https.code is not None:
+                samples["kokoa_https_status_code"].append(f"{_labels(node)} {node.https.code}")
+            if node.https.latency_ms is not None:
+                samples["kokoa_https_latency_seconds"].append(
+                    f"{_labels(node)} {node.https.latency_ms / 1000:.6f}")
+            if node.https.cert_days_left is not None:
+                samples["kokoa_cert_days_left"].append(f"{_labels(node)} {node.https.cert_days_left}")
+    counts = summarize(sweep.nodes)
+    samples["kokoa_health_nodes"] = [f'{{status="{status}"}} {counts[status]}'
+                                     for status in (HEALTHY, UNHEALTHY)]
+    samples["kokoa_health_last_sweep_timestamp_seconds"] = [f" {sweep.checked_at.timestamp():.0f}"]
+    samples["kokoa_health_sweep_duration_seconds"] = [f" {sweep.duration_s:.3f}"]
+    lines: list[str] = []
+    for name, help_text in _METRICS.items():
+        if samples[name]:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+            lines += [f"{name}{sample}" for sample in samples[name]]
+    return "\n".join(lines) + "\n"
+
+
+def statuses(sweep: Sweep) -> dict[str, str]:
+    """node key ("edge/<name>") -> "healthy" | "unhealthy"."""
+    return {node.key: node.status for node in sweep.nodes}
+
+
+def statuses_from_document(text: str) -> dict[str, str]:
+    """The statuses recorded in an earlier status file; {} when it cannot be read as one."""
+    try:
+        document = json.loads(text)
+        return {f"{node['role']}/{node['name']}": node["status"] for node in document["nodes"]
+                if node.get("status") in (HEALTHY, UNHEALTHY)}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def transitions(previous: Mapping[str, str], sweep: Sweep) -> list[str]:
+    """Log lines for nodes whose status changed; a node seen for the first time counts only if unhealthy."""
+    lines = []
+    for node in sweep.nodes:
+        before = previous.get(node.key)
+        if before == node.status or (before is None and node.healthy):
+            continue
+        change = f"{before or 'new'} -> {node.status}"
+        detail = f": {node.problem()}" if not node.healthy else ""
+        lines.append(f"{timestamp(sweep.checked_at)} kokoa-health {node.key} "
+                     f"(origin {node.target.origin}) {change}{detail}")
+    return lines
+
+
+def write_atomically(path: str | Path, text: str, mode: int = 0o644) -> None:
+    """Replace `path` with `text` so readers see the old or the new file, never a part."""
+    path = Path(path)
+    # The temporary name must not end in .prom: node-exporter would read it half-written.
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        directory = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(directory)   # makes the rename itself survive a crash
+    except OSError:
+        pass
+    finally:
+        os.close(directory)
+
+
+def dumps(document: dict[str, Any], pretty: bool) -> str:
+    return json.dumps(document, indent=2 if pretty else None) + "\n"

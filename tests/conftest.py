@@ -1,0 +1,77 @@
+"""Shared fixtures: a valid stack config and the program evaluated under Pulumi's mocks."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import uuid
+from typing import Any, Iterator
+
+import pytest
+
+from kokoa_infra.mockrun import ProgramRun, run_program
+
+SSH_KEY = ("-----BEGIN OPENSSH PRIVATE KEY-----\n"
+           "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n"
+           "-----END OPENSSH PRIVATE KEY-----\n")
+ZONE = "023e105f4ecef8ad9ca31a8372d0c353"
+OTHER_ZONE = "99999999999999999999999999999999"
+
+BASE_CONFIG: dict[str, Any] = {
+    "kokoa:acmeEmail": "ops@example.com",
+    "kokoa:sshPrivateKey": SSH_KEY,
+    "kokoa:cloudflareZoneId": ZONE,
+    "cloudflare:apiToken": "test-token",
+    "kokoa:origins": [
+        {"name": "blog", "domain": "blog.example.com", "subnet": 0, "host": "203.0.113.10",
+         "upstream": "http://127.0.0.1:8080",
+         "hostKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ"},
+        {"name": "shop", "domain": "shop.example.com", "subnet": 1, "host": "203.0.113.20",
+         "endpoint": "203.0.113.21", "listenPort": 51821, "upstream": "https://localhost:3000/app",
+         "rateLimit": {"requestsPerSecond": 50, "burst": 100, "connections": 100}},
+    ],
+    "kokoa:edges": [
+        {"name": "edge-tokyo-1", "origin": "blog", "publicIp": "198.51.100.7", "index": 10},
+        {"name": "edge-osaka-1", "origin": "blog", "publicIp": "198.51.100.8", "index": 11, "dns": False},
+        {"name": "edge-tokyo-2", "origin": "shop", "publicIp": "198.51.100.9", "index": 10,
+         "sshPort": 2222},
+    ],
+}
+
+
+@pytest.fixture
+def config() -> dict[str, Any]:
+    """A fresh deep copy of a valid stack config: tests change it freely."""
+    return copy.deepcopy(BASE_CONFIG)
+
+
+@pytest.fixture
+def program() -> ProgramRun:
+    return run_program(BASE_CONFIG)
+
+
+def require_root_netns() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates a network namespace")
+    if shutil.which("ip") is None:
+        pytest.skip("needs iproute2")
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A throwaway network namespace (only loopback), deleted after the test even on failure."""
+    require_root_netns()
+    name = f"kokoa-t-{uuid.uuid4().hex[:8]}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a network namespace here: {made.stderr.strip()}")
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            subprocess.run(["kill", "-9", pid], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)

@@ -1,0 +1,230 @@
+"""The Pulumi program under mocks: resources, dependencies, secrets and stack outputs."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import gzip
+import hashlib
+import io
+import tarfile
+
+import pulumi
+import pytest
+
+from conftest import BASE_CONFIG, OTHER_ZONE, SSH_KEY, ZONE
+from kokoa_infra.keys import public_key
+from kokoa_infra.mockrun import run_program
+
+COMMAND = "command:remote:Command"
+DNS_RECORD = "cloudflare:index/dnsRecord:DnsRecord"
+RANDOM_BYTES = "random:index/randomBytes:RandomBytes"
+
+
+def test_components_own_their_children(program):
+    by_urn = {r.urn: r for r in program.resources}
+    blog = program.named("blog")
+    assert blog.type == "kokoa:index:Origin"
+    edge = program.named("edge-tokyo-1")
+    assert edge.type == "kokoa:index:EdgeNode" and edge.parent == blog.urn
+    for child in ("edge-tokyo-1-wireguard-key", "edge-tokyo-1-preshared-key", "edge-tokyo-1-install",
+                  "edge-tokyo-1-a-record"):
+        assert program.named(child).parent == edge.urn
+    for child in ("blog-wireguard-key", "blog-install", "blog-certificate"):
+        assert program.named(child).parent == blog.urn
+    assert all(r.parent in by_urn or r.type == "kokoa:index:Origin" for r in program.resources)
+
+
+def test_keys_are_32_random_bytes_per_node_and_pair(program):
+    keys = program.of_type(RANDOM_BYTES)
+    assert sorted(r.name for r in keys) == sorted(
+        ["blog-wireguard-key", "shop-wireguard-key"]
+        + [f"{e}-{k}" for e in ("edge-tokyo-1", "edge-osaka-1", "edge-tokyo-2")
+           for k in ("wireguard-key", "preshared-key")])
+    assert all(r.inputs["length"] == 32 for r in keys)
+
+
+def test_outputs_have_the_contract_shape(program):
+    out = program.outputs
+    assert set(out) == {"origins", "edges", "dnsRecords", "healthTargets", "bundles"}
+    assert out["origins"]["blog"] == {
+        "domain": "blog.example.com", "subnet": 0, "wireguardIp": "10.100.0.1",
+        "publicKey": out["origins"]["blog"]["publicKey"], "endpoint": "203.0.113.10",
+        "listenPort": 51820, "edges": ["edge-tokyo-1", "edge-osaka-1"]}
+    assert out["origins"]["shop"]["endpoint"] == "203.0.113.21"
+    assert out["origins"]["shop"]["listenPort"] == 51821
+    assert out["edges"]["edge-osaka-1"] == {
+        "origin": "blog", "domain": "blog.example.com", "publicIp": "198.51.100.8",
+        "wireguardIp": "10.100.0.11", "publicKey": out["edges"]["edge-osaka-1"]["publicKey"],
+        "dns": False}
+    assert out["edges"]["edge-tokyo-2"]["wireguardIp"] == "10.100.1.10"
+    assert out["dnsRecords"] == {"blog.example.com": ["198.51.100.7"], "shop.example.com": ["198.51.100.9"]}
+    assert out["healthTargets"][0] == {"name": "blog", "role": "origin", "origin": "blog",
+                                       "domain": "blog.example.com", "wireguardIp": "10.100.0.1",
+                                       "publicIp": "203.0.113.10"}
+    assert {(t["name"], t["role"]) for t in out["healthTargets"]} == {
+        ("blog", "origin"), ("shop", "origin"), ("edge-tokyo-1", "edge"), ("edge-osaka-1", "edge"),
+        ("edge-tokyo-2", "edge")}
+    assert set(out["bundles"]) == {"origin/blog", "origin/shop", "edge/edge-tokyo-1",
+                                   "edge/edge-osaka-1", "edge/edge-tokyo-2"}
+    assert set(out["bundles"]["edge/edge-tokyo-2"]) >= {"wg-origin-1.conf", "nginx.conf", "install.sh"}
+    assert set(out["bundles"]["origin/blog"]) >= {"wg0.conf", "install.sh"}
+
+
+def test_only_bundles_are_secret_and_public_keys_match_private_keys(program):
+    assert program.secret_outputs == {"bundles"}
+    wg0 = program.outputs["bundles"]["origin/blog"]["wg0.conf"]
+    private = next(line.split(" = ", 1)[1] for line in wg0.splitlines() if line.startswith("PrivateKey"))
+    assert public_key(private) == program.outputs["origins"]["blog"]["publicKey"]
+    assert program.outputs["edges"]["edge-tokyo-1"]["publicKey"] in wg0
+
+
+def test_secrets_reach_resources_only_as_secrets(program):
+    for command in program.of_type(COMMAND):
+        assert "connection" in command.secret_paths or "connection.privateKey" in command.secret_paths
+        assert command.inputs["connection"]["privateKey"] == SSH_KEY
+        if "stdin" in command.inputs:
+            assert "stdin" in command.secret_paths
+        # Keys travel in stdin only; the command line shows a hash, never key material.
+        assert "PrivateKey" not in command.inputs["create"]
+        assert SSH_KEY not in command.inputs["create"]
+
+
+def test_push_commands_carry_the_bundle_and_a_content_hash(program):
+    install = program.named("edge-tokyo-2-install")
+    conn = install.inputs["connection"]
+    assert (conn["host"], conn["port"], conn["user"]) == ("198.51.100.9", 2222, "root")
+    assert "hostKey" not in conn
+    assert program.named("blog-install").inputs["connection"]["hostKey"].startswith("ssh-ed25519 ")
+    assert install.delete_before_replace
+    assert "uninstall.sh" in install.inputs["delete"]
+    archive = base64.b64decode(install.inputs["stdin"])
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(archive))) as tar:
+        names = tar.getnames()
+    assert sorted(names) == sorted(program.outputs["bundles"]["edge/edge-tokyo-2"])
+    assert hashlib.sha256(archive).hexdigest() in install.inputs["create"]
+
+
+def test_changed_bundle_changes_create_but_not_connection(config):
+    before = run_program(config)
+    config["kokoa:origins"][0]["rateLimit"] = {"requestsPerSecond": 5}
+    after = run_program(config)
+    old, new = before.named("edge-tokyo-1-install"), after.named("edge-tokyo-1-install")
+    # An in-place update (create/stdin) rather than a replacement (connection/triggers).
+    assert old.inputs["create"] != new.inputs["create"]
+    assert old.inputs["connection"] == new.inputs["connection"]
+    assert "triggers" not in new.inputs
+
+
+def test_dns_records_only_for_undrained_edges(program):
+    records = {r.name: r.inputs for r in program.of_type(DNS_RECORD)}
+    assert set(records) == {"edge-tokyo-1-a-record", "edge-tokyo-2-a-record"}
+    record = records["edge-tokyo-1-a-record"]
+    assert record == {"zoneId": ZONE, "name": "blog.example.com", "type": "A", "content": "198.51.100.7",
+                      "ttl": 60, "proxied": False, "comment": "kokoa edge edge-tokyo-1 (stack test)"}
+
+
+def test_drained_edge_keeps_its_push(program):
+    assert program.named("edge-osaka-1-install").type == COMMAND
+    assert "edge-osaka-1" in program.outputs["bundles"]["origin/blog"]["wg0.conf"]
+
+
+def test_dns_record_waits_for_its_edge_install(program):
+    record = program.named("edge-tokyo-1-a-record")
+    assert program.named("edge-tokyo-1-install").urn in record.dependencies
+
+
+def test_zone_override_and_no_zone(config):
+    config["kokoa:origins"][1]["zoneId"] = OTHER_ZONE
+    zones = {r.name: r.inputs["zoneId"] for r in run_program(config).of_type(DNS_RECORD)}
+    assert zones == {"edge-tokyo-1-a-record": ZONE, "edge-tokyo-2-a-record": OTHER_ZONE}
+
+    del config["kokoa:cloudflareZoneId"]
+    run = run_program(config)
+    assert {r.name for r in run.of_type(DNS_RECORD)} == {"edge-tokyo-2-a-record"}
+    assert any("no Cloudflare zone for blog" in message for _, message in run.logs)
+    assert run.outputs["dnsRecords"]["blog.example.com"] == ["198.51.100.7"]
+
+
+def test_certificate_waits_for_edges_and_their_records(program):
+    deps = set(program.named("blog-certificate").dependencies)
+    for name in ("blog-install", "edge-tokyo-1-install", "edge-tokyo-1-a-record"):
+        assert program.named(name).urn in deps
+    # A drained edge is not in DNS, so validation cannot depend on it.
+    assert program.named("edge-osaka-1-install").urn not in deps
+
+
+def test_origin_without_serving_edges_requests_no_certificate(config):
+    config["kokoa:edges"] = [e for e in config["kokoa:edges"] if e["origin"] != "shop"]
+    names = {r.name for r in run_program(config).resources}
+    assert "shop-install" in names and "shop-certificate" not in names
+
+
+def test_same_config_renders_byte_identical_bundles(program):
+    again = run_program(BASE_CONFIG)
+    assert again.outputs["bundles"] == program.outputs["bundles"]
+    assert ({r.name: r.inputs for r in again.of_type(COMMAND)}
+            == {r.name: r.inputs for r in program.of_type(COMMAND)})
+
+
+def _bundle_and_keys(run, node):
+    name = node.split("/", 1)[1]
+    section = "origins" if node.startswith("origin/") else "edges"
+    return run.outputs["bundles"][node], run.outputs[section][name]
+
+
+def test_adding_removing_reordering_entries_changes_no_other_node(config):
+    base = run_program(config)
+
+    reordered = copy.deepcopy(config)
+    reordered["kokoa:origins"].reverse()
+    reordered["kokoa:edges"].reverse()
+    run = run_program(reordered)
+    assert run.outputs["bundles"] == base.outputs["bundles"]
+    for key in ("origins", "edges", "dnsRecords"):
+        assert run.outputs[key] == base.outputs[key]
+
+    added = copy.deepcopy(config)
+    added["kokoa:edges"].append({"name": "edge-nagoya-1", "origin": "blog",
+                                 "publicIp": "198.51.100.10", "index": 12})
+    added["kokoa:origins"].append({"name": "wiki", "domain": "wiki.example.com", "subnet": 2,
+                                   "host": "203.0.113.30", "upstream": "http://127.0.0.1:80"})
+    run = run_program(added)
+    for node in ("origin/shop", "edge/edge-tokyo-1", "edge/edge-osaka-1", "edge/edge-tokyo-2"):
+        assert _bundle_and_keys(run, node) == _bundle_and_keys(base, node), node
+    # The new edge's origin gains exactly one peer; its own key does not change.
+    assert run.outputs["origins"]["blog"]["publicKey"] == base.outputs["origins"]["blog"]["publicKey"]
+    assert run.outputs["bundles"]["origin/blog"]["wg0.conf"].count("[Peer]") == 3
+    assert run.outputs["edges"]["edge-nagoya-1"]["wireguardIp"] == "10.100.0.12"
+
+    removed = copy.deepcopy(config)
+    removed["kokoa:edges"] = [e for e in removed["kokoa:edges"] if e["name"] != "edge-osaka-1"]
+    run = run_program(removed)
+    for node in ("origin/shop", "edge/edge-tokyo-1", "edge/edge-tokyo-2"):
+        assert _bundle_and_keys(run, node) == _bundle_and_keys(base, node), node
+    assert "edge-osaka-1" not in run.outputs["bundles"]["origin/blog"]["wg0.conf"]
+
+
+def test_invalid_config_logs_every_problem_and_registers_no_resource(config, monkeypatch):
+    from kokoa_infra import mockrun
+
+    config["kokoa:edges"][0]["origin"] = "nope"
+    config["kokoa:edges"][2]["index"] = 300
+    del config["kokoa:sshPrivateKey"]
+    captured = {}
+    original = mockrun.ProgramRun
+
+    def remember(*args, **kwargs):
+        captured["run"] = original(*args, **kwargs)
+        return captured["run"]
+
+    monkeypatch.setattr(mockrun, "ProgramRun", remember)
+    with pytest.raises(pulumi.RunError, match="3 configuration problem.*nothing was declared"):
+        mockrun.run_program(config)
+    run = captured["run"]
+    assert run.resources == []
+    errors = [m for level, m in run.logs if level == "error"]
+    assert len(errors) == 3
+    assert any(m.startswith("kokoa:edges[0] (edge-tokyo-1): origin: no origin is named 'nope'") for m in errors)
+    assert any(m.startswith("kokoa:edges[2] (edge-tokyo-2): index:") for m in errors)
+    assert any(m.startswith("kokoa: sshPrivateKey: is required") for m in errors)
