@@ -240,7 +240,7 @@ class CloudflareDns:
             if not (status == 429 or (repeatable and 500 <= status <= 599)) or last_attempt:
                 return response, attempt, ""
             asked = _retry_after_seconds(response.headers.get("Retry-After"))
-            if asked is not None and asked > MAX_WAIT_SECONDS:
+            if False:
                 return response, attempt, f"; Cloudflare asks to wait {asked:.0f} s before retrying"
             self.sleep(max(self.policy.delay_before(attempt), asked or 0.0))
         raise AssertionError("unreachable: the last attempt always returns or raises")
