@@ -13,6 +13,10 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from kokoa_infra.model import InvalidConfig, next_index, next_subnet, parse_topology
 
 PREFIX = "kokoa:"
+# Keys in the order CONTRACT.md shows them, so added entries read like hand-written ones.
+ORIGIN_ORDER = ["name", "domain", "subnet", "host", "endpoint", "listenPort", "upstream", "sshPort",
+                "sshUser", "hostKey", "rateLimit", "zoneId"]
+EDGE_ORDER = ["name", "origin", "publicIp", "index", "host", "sshPort", "sshUser", "hostKey", "dns"]
 
 
 class StackFileError(Exception):
@@ -88,7 +92,8 @@ def append_entry(path: Path, list_key: str, entry: dict[str, Any]) -> dict[str, 
     except InvalidConfig as exc:
         raise StackFileError("\n".join(str(p) for p in exc.problems)) from exc
 
-    entries.append(CommentedMap(entry))
+    order = ORIGIN_ORDER if list_key == "origins" else EDGE_ORDER
+    entries.append(CommentedMap(sorted(entry.items(), key=lambda item: order.index(item[0]))))
     _write_atomically(path, document, yaml)
     return entry
 

@@ -1,0 +1,150 @@
+"""`kokoa add-origin`, `kokoa add-edge` and `kokoa bundle`."""
+
+from __future__ import annotations
+
+import json
+import stat
+import tarfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kokoa_infra.cli import main
+
+STACK = """\
+# Production stack: keep this comment.
+config:
+  kokoa:acmeEmail: ops@example.com   # who hears from Let's Encrypt
+  kokoa:sshPrivateKey:
+    secure: AAABAFakeCiphertext
+  kokoa:origins:
+    # the blog
+    - name: blog
+      domain: blog.example.com
+      subnet: 0
+      host: 203.0.113.10
+      upstream: http://127.0.0.1:8080
+    - name: wiki
+      domain: wiki.example.com
+      subnet: 2
+      host: 203.0.113.30
+      upstream: http://127.0.0.1:8080
+  kokoa:edges:
+    - name: edge-1
+      origin: blog
+      publicIp: 198.51.100.7
+      index: 10
+"""
+
+
+@pytest.fixture
+def stack_file(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "Pulumi.prod.yaml"
+    path.write_text(STACK)
+    return path
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_add_origin_takes_the_next_free_subnet_and_keeps_comments(stack_file):
+    result = invoke("add-origin", "--stack", "prod", "--name", "shop", "--domain", "shop.example.com",
+                    "--host", "203.0.113.20", "--upstream", "http://127.0.0.1:3000")
+    assert result.exit_code == 0, result.output
+    assert "subnet 1" in result.output
+    text = stack_file.read_text()
+    assert text.startswith(STACK.split("  kokoa:edges:")[0].split("    - name: wiki")[0])
+    assert "# Production stack: keep this comment." in text and "# the blog" in text
+    assert "# who hears from Let's Encrypt" in text and "secure: AAABAFakeCiphertext" in text
+    assert "    - name: shop\n      domain: shop.example.com\n      subnet: 1\n" in text
+
+
+def test_add_edge_takes_the_next_free_index_of_its_origin(stack_file):
+    result = invoke("add-edge", "--stack", "prod", "--name", "edge-2", "--origin", "blog",
+                    "--public-ip", "198.51.100.8", "--drained")
+    assert result.exit_code == 0, result.output
+    result = invoke("add-edge", "--stack", "prod", "--name", "edge-3", "--origin", "wiki",
+                    "--public-ip", "198.51.100.9")
+    assert result.exit_code == 0, result.output
+    text = stack_file.read_text()
+    assert "- name: edge-2\n      origin: blog\n      publicIp: 198.51.100.8\n      index: 11\n      dns: false\n" in text
+    assert "- name: edge-3\n      origin: wiki\n      publicIp: 198.51.100.9\n      index: 10" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["add-edge", "--name", "edge-2", "--origin", "nope", "--public-ip", "198.51.100.8"],
+     "origin: no origin is named 'nope'"),
+    (["add-edge", "--name", "edge-2", "--origin", "blog", "--public-ip", "198.51.100.7"],
+     "publicIp: public IP '198.51.100.7' is already used"),
+    (["add-edge", "--name", "edge-2", "--origin", "blog", "--public-ip", "203.0.113.10"],
+     "is the address of origin blog"),
+    (["add-origin", "--name", "shop", "--domain", "shop.example.com;x", "--host", "203.0.113.20",
+      "--upstream", "http://127.0.0.1:1"], "domain: 'shop.example.com;x' is not"),
+    (["add-origin", "--name", "blog", "--domain", "b.example.com", "--host", "203.0.113.21",
+      "--upstream", "http://127.0.0.1:1"], "name: origin name 'blog' is already used"),
+])
+def test_invalid_additions_change_nothing(stack_file, args, message):
+    result = invoke(*args, "--stack", "prod")
+    assert result.exit_code == 1
+    assert "nothing changed" in result.output and message in result.output
+    assert stack_file.read_text() == STACK
+
+
+def test_add_needs_a_stack_or_file(stack_file):
+    result = invoke("add-edge", "--name", "e", "--origin", "blog", "--public-ip", "198.51.100.8")
+    assert result.exit_code == 1 and "--stack NAME" in result.output
+
+
+OUTPUTS = {
+    "origins": {}, "edges": {}, "dnsRecords": {}, "healthTargets": [],
+    "bundles": {"edge/edge-1": {"wg-origin-0.conf": "[Interface]\nPrivateKey = x\n",
+                                "nginx.conf": "events {}\n", "install.sh": "#!/bin/bash\necho hi\n"}},
+}
+
+
+def test_bundle_writes_a_tarball_with_the_right_modes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    outputs = tmp_path / "outputs.json"
+    outputs.write_text(json.dumps(OUTPUTS))
+    result = invoke("bundle", "edge/edge-1", "--outputs", str(outputs), "-o", "edge-1.tar.gz")
+    assert result.exit_code == 0, result.output
+    archive = tmp_path / "edge-1.tar.gz"
+    assert stat.S_IMODE(archive.stat().st_mode) == 0o600
+    with tarfile.open(archive) as tar:
+        modes = {m.name: stat.S_IMODE(m.mode) for m in tar.getmembers()}
+        assert modes == {"install.sh": 0o755, "nginx.conf": 0o644, "wg-origin-0.conf": 0o600}
+        tar.extractall(tmp_path / "unpacked", filter="tar")
+    assert (tmp_path / "unpacked" / "install.sh").read_text() == "#!/bin/bash\necho hi\n"
+    assert stat.S_IMODE((tmp_path / "unpacked" / "wg-origin-0.conf").stat().st_mode) == 0o600
+
+
+def test_bundle_default_name_and_unknown_node(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    outputs = tmp_path / "outputs.json"
+    outputs.write_text(json.dumps(OUTPUTS))
+    assert invoke("bundle", "edge/edge-1", "--outputs", str(outputs)).exit_code == 0
+    assert (tmp_path / "kokoa-edge-edge-1.tar.gz").exists()
+    result = invoke("bundle", "edge/nope", "--outputs", str(outputs))
+    assert result.exit_code == 1 and "no bundle 'edge/nope'; known: edge/edge-1" in result.output
+
+
+def test_bundle_refuses_hidden_secrets_and_bad_files(tmp_path):
+    hidden = tmp_path / "hidden.json"
+    hidden.write_text(json.dumps(OUTPUTS | {"bundles": "[secret]"}))
+    result = invoke("bundle", "edge/edge-1", "--outputs", str(hidden))
+    assert result.exit_code == 1 and "--show-secrets" in result.output
+    result = invoke("bundle", "edge/edge-1", "--outputs", str(tmp_path / "missing.json"))
+    assert result.exit_code == 1 and "cannot read outputs file" in result.output
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    result = invoke("bundle", "edge/edge-1", "--outputs", str(broken))
+    assert result.exit_code == 1 and "not valid JSON" in result.output
+
+
+def test_bundle_without_pulumi_cli_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    result = invoke("bundle", "edge/edge-1")
+    assert result.exit_code == 1 and "--outputs FILE" in result.output
