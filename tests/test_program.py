@@ -228,3 +228,23 @@ def test_invalid_config_logs_every_problem_and_registers_no_resource(config, mon
     assert any(m.startswith("kokoa:edges[0] (edge-tokyo-1): origin: no origin is named 'nope'") for m in errors)
     assert any(m.startswith("kokoa:edges[2] (edge-tokyo-2): index:") for m in errors)
     assert any(m.startswith("kokoa: sshPrivateKey: is required") for m in errors)
+
+
+def _stack_config(path):
+    from ruamel.yaml import YAML
+
+    config = YAML(typ="safe").load(path.read_text())["config"]
+    # The mocks have no secrets provider: stand-ins for the encrypted values.
+    return {k: (SSH_KEY if k == "kokoa:sshPrivateKey" else "token") if isinstance(v, dict) and "secure" in v
+            else v for k, v in config.items()}
+
+
+@pytest.mark.parametrize("name", ["Pulumi.dev.yaml", "stacks/reference.yaml"])
+def test_shipped_stack_files_are_valid(name):
+    from kokoa_infra.mockrun import PROJECT_DIR
+
+    run = run_program(_stack_config(PROJECT_DIR / name))
+    assert run.outputs["origins"]
+    if name == "Pulumi.dev.yaml":
+        assert len(run.outputs["origins"]) == 2 and len(run.outputs["edges"]) == 3
+        assert [e["dns"] for e in run.outputs["edges"].values()].count(False) == 1
