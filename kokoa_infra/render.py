@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import ipaddress
 import shlex
 import tarfile
 from dataclasses import dataclass
@@ -67,7 +66,6 @@ def _common(topology: Topology, origin: Origin) -> dict:
         "cert_port": CERT_PORT,
         "gateway_port": GATEWAY_PORT,
         "tunnel_prefix": 24,
-        "tunnel_network": ipaddress.IPv4Network(f"{origin.wireguard_ip}/24", strict=False),
     }
 
 
