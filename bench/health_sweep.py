@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=500)
     parser.add_argument("--silent", type=int, default=100)
     parser.add_argument("--timeout", type=float, default=1.0)
-    parser.add_argument("--concurrency", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     if os.geteuid() != 0:

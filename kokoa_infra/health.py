@@ -8,7 +8,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -78,8 +78,9 @@ class Reporter:
     prometheus_file: str | None
     previous: dict[str, str] | None   # None: no memory of earlier states, log no transitions
     interval_s: float | None = None
-    out: TextIO = sys.stdout
-    err: TextIO = sys.stderr
+    # Looked up when the Reporter is made, so a redirected sys.stdout is honoured.
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    err: TextIO = field(default_factory=lambda: sys.stderr)
 
     def __post_init__(self) -> None:
         self.recent_changes: deque[str] = deque(maxlen=RECENT_CHANGES_SHOWN)
@@ -115,6 +116,30 @@ class Reporter:
         changes = ("\nrecent changes:\n" + "\n".join(self.recent_changes) + "\n"
                    if self.recent_changes else "")
         return CLEAR_SCREEN + "kokoa health\n\n" + render_table(sweep) + changes + footer
+
+
+class NodeList:
+    """The targets for the next sweep, re-read every time so added or removed nodes show up."""
+
+    def __init__(self, stack: str | None, outputs_file: str | None, targets: list[Target]) -> None:
+        self.stack, self.outputs_file, self.targets = stack, outputs_file, targets
+        self.last_error = ""
+        self.just_read = True   # the first sweep uses the list read at start-up
+
+    def refresh(self) -> list[Target]:
+        """The current targets; on a read error, say so once and keep the last good list."""
+        if self.just_read:
+            self.just_read = False
+            return self.targets
+        try:
+            self.targets = read_targets(self.stack, self.outputs_file)
+            self.last_error = ""
+        except HealthError as exc:
+            if exc.message != self.last_error:
+                print(f"kokoa health: keeping the last node list: {exc.message}",
+                      file=sys.stderr, flush=True)
+            self.last_error = exc.message
+        return self.targets
 
 
 def run_interval(sweep_once: Callable[[], Sweep], report: Callable[[Sweep], None],
@@ -163,7 +188,7 @@ def run_interval(sweep_once: Callable[[], Sweep], report: Callable[[Sweep], None
               show_default=True, metavar="SECONDS", help="Connect and read timeout of the HTTPS probe.")
 @click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
               help="Trust these CA certificates (PEM) instead of the system's.")
-@click.option("--concurrency", type=click.IntRange(1, 4096), default=128, show_default=True,
+@click.option("--concurrency", type=click.IntRange(1, 4096), default=256, show_default=True,
               help="Pings in flight at once.")
 @click.option("--https-concurrency", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="HTTPS probes in flight at once.")
@@ -204,24 +229,19 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
                         prometheus_file=prometheus_file, interval_s=interval,
                         previous=read_previous_statuses(status_file) if remembers else None)
     if interval is None:
-        sweep = run_sweep(targets, options, local_network())
+        try:
+            sweep = run_sweep(targets, options, local_network())
+        except KeyboardInterrupt:
+            raise HealthError("interrupted before the sweep finished") from None
         failed = reporter.report(sweep)
         if failed:
             raise HealthError("; ".join(failed))
         sys.exit(exit_code(sweep))
 
-    current = {"targets": targets, "outputs_error": ""}
+    node_list = NodeList(stack, outputs_file, targets)
 
     def sweep_once() -> Sweep:
-        # Re-read the outputs every sweep so added or removed nodes are picked up.
-        try:
-            current["targets"] = read_targets(stack, outputs_file)
-            current["outputs_error"] = ""
-        except HealthError as exc:
-            if exc.message != current["outputs_error"]:
-                print(f"kokoa health: keeping the last node list: {exc.message}", file=sys.stderr)
-            current["outputs_error"] = exc.message
-        return run_sweep(current["targets"], options, local_network())
+        return run_sweep(node_list.refresh(), options, local_network())
 
     def report(sweep: Sweep) -> None:
         for problem in reporter.report(sweep):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import math
 import os
 import resource
@@ -48,7 +49,7 @@ class SweepOptions:
     count: int = 1
     https_timeout_s: float = 5.0
     ca_bundle: str | None = None
-    concurrency: int = 128
+    concurrency: int = 256
     https_concurrency: int = 32
     ping_via: PingVia = "auto"
     https_port: int = 443
@@ -151,11 +152,14 @@ def ping_target(address: str, via: str, timeout_s: float, count: int, first_seq:
 
 def _https_error_text(exc: BaseException) -> str:
     import urllib3.exceptions as http_errors
+    from urllib3.util.ssl_match_hostname import CertificateError as HostnameMismatch
 
     if isinstance(exc, http_errors.SSLError):
         reason = exc.args[0] if exc.args else exc
         if isinstance(reason, ssl.SSLCertVerificationError):
             return f"certificate verify failed: {reason.verify_message}"
+        if isinstance(reason, HostnameMismatch):
+            return f"certificate verify failed: {reason}"
         return f"TLS error: {reason}"
     # NewConnectionError subclasses ConnectTimeoutError: test it first.
     if isinstance(exc, http_errors.NewConnectionError):
@@ -178,6 +182,29 @@ def _cert_days_left(peer_cert: dict | None, now: float) -> int | None:
     return math.floor((ssl.cert_time_to_seconds(peer_cert["notAfter"]) - now) / 86400)
 
 
+@functools.cache
+def _cert_recording_pool_class() -> type:
+    """An urllib3 HTTPS pool whose connections keep the peer certificate.
+
+    Imported on first use: urllib3 adds a tenth of a second to a ping-only start.
+    """
+    import urllib3
+
+    class CertRecordingConnection(urllib3.connection.HTTPSConnection):
+        # http.client drops the socket as soon as a response says "Connection: close",
+        # so the certificate is read right after the handshake instead.
+        peer_cert: dict | None = None
+
+        def connect(self) -> None:
+            super().connect()
+            self.peer_cert = self.sock.getpeercert()
+
+    class CertRecordingPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = CertRecordingConnection
+
+    return CertRecordingPool
+
+
 def probe_https(domain: str, address: str, timeout_s: float, ca_bundle: str | None = None,
                 port: int = 443) -> HttpsResult:
     """GET https://<domain>/ from `address` (SNI and Host = domain, certificate verified).
@@ -187,7 +214,7 @@ def probe_https(domain: str, address: str, timeout_s: float, ca_bundle: str | No
     """
     import urllib3
 
-    pool = urllib3.HTTPSConnectionPool(
+    pool = _cert_recording_pool_class()(
         address, port, server_hostname=domain, assert_hostname=domain, ca_certs=ca_bundle,
         cert_reqs="CERT_REQUIRED", maxsize=1, retries=False,
         timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s))
@@ -198,8 +225,7 @@ def probe_https(domain: str, address: str, timeout_s: float, ca_bundle: str | No
                                  "Connection": "close"},
             preload_content=False, redirect=False, retries=False)
         latency_ms = round((time.monotonic() - started) * 1000, 3)
-        connection = response.connection
-        peer_cert = connection.sock.getpeercert() if connection and connection.sock else None
+        peer_cert = getattr(response.connection, "peer_cert", None)
         response.close()
     except Exception as exc:  # every failure of the probe is a result, not a crash
         return HttpsResult(ok=False, code=None, latency_ms=None, cert_days_left=None,

@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import select
 import socket
 import ssl
 import stat
@@ -18,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv4Address
 from pathlib import Path
 
+import ping3
 import pytest
 from click.testing import CliRunner
 
@@ -71,6 +73,26 @@ def origin_node(ping: PingResult | None = None) -> NodeResult:
 
 def edge_node(ping: PingResult | None = None, https: HttpsResult | None = None) -> NodeResult:
     return NodeResult(target=target(EDGE), ping=ping or ping_ok(), https=https or https_result(200))
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    """Fail a test that would send anything beyond loopback from this namespace (LAB.md)."""
+    def guard(method):
+        def call(sock, *args):
+            address = args[-1]
+            if sock.family == socket.AF_INET and isinstance(address, tuple):
+                try:
+                    allowed = IPv4Address(address[0]).is_loopback
+                except ValueError:
+                    allowed = False
+                if not allowed:
+                    raise AssertionError(f"test traffic to {address[0]}: only loopback is allowed")
+            return method(sock, *args)
+        return call
+
+    monkeypatch.setattr(socket.socket, "connect", guard(socket.socket.connect))
+    monkeypatch.setattr(socket.socket, "sendto", guard(socket.socket.sendto))
 
 
 # --- healthTargets ---------------------------------------------------------------------------
@@ -348,6 +370,27 @@ def test_pools_shrink_to_fit_a_low_open_files_limit(monkeypatch):
     assert options.https_concurrency >= 1
 
 
+def test_echo_filter_lets_a_raw_socket_see_only_its_own_reply():
+    try:
+        watcher = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    except PermissionError:
+        pytest.skip("needs a raw socket (root)")
+    ours, theirs = 7, 8
+    with watcher, socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sender:
+        health_probes._attach_echo_filter(watcher, health_probes.ICMP_ID, ours)
+        for seq in (theirs, ours):   # to loopback only
+            ping3.send_one_ping(sender, "127.0.0.1", health_probes.ICMP_ID, seq, 56)
+        received = []
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([watcher], [], [], deadline - time.monotonic())
+            if ready:
+                packet = watcher.recv(1500)
+                header_len = (packet[0] & 0x0F) * 4
+                received.append((packet[header_len], int.from_bytes(packet[header_len + 6:header_len + 8], "big")))
+    assert received == [(0, ours)]   # no echo requests, no reply to the other sequence
+
+
 def test_real_echo_to_loopback():
     try:
         health_probes.check_ping_permission()
@@ -477,18 +520,22 @@ def outputs_file(tmp_path) -> Path:
     return path
 
 
+class FakeSweep:
+    """Stands in for the network: returns `result`, records the options it was given."""
+
+    def __init__(self) -> None:
+        self.result = make_sweep(origin_node(), edge_node())
+        self.options: list[SweepOptions] = []
+
+    def __call__(self, targets, options, local):
+        self.options.append(options)
+        return self.result
+
+
 @pytest.fixture
-def fake_sweep(monkeypatch):
-    """Replace the network: the CLI gets `fake_sweep.result`; record the options it passed."""
-    class Fake:
-        result = make_sweep(origin_node(), edge_node())
-        options: list[SweepOptions] = []
-
-        def __call__(self, targets, options, local):
-            self.options.append(options)
-            return self.result
-
-    fake = Fake()
+def fake_sweep(monkeypatch) -> FakeSweep:
+    """The CLI with no network and ICMP allowed."""
+    fake = FakeSweep()
     monkeypatch.setattr(health_cli, "run_sweep", fake)
     monkeypatch.setattr(health_cli, "check_ping_permission", lambda: None)
     return fake
@@ -575,11 +622,14 @@ def test_cli_exits_2_with_the_fix_when_icmp_is_not_allowed(outputs_file, monkeyp
 
     real_socket = socket.socket
     monkeypatch.setattr(health_probes.socket, "socket", no_icmp)
+    fake = FakeSweep()
+    monkeypatch.setattr(health_cli, "run_sweep", fake)   # the ICMP check itself stays real
     result = invoke("--outputs", str(outputs_file))
     assert result.exit_code == 2
     assert 'sysctl -w net.ipv4.ping_group_range="0 2147483647"' in result.stderr
     assert "Traceback" not in result.output
-    assert invoke("--outputs", str(outputs_file), "--checks", "https", "--https-timeout", "0.1").exit_code != 2
+    assert fake.options == []
+    assert invoke("--outputs", str(outputs_file), "--checks", "https").exit_code == 0
 
 
 def test_parse_checks_orders_and_rejects():

@@ -1,0 +1,101 @@
+"""`kokoa health` end to end in the lab: run on an origin host, break one edge two ways, watch it recover."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parent.parent
+POLL_DEADLINE_S = 40
+USERSPACE_WG = ("WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go",
+                "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1")
+
+
+@pytest.fixture(scope="module")
+def lab_env(request):
+    try:
+        return request.getfixturevalue("lab")
+    except pytest.FixtureLookupError:
+        pytest.skip("the `lab` fixture (tests/conftest.py) is not available")
+
+
+@pytest.fixture(scope="module")
+def origin(lab_env) -> dict:
+    return lab_env.status["origins"][0]
+
+
+@pytest.fixture(scope="module")
+def edge(lab_env, origin) -> dict:
+    """An edge of the origin we run on, so its WireGuard IP is what gets pinged."""
+    return next(e for e in lab_env.status["edges"] if e["origin"] == origin["name"])
+
+
+def run_health(lab, origin: dict) -> dict[str, dict]:
+    """One `kokoa health --once --json` on the origin host; nodes by "role/name"."""
+    result = lab.on_host(
+        origin["netns"], "env", f"PYTHONPATH={REPO}", sys.executable, "-m", "kokoa_infra.health",
+        "--once", "--json", "--outputs", str(lab.outputs_file),
+        "--ca-bundle", lab.status["caBundle"], "--https-timeout", "5", check=False)
+    stdout = result.stdout.decode() if isinstance(result.stdout, bytes) else result.stdout
+    assert result.returncode in (0, 1), result.stderr
+    return {f"{node['role']}/{node['name']}": node for node in json.loads(stdout)["nodes"]}
+
+
+def wait_for(lab, origin: dict, condition: Callable[[dict[str, dict]], bool]) -> dict[str, dict]:
+    deadline = time.monotonic() + POLL_DEADLINE_S
+    nodes = run_health(lab, origin)
+    while not condition(nodes) and time.monotonic() < deadline:
+        time.sleep(1)
+        nodes = run_health(lab, origin)
+    return nodes
+
+
+def all_healthy(nodes: dict[str, dict]) -> bool:
+    return all(node["status"] == "healthy" for node in nodes.values())
+
+
+def unhealthy(nodes: dict[str, dict]) -> set[str]:
+    return {key for key, node in nodes.items() if node["status"] != "healthy"}
+
+
+def test_all_nodes_healthy_from_an_origin(lab_env, origin):
+    nodes = wait_for(lab_env, origin, all_healthy)
+    assert unhealthy(nodes) == set()
+    own_edges = [n for n in nodes.values() if n["role"] == "edge" and n["origin"] == origin["name"]]
+    assert own_edges and all(n["checks"]["ping"]["via"] == "wireguard" for n in own_edges)
+    assert all(n["checks"]["https"]["ok"] for n in nodes.values() if n["role"] == "edge")
+
+
+def test_stopped_nginx_makes_only_that_edge_unhealthy_by_https(lab_env, origin, edge):
+    key = f"edge/{edge['name']}"
+    lab_env.on_host(edge["netns"], "sh", "-c", "nginx -s stop")
+    try:
+        nodes = wait_for(lab_env, origin, lambda n: key in unhealthy(n))
+        assert unhealthy(nodes) == {key}
+        assert nodes[key]["checks"]["https"]["ok"] is False
+        assert nodes[key]["checks"]["ping"]["ok"] is True
+    finally:
+        lab_env.on_host(edge["netns"], "nginx")
+    assert all_healthy(wait_for(lab_env, origin, all_healthy))
+
+
+def test_wireguard_down_makes_that_edge_unhealthy_by_ping(lab_env, origin, edge):
+    key = f"edge/{edge['name']}"
+    outputs = json.loads(Path(lab_env.outputs_file).read_text())
+    interface = f"wg-origin-{outputs['origins'][origin['name']]['subnet']}"
+    lab_env.on_host(edge["netns"], "env", *USERSPACE_WG, "wg-quick", "down", interface)
+    try:
+        nodes = wait_for(lab_env, origin, lambda n: key in unhealthy(n))
+        assert key in unhealthy(nodes)
+        assert nodes[key]["checks"]["ping"]["ok"] is False
+        assert unhealthy(nodes) == {key}
+    finally:
+        lab_env.on_host(edge["netns"], "env", *USERSPACE_WG, "wg-quick", "up", interface)
+    assert all_healthy(wait_for(lab_env, origin, all_healthy))
