@@ -109,8 +109,7 @@ def read_settings(environ: Mapping[str, str]) -> ApiSettings:
     if zone_id and not ZONE_ID.fullmatch(zone_id):
         problems.append(f"CLOUDFLARE_ZONE_ID must be the zone's id, 32 lower-case hex digits "
                         f"(not the domain name), got {zone_id!r}")
-    url = urlsplit(base_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
+    if not _is_http_url(base_url):
         problems.append(f"CLOUDFLARE_API_BASE_URL must be an http(s) URL, got {base_url!r}")
     if len(problems) == 1:
         raise ConfigError(f"{problems[0]} (see kokoa-dns --help)")
@@ -118,6 +117,15 @@ def read_settings(environ: Mapping[str, str]) -> ApiSettings:
         raise ConfigError(f"{len(problems)} configuration problems (see kokoa-dns --help):\n  "
                           + "\n  ".join(problems))
     return ApiSettings(token, zone_id, base_url.rstrip("/"))
+
+
+def _is_http_url(text: str) -> bool:
+    try:
+        url = urlsplit(text)
+        url.port  # raises ValueError when the port is not a number in range
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.hostname)
 
 
 def parse_ipv4(ctx: click.Context | None, param: click.Parameter | None, value: str) -> str:
@@ -195,9 +203,8 @@ class CloudflareDns:
               body: dict[str, Any] | None = None) -> dict[str, Any]:
         """One API call: the envelope of a success, or CloudflareApiError."""
         url = f"{self.settings.base_url}/{path}"
-        response, attempts, note = self._send(method, url, params, body)
+        response, given_up = self._send(method, url, params, body)
         what = f"{method} {urlsplit(url).path}"
-        given_up = f" (gave up after {attempts} attempts{note})" if attempts > 1 or note else ""
         try:
             envelope = response.json()
         except ValueError:
@@ -215,8 +222,9 @@ class CloudflareDns:
         return envelope
 
     def _send(self, method: str, url: str, params: dict[str, Any] | None,
-              body: dict[str, Any] | None) -> tuple[requests.Response, int, str]:
-        """Send with retries: (last response, attempts made, why it stopped early or '')."""
+              body: dict[str, Any] | None) -> tuple[requests.Response, str]:
+        """Send with retries: the last response, and why retrying stopped if it is a
+        retryable failure (" (gave up after 4 attempts)"), else ''."""
         # Only GET and DELETE may be repeated after the server might have acted on them:
         # a second POST could add the record twice or fail with "already exists".
         repeatable = method in ("GET", "DELETE")
@@ -237,11 +245,13 @@ class CloudflareDns:
                 self.sleep(self.policy.delay_before(attempt))
                 continue
             status = response.status_code
-            if not (status == 429 or (repeatable and 500 <= status <= 599)) or last_attempt:
-                return response, attempt, ""
+            if not (status == 429 or (repeatable and 500 <= status <= 599)):
+                return response, ""
+            if last_attempt:
+                return response, f" (gave up after {attempt} attempts)"
             asked = _retry_after_seconds(response.headers.get("Retry-After"))
-            if False:
-                return response, attempt, f"; Cloudflare asks to wait {asked:.0f} s before retrying"
+            if asked is not None and asked > MAX_WAIT_SECONDS:
+                return response, f" (not retried: Cloudflare asks to wait {asked:.0f} s)"
             self.sleep(max(self.policy.delay_before(attempt), asked or 0.0))
         raise AssertionError("unreachable: the last attempt always returns or raises")
 

@@ -320,7 +320,8 @@ class FakeCloudflare:
             try:
                 ipaddress.IPv4Address(content)
             except ValueError:
-                raise ApiFailure(400, error(9005, "Content for A record must be a valid IPv4 address.")) from None
+                raise ApiFailure(400, error(
+                    9005, "Content for A record must be a valid IPv4 address.")) from None
         ttl = body.get("ttl", 1)
         if not isinstance(ttl, int) or isinstance(ttl, bool):
             raise ApiFailure(400, error(1001, "ttl must be an integer."))
@@ -330,7 +331,8 @@ class FakeCloudflare:
                 raise ApiFailure(400, error(81057, "Record already exists."))
             if (record["name"] == name and type_ in ADDRESS_TYPES and record["type"] in ADDRESS_TYPES
                     and "CNAME" in (type_, record["type"])):
-                raise ApiFailure(400, error(81053, "An A, AAAA, or CNAME record with that host already exists."))
+                raise ApiFailure(400, error(
+                    81053, "An A, AAAA, or CNAME record with that host already exists."))
         record = self._store(type_, name, content, ttl, bool(body.get("proxied", False)),
                              body.get("comment"))
         return {"success": True, "errors": [], "messages": [], "result": record}

@@ -66,6 +66,15 @@ def run(base_url: str, *args: str, **env: str | None) -> Result:
     return result
 
 
+def run_process(base_url: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run kokoa-dns as a real process, killed after `timeout` seconds (a hang fails the test)."""
+    environment = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(PROJECT_DIR),
+                   "CLOUDFLARE_API_TOKEN": TOKEN, "CLOUDFLARE_ZONE_ID": ZONE_ID,
+                   "CLOUDFLARE_API_BASE_URL": base_url, "KOKOA_DNS_BACKOFF": "0.05"}
+    return subprocess.run([sys.executable, "-m", "kokoa_infra.dns_cli", *args], env=environment,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def closed_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -174,6 +183,25 @@ def test_add_does_not_repeat_a_post_the_server_may_have_acted_on(cloudflare: Fak
     assert result.exit_code == 1
     assert "HTTP 500" in result.stderr and "10000: Internal error" in result.stderr
     assert methods(cloudflare) == ["POST"]
+
+
+def test_add_points_out_a_name_cloudflare_stored_differently(cloudflare: FakeCloudflare) -> None:
+    result = run(cloudflare.base_url, "add", "--ip", EDGE_IP, "--name", "blog.example.org")
+
+    assert result.exit_code == 0, result.output
+    assert "stored the name as blog.example.org.example.com" in result.stderr
+
+
+def test_a_definitive_answer_after_a_retry_is_reported_as_it_is(cloudflare: FakeCloudflare) -> None:
+    cloudflare.force(503)
+    cloudflare.force(403, failure_envelope([{"code": 10000, "message": "Authentication error"}]))
+
+    result = run(cloudflare.base_url, "list")
+
+    assert result.exit_code == 1
+    assert "failed with HTTP 403:\n  10000: Authentication error" in result.stderr
+    assert "gave up" not in result.stderr
+    assert methods(cloudflare) == ["GET", "GET"]
 
 
 # -- remove ----------------------------------------------------------------------------
@@ -338,13 +366,9 @@ def test_help_says_what_the_variables_are(command: list[str]) -> None:
 
 def test_an_unreachable_endpoint_fails_clearly_and_quickly() -> None:
     url = f"http://127.0.0.1:{closed_loopback_port()}/client/v4"
-    environment = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(PROJECT_DIR),
-                   "CLOUDFLARE_API_TOKEN": TOKEN, "CLOUDFLARE_ZONE_ID": ZONE_ID,
-                   "CLOUDFLARE_API_BASE_URL": url, "KOKOA_DNS_BACKOFF": "0.05"}
 
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "kokoa_infra.dns_cli", "list"], env=environment,
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = run_process(url, "list", timeout=30)
     elapsed = time.monotonic() - started
 
     assert proc.returncode == 1
@@ -370,14 +394,12 @@ def test_rate_limited_once_then_retried_after_the_asked_wait(cloudflare: FakeClo
 def test_a_rate_limit_wait_beyond_the_cap_gives_up_at_once(cloudflare: FakeCloudflare) -> None:
     cloudflare.force(429, headers={"Retry-After": "300"}, times=None)
 
-    started = time.monotonic()
-    result = run(cloudflare.base_url, "list")
+    proc = run_process(cloudflare.base_url, "list", timeout=10)
 
-    assert result.exit_code == 1
-    assert "HTTP 429" in result.stderr and "asks to wait 300 s" in result.stderr
-    assert "971: More than 1200 requests per 300 seconds reached" in result.stderr
+    assert proc.returncode == 1
+    assert "HTTP 429 (not retried: Cloudflare asks to wait 300 s)" in proc.stderr
+    assert "971: More than 1200 requests per 300 seconds reached" in proc.stderr
     assert len(cloudflare.requests) == 1
-    assert time.monotonic() - started < 5
 
 
 def test_a_server_failing_for_ever_is_given_up_in_bounded_time(cloudflare: FakeCloudflare) -> None:
@@ -419,10 +441,40 @@ def test_an_error_chain_is_printed_under_its_error(cloudflare: FakeCloudflare) -
     result = run(cloudflare.base_url, "list")
 
     assert result.exit_code == 1
-    assert "  6003: Invalid request headers\n    6111: Invalid format for Authorization header" in result.stderr
+    assert ("  6003: Invalid request headers\n"
+            "    6111: Invalid format for Authorization header") in result.stderr
 
 
 # -- the fake server on its own ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, resource, body, headers, status, codes", [
+    ("GET", f"{ZONE_ID}/dns_records", None, {}, 400, [9106]),
+    ("GET", f"{ZONE_ID}/dns_records", None, {"Authorization": TOKEN}, 400, [6003]),
+    ("GET", f"{ZONE_ID}/dns_records", None, {"Authorization": "Bearer wrong"}, 403, [10000]),
+    ("GET", f"{OTHER_ZONE_ID}/dns_records", None, None, 403, [10000]),
+    ("GET", "example.com/dns_records", None, None, 400, [7003, 7000]),
+    ("POST", f"{ZONE_ID}/dns_records", {"type": "CNAME", "name": "blog", "content": "x.example.net"},
+     None, 400, [81053]),
+    ("POST", f"{ZONE_ID}/dns_records", {"type": "A", "name": "blog", "content": EDGE_IP},
+     None, 400, [81057]),
+    ("POST", f"{ZONE_ID}/dns_records", {"type": "A", "name": "new", "content": "2001:db8::1"},
+     None, 400, [9005]),
+    ("DELETE", f"{ZONE_ID}/dns_records/{'0' * 32}", None, None, 404, [81044]),
+])
+def test_the_fake_server_answers_as_cloudflare_documents(
+        cloudflare: FakeCloudflare, method: str, resource: str, body: dict | None,
+        headers: dict | None, status: int, codes: list[int]) -> None:
+    cloudflare.add_record("A", "blog.example.com", EDGE_IP)
+    url = f"{cloudflare.base_url}/zones/{resource}"
+    sent_headers = {"Authorization": f"Bearer {TOKEN}"} if headers is None else headers
+
+    response = requests.request(method, url, json=body, headers=sent_headers, timeout=5)
+
+    envelope = response.json()
+    assert response.status_code == status
+    assert (envelope["success"], envelope["result"]) == (False, None)
+    assert [e["code"] for e in envelope["errors"]] == codes
 
 
 def test_the_fake_server_runs_standalone_for_the_lab() -> None:
