@@ -136,6 +136,10 @@ def parse_ipv4(ctx: click.Context | None, param: click.Parameter | None, value: 
         raise click.BadParameter(f"{value!r} is not an IPv4 address (like 198.51.100.7)") from None
 
 
+# Cloudflare's name for the zone's own domain in a record.
+ZONE_APEX = "@"
+
+
 def parse_fqdn(ctx: click.Context | None, param: click.Parameter | None,
                value: str | None) -> str | None:
     """Click callback: a fully qualified domain name, lower-cased, without the final dot."""
@@ -399,20 +403,21 @@ def list_command(as_json: bool, timeout_seconds: float, attempts: int, backoff_s
 @cli.command("add", epilog=ENVIRONMENT_HELP)
 @click.option("--ip", required=True, metavar="IP", callback=parse_ipv4,
               help="IPv4 address the record points to.")
-@click.option("--name", required=True, metavar="NAME", callback=parse_fqdn,
-              help="Fully qualified record name, e.g. blog.example.com.")
+@click.option("--name", metavar="NAME", callback=parse_fqdn,
+              help="Fully qualified record name, e.g. blog.example.com (default: the zone apex).")
 @transport_options
-def add_command(ip: str, name: str, timeout_seconds: float, attempts: int,
+def add_command(ip: str, name: str | None, timeout_seconds: float, attempts: int,
                 backoff_seconds: float) -> None:
     """Add an unproxied A record NAME -> IP, TTL 60.
 
-    The record's comment says "managed by kokoa-dns". Cloudflare refuses a record
-    identical to one already there (error 81057).
+    Without --name the record is for the zone apex (Cloudflare's "@"). The record's
+    comment says "managed by kokoa-dns". Cloudflare refuses a record identical to one
+    already there (error 81057).
     """
     dns = connect(timeout_seconds, attempts, backoff_seconds)
-    record = dns.create_a_record(name, ip)
+    record = dns.create_a_record(name or ZONE_APEX, ip)
     click.echo(f"added {_describe(record)}")
-    if record.get("name") not in (None, name):
+    if name is not None and record.get("name") not in (None, name):
         click.echo(f"note: Cloudflare stored the name as {record.get('name')} "
                    f"({name} is not inside the zone?)", err=True)
 

@@ -164,6 +164,15 @@ def test_add_creates_an_unproxied_record_with_ttl_60(cloudflare: FakeCloudflare)
     assert record["id"] in result.stdout and "blog.example.com" in result.stdout
 
 
+def test_add_without_a_name_is_for_the_zone_apex(cloudflare: FakeCloudflare) -> None:
+    result = run(cloudflare.base_url, "add", "--ip", EDGE_IP)
+
+    assert result.exit_code == 0, result.output
+    (record,) = cloudflare.records_of("A")
+    assert (record["name"], record["content"]) == ("example.com", EDGE_IP)
+    assert "note:" not in result.output
+
+
 def test_adding_the_same_record_again_shows_cloudflares_error(cloudflare: FakeCloudflare) -> None:
     assert run(cloudflare.base_url, "add", "--ip", EDGE_IP, "--name", "blog.example.com").exit_code == 0
 
