@@ -1,0 +1,624 @@
+"""Lab hosts: network namespaces on one bridge, each server with its own /etc, /run, /var dirs, pid namespace and sshd."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+from kokoa_infra.lab.executor import write_private
+
+LAB_DIR = Path("/var/lib/kokoa-lab")
+PREFIX = "kokoa-"
+DEFAULT_NETWORK = "172.31.255.0/24"
+NAME_PATTERN_MAX = 15 - 1  # hostnames and namespace names stay short and shell-safe
+
+# Each server gets its own copy of these, bind-mounted over the machine's in the server's
+# mount namespace, so install scripts write pid files, logs and state as on a real host.
+PRIVATE_DIRS = ("/run", "/tmp", "/var/tmp", "/var/log", "/var/www", "/var/lib/kokoa",
+                "/var/lib/letsencrypt", "/var/lib/nginx")
+# ... and these under /etc, through `ip netns exec`'s /etc/netns/<ns>/<x> → /etc/<x> binds.
+PRIVATE_ETC = ("wireguard", "nginx", "letsencrypt", "kokoa")
+# Directories a fresh server has (its packages made them); mode per path.
+SKELETON = {"/run/sshd": 0o755, "/run/lock": 0o1777, "/tmp": 0o1777, "/var/tmp": 0o1777,
+            "/var/log/nginx": 0o755, "/var/www/html": 0o755}
+
+DEMO_APP = r"""
+import http.server, sys
+body = sys.argv[1].encode()
+class Demo(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer((sys.argv[2], int(sys.argv[3])), Demo).serve_forever()
+"""
+
+Echo = Callable[[str], None]
+
+
+class LabError(Exception):
+    """The lab cannot be built or used; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class Host:
+    """One machine of the lab: a network namespace at one address on the lab's internet."""
+
+    name: str
+    role: str  # origin, edge, client, acme
+    ip: str
+    netns: str
+    origin: str = ""  # edges: the origin they serve
+    domain: str = ""
+    upstream: str = ""  # origins: where the demo application listens
+
+    @property
+    def is_server(self) -> bool:
+        return self.role in ("origin", "edge")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Every host of the lab, read from a lab stack config."""
+
+    network: ipaddress.IPv4Network
+    hosts: tuple[Host, ...]
+
+    def of_role(self, role: str) -> list[Host]:
+        return [h for h in self.hosts if h.role == role]
+
+    def one(self, role: str) -> Host | None:
+        found = self.of_role(role)
+        return found[0] if found else None
+
+    def by_netns(self, netns: str) -> Host:
+        return next(h for h in self.hosts if h.netns == netns)
+
+    def server(self, role: str, name: str) -> Host:
+        return next(h for h in self.hosts if h.role == role and h.name == name)
+
+
+def topology(config: Mapping[str, Any], prefix: str = PREFIX) -> Topology:
+    """Hosts of a lab stack config: `lab:network`, `lab:clientIp`, the ACME host of `kokoa:acmeServer`, origins, edges."""
+    problems: list[str] = []
+    network = ipaddress.ip_network(config.get("lab:network", DEFAULT_NETWORK))
+    origins = {o["name"]: o for o in config.get("kokoa:origins", [])}
+    hosts = [Host("client", "client", str(config.get("lab:clientIp", "")), f"{prefix}client")]
+    acme = urlsplit(str(config.get("kokoa:acmeServer", ""))).hostname
+    if acme:
+        hosts.append(Host("acme", "acme", acme, f"{prefix}acme"))
+    for o in origins.values():
+        if o.get("endpoint", o.get("host")) != o.get("host"):
+            problems.append(f"origin {o['name']}: a lab origin has one address; drop endpoint or make it equal to host")
+        hosts.append(Host(o["name"], "origin", str(o.get("host", "")), f"{prefix}{o['name']}",
+                          domain=o.get("domain", ""), upstream=o.get("upstream", "")))
+    for e in config.get("kokoa:edges", []):
+        if e.get("host", e.get("publicIp")) != e.get("publicIp"):
+            problems.append(f"edge {e['name']}: a lab edge has one address; drop host or make it equal to publicIp")
+        domain = origins.get(e.get("origin"), {}).get("domain", "")
+        hosts.append(Host(e["name"], "edge", str(e.get("publicIp", "")), f"{prefix}{e['name']}",
+                          origin=e.get("origin", ""), domain=domain))
+    seen_ip: dict[str, str] = {}
+    seen_ns: set[str] = set()
+    for h in hosts:
+        label = f"{h.role} {h.name}"
+        try:
+            ip = ipaddress.ip_address(h.ip)
+        except ValueError:
+            problems.append(f"{label}: address {h.ip!r} is not an IP address")
+            continue
+        if ip not in network or ip in (network.network_address, network.broadcast_address):
+            problems.append(f"{label}: {ip} is not a host address of the lab network {network}")
+        if h.ip in seen_ip:
+            problems.append(f"{label}: {ip} is already used by {seen_ip[h.ip]}")
+        seen_ip[h.ip] = label
+        if h.netns in seen_ns or h.netns == f"{prefix}net":
+            problems.append(f"{label}: namespace {h.netns} is taken; lab host names must differ across roles "
+                            "and from client, acme and net")
+        seen_ns.add(h.netns)
+    if not config.get("lab:clientIp"):
+        problems.append("lab:clientIp is missing")
+    if problems:
+        raise LabError("invalid lab topology:\n  " + "\n  ".join(problems))
+    return Topology(network, tuple(hosts))
+
+
+def run(argv: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command for the lab's own plumbing; a failure is a LabError naming the command."""
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    proc = subprocess.run(argv, check=False, **kwargs)
+    if check and proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout or "").strip()
+        raise LabError(f"`{shlex.join(argv)}` failed ({proc.returncode}): {detail}")
+    return proc
+
+
+def wait_until(what: str, ready: Callable[[], bool], tries: int = 50, delay: float = 0.1) -> None:
+    """Poll `ready` at most `tries` times; every wait in the lab is bounded."""
+    for _ in range(tries):
+        if ready():
+            return
+        time.sleep(delay)
+    raise LabError(f"{what} not ready after {tries * delay:.0f}s")
+
+
+def alive(pid: int | None) -> bool:
+    """A live process (this machine's PID 1 does not reap orphans, so zombies count as dead)."""
+    if not pid:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not ours: PID 1 owns it
+
+
+TOOLS = ("ip", "nsenter", "unshare", "setsid", "ss", "curl", "openssl", "ssh", "ssh-keygen", "sshd",
+         "pebble", "pebble-challtestsrv", "wg", "wg-quick", "wireguard-go", "nginx", "certbot")
+
+
+def lab_unavailable(probe: str = "kokoa-probe") -> str | None:
+    """Why the lab cannot run on this machine, or None: root, the tools, and the namespaces it needs."""
+    if os.geteuid() != 0:
+        return "the lab needs root (network, mount and pid namespaces)"
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    missing = [t for t in TOOLS if shutil.which(t, path=path) is None]
+    if missing:
+        return f"the lab needs {', '.join(missing)} (`make setup` installs them)"
+    made = run(["ip", "netns", "add", probe], check=False)
+    if made.returncode != 0:
+        return f"cannot create a network namespace here: {made.stderr.strip()}"
+    try:
+        nested = run(["ip", "netns", "exec", probe, "unshare", "--mount", "--uts", "--pid", "--fork",
+                      "--mount-proc", "true"], check=False)
+        if nested.returncode != 0:
+            return f"cannot create mount and pid namespaces here: {nested.stderr.strip()}"
+    finally:
+        run(["ip", "netns", "del", probe], check=False)
+    return None
+
+
+def namespaces() -> set[str]:
+    out = run(["ip", "netns", "list"]).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def netns_pids(netns: str) -> list[int]:
+    proc = run(["ip", "netns", "pids", netns], check=False)
+    return [int(p) for p in proc.stdout.split()] if proc.returncode == 0 else []
+
+
+def _mounted_anywhere(path: str) -> bool:
+    """Whether any mount namespace on the machine uses `path` as a mount point."""
+    seen = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            mnt = os.readlink(proc / "ns" / "mnt")
+            if mnt in seen:
+                continue
+            seen.add(mnt)
+            lines = (proc / "mountinfo").read_text().splitlines()
+        except OSError:
+            continue
+        if any(line.split()[4] == path for line in lines):
+            return True
+    return False
+
+
+class Lab:
+    """The lab's hosts on this machine, and the record (`lab.json`) of everything it made."""
+
+    def __init__(self, directory: Path = LAB_DIR, prefix: str = PREFIX) -> None:
+        self.dir = Path(directory)
+        if not self.dir.is_absolute() or len(self.dir.parts) < 3:
+            raise LabError(f"lab directory {self.dir} must be an absolute path at least two levels deep")
+        if any(self.dir == Path(d) or Path(d) in self.dir.parents for d in PRIVATE_DIRS):
+            # Servers see their own copy of these, so sshd would not find its keys there.
+            raise LabError(f"lab directory {self.dir} must not be under {', '.join(PRIVATE_DIRS)}")
+        self.prefix = prefix
+        self.record_file = self.dir / "lab.json"
+        self.operator_key = self.dir / "operator" / "id_ed25519"
+        self.ca_bundle = self.dir / "ca.pem"
+        self.acme_dir = self.dir / "acme"
+        self.acme_cert = self.acme_dir / "cert.pem"
+        self.seed_file = self.dir / "seed"
+        self._children: list[subprocess.Popen] = []
+
+    # --- the record -------------------------------------------------------------------
+    def record(self) -> dict[str, Any]:
+        if self.record_file.exists():
+            return json.loads(self.record_file.read_text())
+        return {"prefix": self.prefix, "namespaces": [], "mountpoints": [], "hosts": {}, "processes": {}}
+
+    def _update(self, change: Callable[[dict[str, Any]], None]) -> None:
+        # Written before each thing is made, so `down` finds it even after a crash midway.
+        rec = self.record()
+        change(rec)
+        write_private(self.record_file, json.dumps(rec, indent=1, sort_keys=True))
+
+    def host_dir(self, netns: str) -> Path:
+        return self.dir / "hosts" / netns
+
+    def host_key(self, netns: str) -> str:
+        """The server's public SSH host key, as `kokoa:...hostKey` pins it."""
+        return (self.host_dir(netns) / "ssh_host_ed25519_key.pub").read_text().strip()
+
+    def seed(self) -> bytes:
+        return self.seed_file.read_bytes()
+
+    def server_pid(self, netns: str) -> int | None:
+        """Root-namespace pid of the server's sshd, the init of its pid namespace."""
+        return self.record()["hosts"].get(netns, {}).get("init")
+
+    # --- running things on hosts ------------------------------------------------------
+    def host_argv(self, netns: str, argv: list[str]) -> list[str]:
+        pid = self.server_pid(netns)
+        if pid:
+            # The same view an SSH session on that server has: its mounts, network, hostname, pids.
+            return ["nsenter", f"--target={pid}", "--mount", "--net", "--uts", "--pid", "--wd=/", "--", *argv]
+        return ["ip", "netns", "exec", netns, *argv]
+
+    def on_host(self, netns: str, argv: list[str], check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+        """Run `argv` on a lab host as its own processes would see the machine."""
+        return run(self.host_argv(netns, list(argv)), check=check, **kwargs)
+
+    def _listening(self, netns: str, port: int) -> bool:
+        proc = run(["ip", "netns", "exec", netns, "ss", "-Hltn", f"sport = :{port}"], check=False)
+        return proc.returncode == 0 and bool(proc.stdout.strip())
+
+    def _spawn(self, argv: list[str], log: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            # A session of its own: Ctrl-C on `kokoa lab up` must not take the hosts down.
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=env)
+        self._children.append(child)
+        return child
+
+    # --- health -----------------------------------------------------------------------
+    def infra_namespaces(self) -> list[str]:
+        return [f"{self.prefix}{name}" for name in ("net", "client", "acme")]
+
+    def problems(self, topo: Topology | None = None) -> list[str]:
+        """Why the existing lab cannot be reused as it is ([] when healthy or when there is none)."""
+        rec = self.record()
+        present = namespaces()
+        if not self.record_file.exists():
+            # Only names this lab would make: other tools' namespaces may share the prefix.
+            names = self.infra_namespaces() + ([h.netns for h in topo.hosts] if topo else [])
+            stray = sorted(ns for ns in present if ns in names)
+            return [f"namespaces left from an earlier lab: {', '.join(stray)}"] if stray else []
+        found = [f"namespace {ns} is gone" for ns in rec["namespaces"] if ns not in present]
+        for path in (self.seed_file, self.operator_key):
+            if not path.exists():
+                found.append(f"{path} is missing")
+        for netns, host in rec["hosts"].items():
+            if not host.get("ready"):
+                found.append(f"{netns} was not finished")
+            elif host["role"] in ("origin", "edge") and not (alive(host.get("init")) and self._listening(netns, 22)):
+                found.append(f"sshd on {netns} is not running")
+            elif host["role"] == "origin" and not self._demo_answers(Host(**host["host"])):
+                found.append(f"the demo application on {netns} does not answer")
+            elif host["role"] == "acme" and not all(alive(rec["processes"].get(p)) for p in ("pebble", "challtestsrv")):
+                found.append("pebble is not running")
+        if topo is not None:
+            for h in topo.hosts:
+                known = rec["hosts"].get(h.netns)
+                if known and Host(**known["host"]) != h:
+                    found.append(f"{h.netns} changed (address, role or origin)")
+        return found
+
+    def liveness(self) -> dict[str, dict[str, Any]]:
+        """Per recorded host: role, name, address, namespace present, sshd listening (servers only)."""
+        present = namespaces()
+        result = {}
+        for netns, host in self.record()["hosts"].items():
+            up = netns in present
+            result[netns] = {"role": host["role"], "name": host["host"]["name"], "ip": host["host"]["ip"],
+                             "netns": up}
+            if host["role"] in ("origin", "edge"):
+                result[netns]["sshd"] = up and alive(host.get("init")) and self._listening(netns, 22)
+        return result
+
+    # --- bring-up ---------------------------------------------------------------------
+    def ensure(self, topo: Topology, echo: Echo = print) -> None:
+        """Make every host of `topo` exist and run; a broken lab is torn down and rebuilt whole."""
+        broken = self.problems(topo)
+        if broken:
+            echo("rebuilding the lab: " + "; ".join(broken))
+            self.down(echo, also=[h.netns for h in topo.hosts])
+        self._prepare()
+        bridge = f"{self.prefix}net"
+        self._add_netns(bridge)
+        if run(["ip", "-n", bridge, "link", "show", "br0"], check=False).returncode != 0:
+            run(["ip", "-n", bridge, "link", "add", "br0", "type", "bridge"])
+        run(["ip", "-n", bridge, "link", "set", "br0", "up"])
+        known = self.record()["hosts"]
+        for host in topo.hosts:
+            if host.netns in known:
+                continue
+            echo(f"  host    {host.netns}  {host.ip}  ({host.role})")
+            self._update(lambda r, h=host: r["hosts"].__setitem__(h.netns, {"role": h.role, "host": asdict(h)}))
+            self._add_netns(host.netns)
+            self._link(topo, host)
+            if host.is_server:
+                self._start_server(host)
+            if host.role == "origin":
+                self._start_demo(host)
+            if host.role == "acme":
+                self._start_acme(host)
+            self._update(lambda r, h=host: r["hosts"][h.netns].__setitem__("ready", True))
+
+    def _prepare(self) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        if not self.record_file.exists():
+            self._update(lambda r: None)
+        if not self.seed_file.exists():
+            # Stands in for Pulumi state: keeps the mocked WireGuard keys stable across `up`s.
+            fd = os.open(self.seed_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(secrets.token_bytes(32))
+        if not self.operator_key.exists():
+            self.operator_key.parent.mkdir(mode=0o700, exist_ok=True)
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kokoa-lab-operator",
+                 "-f", str(self.operator_key)])
+
+    def _add_netns(self, netns: str) -> None:
+        self._update(lambda r: r["namespaces"].append(netns) if netns not in r["namespaces"] else None)
+        if netns not in namespaces():
+            run(["ip", "netns", "add", netns])
+        run(["ip", "-n", netns, "link", "set", "lo", "up"])
+
+    def _link(self, topo: Topology, host: Host) -> None:
+        bridge = f"{self.prefix}net"
+        port = f"h{int(ipaddress.ip_address(host.ip)) - int(topo.network.network_address)}"
+        # The MAC follows the address, so a re-created host is reachable at once through
+        # neighbours' cached ARP entries (a real replacement would announce itself instead).
+        mac = "02:6b:" + ":".join(f"{b:02x}" for b in ipaddress.ip_address(host.ip).packed)
+        # Both ends are made inside lab namespaces: nothing ever appears in the root namespace.
+        run(["ip", "-n", bridge, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+             "address", mac, "netns", host.netns])
+        run(["ip", "-n", bridge, "link", "set", port, "master", "br0", "up"])
+        run(["ip", "-n", host.netns, "addr", "add", f"{host.ip}/{topo.network.prefixlen}", "dev", "eth0"])
+        run(["ip", "-n", host.netns, "link", "set", "eth0", "up"])
+
+    def _mountpoint(self, path: str) -> None:
+        """Bind targets (and /etc/netns) must exist on the machine; remember the ones the lab created."""
+        if not os.path.isdir(path):
+            self._update(lambda r: r["mountpoints"].append(path) if path not in r["mountpoints"] else None)
+            os.makedirs(path, exist_ok=True)
+
+    def _start_server(self, host: Host) -> None:
+        hdir = self.host_dir(host.netns)
+        root = hdir / "root"
+        for path in PRIVATE_DIRS:
+            (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            self._mountpoint(path)
+        for path, mode in SKELETON.items():
+            (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            os.chmod(root / path.lstrip("/"), mode)
+        self._mountpoint("/etc/netns")
+        etc = Path("/etc/netns") / host.netns
+        shutil.rmtree(etc, ignore_errors=True)
+        etc.mkdir(parents=True)
+        for name in PRIVATE_ETC:
+            self._mountpoint(f"/etc/{name}")
+        shutil.copytree("/etc/nginx", etc / "nginx", symlinks=True)
+        (etc / "nginx" / "sites-enabled" / "default").unlink(missing_ok=True)
+        (etc / "wireguard").mkdir(mode=0o700)
+        (etc / "letsencrypt").mkdir()
+        if Path("/etc/letsencrypt/cli.ini").exists():
+            shutil.copy2("/etc/letsencrypt/cli.ini", etc / "letsencrypt" / "cli.ini")
+        (etc / "kokoa").mkdir()
+
+        key = hdir / "ssh_host_ed25519_key"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", host.netns, "-f", str(key)])
+        authorized = hdir / "authorized_keys"
+        authorized.write_text(Path(f"{self.operator_key}.pub").read_text())
+        config = hdir / "sshd_config"
+        config.write_text("\n".join([
+            "Port 22", "ListenAddress 0.0.0.0", f"HostKey {key}", "PidFile /run/sshd.pid",
+            f"AuthorizedKeysFile {authorized}", "PermitRootLogin prohibit-password",
+            "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+            # PAM's session modules expect a systemd host; key-only root login needs none of it.
+            "UsePAM no", "AcceptEnv KOKOA_*", "PrintMotd no",
+            "Subsystem sftp /usr/lib/openssh/sftp-server", ""]))
+        binds = "".join(f"mount --bind {shlex.quote(str(root / p.lstrip('/')))} {p}; " for p in PRIVATE_DIRS)
+        script = (f"set -e; {binds}hostname {shlex.quote(host.name)}; "
+                  f"exec /usr/sbin/sshd -D -f {shlex.quote(str(config))} -E /var/log/sshd.log")
+        # Own mount, UTS and pid namespaces: install scripts see this host's /run and /var, and
+        # `pidof nginx` or `pkill` on one server cannot see another's. sshd is the pid
+        # namespace's init, so it reaps daemons and killing it takes everything on the host down.
+        launcher = self._spawn(["ip", "netns", "exec", host.netns, "unshare", "--mount", "--uts", "--pid",
+                                "--fork", "--kill-child", "--mount-proc", "--propagation", "private",
+                                "sh", "-c", script], hdir / "launcher.log")
+        children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
+        wait_until(f"pid namespace of {host.netns}",
+                   lambda: launcher.poll() is None and children.exists() and children.read_text().strip() != "")
+        init = int(children.read_text().split()[0])
+        self._update(lambda r: r["hosts"][host.netns].update(launcher=launcher.pid, init=init))
+        wait_until(f"sshd on {host.netns}", lambda: launcher.poll() is None and self._listening(host.netns, 22))
+
+    def _demo_answers(self, host: Host) -> bool:
+        up = urlsplit(host.upstream)
+        proc = self.on_host(host.netns, ["curl", "-fsS", "-m", "2", "-o", "/dev/null",
+                                         f"http://{up.hostname}:{up.port or 80}/"])
+        return proc.returncode == 0
+
+    def _start_demo(self, host: Host) -> None:
+        up = urlsplit(host.upstream)
+        if up.scheme != "http" or not up.hostname:
+            raise LabError(f"origin {host.name}: the lab's demo application needs an http:// upstream, "
+                           f"not {host.upstream!r}")
+        body = f"hello from origin {host.name}\n"
+        app = shlex.join(["python3", "-c", DEMO_APP, body, up.hostname, str(up.port or 80)])
+        # setsid -f: the app outlives this call and is reparented to the host's sshd (its init).
+        self.on_host(host.netns, ["setsid", "-f", "sh", "-c",
+                                  f"echo $$ > /run/kokoa-demo.pid; exec {app} >>/var/log/kokoa-demo.log 2>&1"],
+                     check=True, stdin=subprocess.DEVNULL)
+        wait_until(f"demo application on {host.netns}", lambda: self._demo_answers(host))
+
+    def _start_acme(self, host: Host) -> None:
+        self.acme_dir.mkdir(mode=0o700, exist_ok=True)
+        key = self.acme_dir / "key.pem"
+        run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-days", "365", "-subj", "/CN=kokoa lab ACME server",
+             "-addext", f"subjectAltName=IP:{host.ip}", "-keyout", str(key), "-out", str(self.acme_cert)])
+        config = self.acme_dir / "pebble-config.json"
+        config.write_text(json.dumps({"pebble": {
+            "listenAddress": "0.0.0.0:14000", "managementListenAddress": "0.0.0.0:15000",
+            "certificate": str(self.acme_cert), "privateKey": str(key),
+            # HTTP-01 validation goes to port 80 of the addresses DNS gives: the edges.
+            "httpPort": 80, "tlsPort": 443, "ocspResponderURL": "", "externalAccountBindingRequired": False,
+        }}, indent=1))
+        ns = ["ip", "netns", "exec", host.netns]
+        # Names with no A record resolve to the ACME host itself, where nothing answers on port 80.
+        dns = self._spawn([*ns, "pebble-challtestsrv", "-dns01", "127.0.0.1:8053", "-http01", "",
+                           "-https01", "", "-tlsalpn01", "", "-management", "127.0.0.1:8055",
+                           "-defaultIPv4", host.ip, "-defaultIPv6", ""], self.acme_dir / "challtestsrv.log")
+        self._update(lambda r: r["processes"].__setitem__("challtestsrv", dns.pid))
+        # No validation sleep and no deliberately rejected nonces: deterministic and fast.
+        env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
+        pebble = self._spawn([*ns, "pebble", "-config", str(config), "-dnsserver", "127.0.0.1:8053"],
+                             self.acme_dir / "pebble.log", env=env)
+        self._update(lambda r: r["processes"].__setitem__("pebble", pebble.pid))
+        curl = [*ns, "curl", "-fsS", "-m", "2", "--cacert", str(self.acme_cert)]
+        wait_until("pebble", lambda: pebble.poll() is None
+                   and run([*curl, "-o", "/dev/null", f"https://{host.ip}:14000/dir"], check=False).returncode == 0)
+        wait_until("pebble-challtestsrv", lambda: self._listening(host.netns, 8055))
+        # The issuing root is new on every pebble start: this is what verifies lab certificates.
+        run([*curl, "-o", str(self.ca_bundle), f"https://{host.ip}:15000/roots/0"])
+
+    def set_dns(self, topo: Topology, records: Mapping[str, list[str]]) -> None:
+        """Make the lab's DNS (pebble-challtestsrv) answer each origin domain with exactly `records`."""
+        acme = topo.one("acme")
+        if acme is None:
+            return
+        wanted = {o.domain: sorted(records.get(o.domain, [])) for o in topo.of_role("origin")}
+        if self.record().get("dns") == wanted:
+            return
+        for domain, addresses in wanted.items():
+            self._challtestsrv(acme, "clear-a", {"host": f"{domain}."})
+            if addresses:
+                self._challtestsrv(acme, "add-a", {"host": f"{domain}.", "addresses": addresses})
+        self._update(lambda r: r.__setitem__("dns", wanted))
+
+    def _challtestsrv(self, acme: Host, action: str, body: dict) -> None:
+        run(["ip", "netns", "exec", acme.netns, "curl", "-fsS", "-m", "5", "-X", "POST",
+             "-d", json.dumps(body), f"http://127.0.0.1:8055/{action}"])
+
+    # --- tear-down ---------------------------------------------------------------------
+    def prune(self, topo: Topology, echo: Echo = print) -> None:
+        """Remove servers that are no longer in `topo` (after their delete commands have run)."""
+        wanted = {h.netns for h in topo.hosts}
+        for netns, host in self.record()["hosts"].items():
+            if netns in wanted:
+                continue
+            echo(f"  remove  {netns}  ({host['role']})")
+            self._remove_netns(netns, host.get("init"))
+            shutil.rmtree(self.host_dir(netns), ignore_errors=True)
+
+            def forget(rec: dict[str, Any], gone: str = netns) -> None:
+                rec["hosts"].pop(gone, None)
+                rec["namespaces"] = [n for n in rec["namespaces"] if n != gone]
+            self._update(forget)
+        self._reap_children()
+
+    def _reap_children(self) -> None:
+        for child in self._children:
+            child.poll()
+        self._children = [c for c in self._children if c.returncode is None]
+
+    def _kill(self, pids: list[int], grace: float = 3.0) -> None:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                for pid in pids:
+                    _reap(pid)
+                if not any(alive(p) for p in pids):
+                    return
+                time.sleep(0.05)
+
+    def _remove_netns(self, netns: str, init: int | None) -> None:
+        if init and alive(init):
+            # SIGKILL to a pid namespace's init ends every process in it; other signals it may ignore.
+            os.kill(init, signal.SIGKILL)
+        self._kill(netns_pids(netns))
+        if netns in namespaces():
+            run(["ip", "netns", "del", netns])
+        shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
+
+    def down(self, echo: Echo = print, also: list[str] = ()) -> list[str]:
+        """Kill every lab process, delete every lab namespace, /etc/netns dir and the lab directory.
+
+        Namespaces: those recorded, the fixed infrastructure names and `also`, never a mere
+        prefix match. Returns what is still there afterwards (expected: nothing).
+        """
+        rec = self.record()
+        present = namespaces()
+        ours = [ns for ns in dict.fromkeys([*rec["namespaces"], *self.infra_namespaces(), *also]) if ns in present]
+        pids = {p for p in rec["processes"].values() if alive(p)}
+        pids |= {h["init"] for h in rec["hosts"].values() if alive(h.get("init"))}
+        pids |= {p for ns in ours for p in netns_pids(ns)}
+        self._kill(sorted(p for p in rec["processes"].values() if alive(p)))
+        for netns in ours:
+            echo(f"  remove  {netns}")
+            self._remove_netns(netns, rec["hosts"].get(netns, {}).get("init"))
+        for netns in rec["namespaces"]:
+            shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
+        self._reap_children()
+        for path in reversed(rec["mountpoints"]):
+            # Another lab may still bind onto it; an empty directory nobody mounts on can go.
+            if os.path.isdir(path) and not os.listdir(path) and not _mounted_anywhere(path):
+                os.rmdir(path)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        left = [f"process {p}" for p in sorted(pids) if alive(p)]
+        left += [f"namespace {ns}" for ns in ours if ns in namespaces()]
+        left += [f"directory /etc/netns/{ns}" for ns in ours if (Path("/etc/netns") / ns).exists()]
+        return left + self.leftovers()
+
+    def leftovers(self) -> list[str]:
+        """Processes started from the lab directory, and the directory itself, if still there."""
+        found = []
+        marker = f"{self.dir}/".encode()
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes() and alive(int(proc.name)):
+                    found.append(f"process {proc.name}")
+            except OSError:
+                continue
+        if self.dir.exists():
+            found.append(f"lab directory {self.dir}")
+        return found

@@ -1,0 +1,96 @@
+"""Pytest plugin: the session-scoped `lab` fixture, the whole lab up once and always torn down."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from kokoa_infra.lab.cli import STACK_FILE, load_stack, up
+from kokoa_infra.lab.executor import Report
+from kokoa_infra.lab.hosts import Lab, lab_unavailable
+
+# Not the CLI's directory and prefix: the tests never touch a lab someone brought up by hand.
+TEST_LAB_DIR = Path("/var/lib/kokoa-lab-test")
+TEST_PREFIX = "kokoat-"
+
+
+class LabHandle:
+    """The running lab as tests see it: status, outputs, commands on hosts, re-deployments."""
+
+    def __init__(self, lab: Lab, stack_file: Path = STACK_FILE) -> None:
+        self.lab = lab
+        self.stack_file = stack_file
+        self.overrides: dict[str, Any] = {}
+        self.status: dict[str, Any] = {}
+
+    @property
+    def state_dir(self) -> Path:
+        return self.lab.dir
+
+    @property
+    def outputs_file(self) -> Path:
+        return self.lab.dir / "outputs.json"
+
+    def config(self) -> dict[str, Any]:
+        """The stack config now deployed (the lab stack file plus every override so far)."""
+        return {**load_stack(self.stack_file), **copy.deepcopy(self.overrides)}
+
+    def on_host(self, netns: str, *argv: str, check: bool = True, timeout: float = 120,
+                **kwargs) -> subprocess.CompletedProcess:
+        """Run argv on a lab host (the view its own SSH sessions have); text output captured."""
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        proc = subprocess.run(self.lab.host_argv(netns, list(argv)), timeout=timeout, check=False, **kwargs)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} on {netns} exited {proc.returncode}\n"
+                                 f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
+        return proc
+
+    def apply(self, stack_config_overrides: dict[str, Any] | None = None) -> Report:
+        """Deploy again (`kokoa lab up`); overrides replace top-level config keys and stay in effect."""
+        self.overrides.update(copy.deepcopy(stack_config_overrides or {}))
+        deployment = up(self.lab, self.overrides, self.stack_file, echo=print)
+        self.status = deployment.status
+        return deployment.report
+
+    def spare_edge_host(self) -> str:
+        """A lab address no host uses yet, for a new edge."""
+        config = self.config()
+        used = {config["lab:clientIp"]} | {o["host"] for o in config["kokoa:origins"]}
+        used |= {e["publicIp"] for e in config["kokoa:edges"]}
+        used.add(config["kokoa:acmeServer"].split("//", 1)[1].split(":", 1)[0])
+        after = max(ipaddress.ip_address(e["publicIp"]) for e in config["kokoa:edges"])
+        network = ipaddress.ip_network(config["lab:network"])
+        return str(next(ip for ip in network.hosts() if ip > after and str(ip) not in used))
+
+    def add_edge(self, name: str, origin: str, host: str, **extra: Any) -> Report:
+        """Add an edge for `origin` at address `host` with the next free index, and deploy."""
+        edges = self.config()["kokoa:edges"]
+        index = max([e["index"] for e in edges if e["origin"] == origin], default=9) + 1
+        edges.append({"name": name, "origin": origin, "publicIp": host, "index": index, **extra})
+        return self.apply({"kokoa:edges": edges})
+
+    def down(self) -> list[str]:
+        """Tear the lab down; returns what is left (expected: nothing). Safe to repeat."""
+        return self.lab.down(echo=print)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[LabHandle]:
+    reason = lab_unavailable(f"{TEST_PREFIX}probe")
+    if reason:
+        pytest.skip(reason)
+    handle = LabHandle(Lab(TEST_LAB_DIR, TEST_PREFIX))
+    try:
+        handle.apply()
+    except BaseException:
+        handle.down()
+        raise
+    yield handle
+    left = handle.down()
+    assert not left, f"the lab left behind: {left}"
