@@ -27,6 +27,13 @@ def _wireguard_secret(name: str, parent: pulumi.Resource) -> pulumi.Output[str]:
     return pulumi.Output.secret(raw.base64)
 
 
+def _wireguard_key_pair(name: str, parent: pulumi.Resource) -> tuple[pulumi.Output[str], pulumi.Output[str]]:
+    """(secret private key, plain public key) of a node."""
+    private_key = _wireguard_secret(f"{name}-wireguard-key", parent)
+    # Derived from a secret, so secret by default; a public key is meant to be shown.
+    return private_key, pulumi.Output.unsecret(private_key.apply(public_key))
+
+
 def _connection(ssh: Ssh, private_key: pulumi.Input[str]) -> remote.ConnectionArgs:
     return remote.ConnectionArgs(host=ssh.host, port=ssh.port, user=ssh.user,
                                  private_key=private_key, host_key=ssh.host_key)
@@ -87,9 +94,8 @@ class EdgeNode(pulumi.ComponentResource):
     def __init__(self, name: str, args: EdgeNodeArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__(EDGE_TYPE, name, {}, opts)
         edge, topology = args.edge, args.topology
-        private_key = _wireguard_secret(f"{name}-wireguard-key", self)
+        private_key, self.public_key = _wireguard_key_pair(name, self)
         self.preshared_key = _wireguard_secret(f"{name}-preshared-key", self)
-        self.public_key = pulumi.Output.unsecret(private_key.apply(public_key))
         self.bundle = pulumi.Output.secret(pulumi.Output.all(
             private_key, self.preshared_key, args.origin_public_key,
         ).apply(lambda keys: render_edge_bundle(topology, edge, *keys)))
@@ -134,8 +140,7 @@ class Origin(pulumi.ComponentResource):
     def __init__(self, name: str, args: OriginArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__(ORIGIN_TYPE, name, {}, opts)
         spec, topology = args.origin, args.topology
-        private_key = _wireguard_secret(f"{name}-wireguard-key", self)
-        self.public_key = pulumi.Output.unsecret(private_key.apply(public_key))
+        private_key, self.public_key = _wireguard_key_pair(name, self)
         self.edges = {
             edge.name: EdgeNode(edge.name, EdgeNodeArgs(
                 topology=topology, edge=edge, origin_public_key=self.public_key,
