@@ -58,6 +58,18 @@ class ProgramRun:
         return matches[0]
 
 
+class ProgramFailed(pulumi.RunError):
+    """The program stopped (invalid config or a bug); `run` holds what it logged and declared."""
+
+    def __init__(self, message: str, run: ProgramRun) -> None:
+        super().__init__(message)
+        self.run = run
+
+    @property
+    def errors(self) -> list[str]:
+        return [message for level, message in self.run.logs if level == "error"]
+
+
 class KokoaMocks(pulumi.runtime.Mocks):
     """Provider stand-ins: RandomBytes get bytes derived from `seed` and the resource name.
 
@@ -161,8 +173,8 @@ def run_program(stack_config: Mapping[str, Any], *, stack: str = "test",
                 seed: bytes = b"kokoa-tests", program: Path | None = None) -> ProgramRun:
     """Evaluate `__main__.py` with `stack_config` under mocks and return what it declared.
 
-    Raises whatever the program raises (a `pulumi.RunError` for invalid config), after
-    the run has settled; `ProgramRun.logs` still holds the messages logged before.
+    Raises ProgramFailed, after the run has settled, when the program stops; its `run`
+    holds the messages logged before (one error per configuration problem).
     """
     run = ProgramRun()
     mocks = KokoaMocks(seed)
@@ -189,7 +201,10 @@ def run_program(stack_config: Mapping[str, Any], *, stack: str = "test",
                 if await out.is_secret():
                     run.secret_outputs.add(name)
 
-        loop.run_until_complete(evaluate())
+        try:
+            loop.run_until_complete(evaluate())
+        except Exception as exc:
+            raise ProgramFailed(str(exc), run) from exc
     finally:
         pulumi_settings.SETTINGS.outputs.clear()
         pulumi_settings.reset_options()

@@ -13,6 +13,9 @@ import pytest
 
 from kokoa_infra.mockrun import ProgramRun, run_program
 
+# The session-wide `lab` fixture (the whole lab, up once, always torn down).
+pytest_plugins = ["tests.lab_fixture"]
+
 SSH_KEY = ("-----BEGIN OPENSSH PRIVATE KEY-----\n"
            "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n"
            "-----END OPENSSH PRIVATE KEY-----\n")

@@ -27,6 +27,7 @@ class LabHandle:
         self.stack_file = stack_file
         self.overrides: dict[str, Any] = {}
         self.status: dict[str, Any] = {}
+        self.is_down = True
 
     @property
     def state_dir(self) -> Path:
@@ -43,6 +44,9 @@ class LabHandle:
     def on_host(self, netns: str, *argv: str, check: bool = True, timeout: float = 120,
                 **kwargs) -> subprocess.CompletedProcess:
         """Run argv on a lab host (the view its own SSH sessions have); text output captured."""
+        if self.is_down:
+            raise RuntimeError("the lab was taken down (LabHandle.down) by an earlier test; "
+                               "tests that need it must run before that one")
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
         proc = subprocess.run(self.lab.host_argv(netns, list(argv)), timeout=timeout, check=False, **kwargs)
@@ -54,6 +58,7 @@ class LabHandle:
     def apply(self, stack_config_overrides: dict[str, Any] | None = None) -> Report:
         """Deploy again (`kokoa lab up`); overrides replace top-level config keys and stay in effect."""
         self.overrides.update(copy.deepcopy(stack_config_overrides or {}))
+        self.is_down = False
         deployment = up(self.lab, self.overrides, self.stack_file, echo=print)
         self.status = deployment.status
         return deployment.report
@@ -77,6 +82,7 @@ class LabHandle:
 
     def down(self) -> list[str]:
         """Tear the lab down; returns what is left (expected: nothing). Safe to repeat."""
+        self.is_down = True
         return self.lab.down(echo=print)
 
 

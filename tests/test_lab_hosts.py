@@ -15,7 +15,8 @@ from kokoa_infra.lab.hosts import Host, Lab, Topology, lab_unavailable, namespac
 from kokoa_infra.mockrun import DeclaredResource
 
 STACK = "urn:pulumi:lab::kokoa::pulumi:pulumi:Stack::kokoa-lab"
-KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n-----END OPENSSH PRIVATE KEY-----\n"
+KEY = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n"
+       "-----END OPENSSH PRIVATE KEY-----\n")
 
 
 def urn(name: str, typ: str = COMMAND) -> str:
@@ -64,9 +65,9 @@ def test_first_run_creates_in_registration_order_and_skips_other_types(state_fil
                  command("b", deps=("a",), parent=component.urn),
                  command("c", deps=("b",))]
     runner = FakeRunner()
-    counts = apply(resources, state_file, runner, echo=lambda _: None).counts
+    report = apply(resources, state_file, runner, echo=lambda _: None)
     assert runner.commands == ["echo create a", "echo create b", "echo create c"]
-    assert counts == {"created": 3}
+    assert report.counts == {"created": 3}
     assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
 
 
@@ -93,19 +94,19 @@ def test_rerun_with_identical_inputs_runs_nothing(state_file):
     resources = [command("a", stdin="secret-stdin-value"), command("b", deps=("a",))]
     apply(resources, state_file, FakeRunner(), echo=lambda _: None)
     runner = FakeRunner()
-    counts = apply(resources, state_file, runner, echo=lambda _: None)
+    report = apply(resources, state_file, runner, echo=lambda _: None)
     assert runner.calls == []
-    assert counts.counts == {"unchanged": 2}
+    assert report.counts == {"unchanged": 2}
 
 
 def test_changed_stdin_runs_update_or_else_create(state_file):
     apply([command("a", update="reload a", stdin="v1"), command("b", stdin="v1")], state_file,
           FakeRunner(), echo=lambda _: None)
     runner = FakeRunner()
-    counts = apply([command("a", update="reload a", stdin="v2"), command("b", stdin="v2")], state_file,
+    report = apply([command("a", update="reload a", stdin="v2"), command("b", stdin="v2")], state_file,
                    runner, echo=lambda _: None)
     assert runner.calls == [("10.0.0.1", "reload a", "v2", {}), ("10.0.0.1", "echo create b", "v2", {})]
-    assert counts.counts == {"updated": 2}
+    assert report.counts == {"updated": 2}
 
 
 def test_changed_environment_is_an_update_and_is_sent(state_file):
@@ -123,10 +124,10 @@ def test_environment_names_sshd_refuses_are_an_error(state_file):
 def test_changed_triggers_replace_delete_first_when_asked(state_file):
     apply([command("a", delete="undo a", triggers=["1"], dbr=True)], state_file, FakeRunner(), echo=lambda _: None)
     runner = FakeRunner()
-    counts = apply([command("a", create="make a v2", delete="undo a v2", triggers=["2"], dbr=True)],
+    report = apply([command("a", create="make a v2", delete="undo a v2", triggers=["2"], dbr=True)],
                    state_file, runner, echo=lambda _: None)
     assert runner.commands == ["undo a", "make a v2"]
-    assert counts.counts == {"replaced": 1}
+    assert report.counts == {"replaced": 1}
 
 
 def test_changed_connection_replaces_create_before_delete_by_default(state_file):
@@ -142,9 +143,9 @@ def test_failed_delete_of_a_replacement_is_retried_next_run(state_file):
         apply([command("a", delete="undo a", host="10.0.0.2")], state_file, FakeRunner(fail_on="undo"),
               echo=lambda _: None)
     runner = FakeRunner()
-    counts = apply([command("a", delete="undo a", host="10.0.0.2")], state_file, runner, echo=lambda _: None)
+    report = apply([command("a", delete="undo a", host="10.0.0.2")], state_file, runner, echo=lambda _: None)
     assert [(h, c) for h, c, _, _ in runner.calls] == [("10.0.0.1", "undo a")]
-    assert counts.counts == {"deleted": 1, "unchanged": 1}
+    assert report.counts == {"deleted": 1, "unchanged": 1}
 
 
 def test_removed_resources_are_deleted_dependants_first(state_file):
@@ -175,7 +176,7 @@ def test_failure_stops_the_run_and_keeps_what_succeeded(state_file):
 def test_secrets_never_reach_the_output(state_file, capsys):
     stdin = "PrivateKey = c2VjcmV0LXdpcmVndWFyZC1rZXktbWF0ZXJpYWw=\n"
     lines: list[str] = []
-    leaked = f"{stdin}{KEY}"
+    leaked = f"{stdin}{KEY}ssh: connect to host 10.0.0.1 port 22"
     with pytest.raises(ExecutorError) as failed:
         apply([command("a", create="explode", stdin=stdin)], state_file,
               FakeRunner(fail_on="explode", output=leaked), echo=lines.append)
@@ -183,6 +184,7 @@ def test_secrets_never_reach_the_output(state_file, capsys):
     assert "c2VjcmV0LXdpcmVndWFyZC1rZXktbWF0ZXJpYWw=" not in shown
     assert "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ" not in shown
     assert "[secret]" in shown
+    assert "connect to host 10.0.0.1" in shown  # the address is not a secret, only the key
 
 
 def test_copy_to_remote_string_asset_is_copied_with_cat(state_file):
@@ -237,7 +239,8 @@ def test_two_hosts_run_commands_over_ssh_from_the_operator_namespace_and_leave_n
         report = apply([hello(hosts[1]), hello(hosts[2])], lab.dir / "commands.json", runner, echo=lambda _: None)
         assert report.counts == {"created": 2}
         for host in hosts[1:]:
-            assert lab.on_host(host.netns, ["cat", "/run/kokoa-hello"], check=True).stdout == f"hello from {host.name}\n"
+            hello_file = lab.on_host(host.netns, ["cat", "/run/kokoa-hello"], check=True).stdout
+            assert hello_file == f"hello from {host.name}\n"
             assert lab.on_host(host.netns, ["cat", "/etc/kokoa/stdin"], check=True).stdout == f"to {host.name}"
             # Its own pid namespace, with sshd as init.
             assert lab.on_host(host.netns, ["cat", "/proc/1/comm"], check=True).stdout == "sshd\n"

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import BASE_CONFIG, OTHER_ZONE, SSH_KEY, ZONE
 from kokoa_infra.keys import public_key
-from kokoa_infra.mockrun import run_program
+from kokoa_infra.mockrun import ProgramFailed, run_program
 
 COMMAND = "command:remote:Command"
 DNS_RECORD = "cloudflare:index/dnsRecord:DnsRecord"
@@ -205,25 +205,14 @@ def test_adding_removing_reordering_entries_changes_no_other_node(config):
     assert "edge-osaka-1" not in run.outputs["bundles"]["origin/blog"]["wg0.conf"]
 
 
-def test_invalid_config_logs_every_problem_and_registers_no_resource(config, monkeypatch):
-    from kokoa_infra import mockrun
-
+def test_invalid_config_logs_every_problem_and_registers_no_resource(config):
     config["kokoa:edges"][0]["origin"] = "nope"
     config["kokoa:edges"][2]["index"] = 300
     del config["kokoa:sshPrivateKey"]
-    captured = {}
-    original = mockrun.ProgramRun
-
-    def remember(*args, **kwargs):
-        captured["run"] = original(*args, **kwargs)
-        return captured["run"]
-
-    monkeypatch.setattr(mockrun, "ProgramRun", remember)
-    with pytest.raises(pulumi.RunError, match="3 configuration problem.*nothing was declared"):
-        mockrun.run_program(config)
-    run = captured["run"]
-    assert run.resources == []
-    errors = [m for level, m in run.logs if level == "error"]
+    with pytest.raises(ProgramFailed, match="3 configuration problem.*nothing was declared") as failed:
+        run_program(config)
+    assert failed.value.run.resources == []
+    errors = failed.value.errors
     assert len(errors) == 3
     assert any(m.startswith("kokoa:edges[0] (edge-tokyo-1): origin: no origin is named 'nope'") for m in errors)
     assert any(m.startswith("kokoa:edges[2] (edge-tokyo-2): index:") for m in errors)

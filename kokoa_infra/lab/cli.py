@@ -17,7 +17,7 @@ from ruamel.yaml import YAML
 
 from kokoa_infra.lab.executor import ExecutorError, Report, SshRunner, apply, write_private
 from kokoa_infra.lab.hosts import LAB_DIR, PREFIX, Lab, LabError, Topology, lab_unavailable, topology
-from kokoa_infra.mockrun import PROJECT_DIR, run_program
+from kokoa_infra.mockrun import PROJECT_DIR, ProgramFailed, run_program
 
 STACK_FILE = PROJECT_DIR / "stacks" / "Pulumi.lab.yaml"
 
@@ -75,15 +75,11 @@ def up(lab: Lab, overrides: Mapping[str, Any] | None = None, stack_file: Path = 
     echo("program")
     try:
         program = run_program(config, stack="lab", seed=lab.seed())
-    except Exception as exc:  # the program's own validation errors arrive as RunError
-        raise LabError(f"the program failed on {lab.dir / 'Pulumi.lab.yaml'}: {exc}") from exc
-    records = program.outputs.get("dnsRecords")
-    if records is None:
-        records = {}
-        for e in config.get("kokoa:edges", []):
-            if e.get("dns", True):
-                records.setdefault(topo.server("edge", e["name"]).domain, []).append(e["publicIp"])
-    lab.set_dns(topo, records)
+    except ProgramFailed as exc:
+        details = "".join(f"\n  {error}" for error in exc.errors)
+        raise LabError(f"the program failed on {lab.dir / 'Pulumi.lab.yaml'}: {exc}{details}") from exc
+    # The A records Cloudflare would hold, served by the lab's DNS for pebble's validation.
+    lab.set_dns(topo, program.outputs.get("dnsRecords", {}))
     echo("commands")
     report = apply(program.resources, lab.dir / "commands.json",
                    SshRunner(topo.one("client").netns, lab.dir / "tmp"), echo=echo, log_dir=lab.dir / "logs")

@@ -318,8 +318,8 @@ def apply(resources: list[DeclaredResource], state_file: Path, runner: Runner,
         secrets = _secret_strings(entry)
         if log_dir is not None:
             log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_private(log_dir / f"{entry['name']}.{phase}.log",
-                          redact(f"exit {result.returncode}\n{result.stdout}\n--- stderr ---\n{result.stderr}", secrets))
+            text = f"exit {result.returncode}\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+            write_private(log_dir / f"{entry['name']}.{phase}.log", redact(text, secrets))
         if result.returncode != 0:
             what = "ssh could not connect or authenticate" if result.returncode == 255 else "failed"
             raise ExecutorError(

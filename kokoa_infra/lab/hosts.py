@@ -1,4 +1,4 @@
-"""Lab hosts: network namespaces on one bridge, each server with its own /etc, /run, /var dirs, pid namespace and sshd."""
+"""Lab hosts: network namespaces on one bridge; servers get their own /etc, /run, /var, pid namespace and sshd."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import shutil
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from kokoa_infra.lab.executor import write_private
@@ -21,7 +22,10 @@ from kokoa_infra.lab.executor import write_private
 LAB_DIR = Path("/var/lib/kokoa-lab")
 PREFIX = "kokoa-"
 DEFAULT_NETWORK = "172.31.255.0/24"
-NAME_PATTERN_MAX = 15 - 1  # hostnames and namespace names stay short and shell-safe
+RESERVED = ("net", "client", "acme", "probe")  # names of the lab's own namespaces
+# Directories some lab had to create on the machine (bind targets such as /etc/kokoa), shared
+# by every lab here: whichever lab goes down last removes them.
+CREATED_DIRS = Path("/run/kokoa-lab-created-dirs")
 
 # Each server gets its own copy of these, bind-mounted over the machine's in the server's
 # mount namespace, so install scripts write pid files, logs and state as on a real host.
@@ -87,15 +91,12 @@ class Topology:
         found = self.of_role(role)
         return found[0] if found else None
 
-    def by_netns(self, netns: str) -> Host:
-        return next(h for h in self.hosts if h.netns == netns)
-
     def server(self, role: str, name: str) -> Host:
         return next(h for h in self.hosts if h.role == role and h.name == name)
 
 
 def topology(config: Mapping[str, Any], prefix: str = PREFIX) -> Topology:
-    """Hosts of a lab stack config: `lab:network`, `lab:clientIp`, the ACME host of `kokoa:acmeServer`, origins, edges."""
+    """The hosts a lab stack config describes: client, ACME host (from `kokoa:acmeServer`), origins, edges."""
     problems: list[str] = []
     network = ipaddress.ip_network(config.get("lab:network", DEFAULT_NETWORK))
     origins = {o["name"]: o for o in config.get("kokoa:origins", [])}
@@ -117,23 +118,22 @@ def topology(config: Mapping[str, Any], prefix: str = PREFIX) -> Topology:
     seen_ip: dict[str, str] = {}
     seen_ns: set[str] = set()
     for h in hosts:
-        label = f"{h.role} {h.name}"
+        label = f"{h.role} {h.name}" if h.is_server else h.role
         try:
             ip = ipaddress.ip_address(h.ip)
         except ValueError:
-            problems.append(f"{label}: address {h.ip!r} is not an IP address")
+            problems.append(f"{label}: address {h.ip!r} is not an IP address"
+                            + (" (set lab:clientIp)" if h.role == "client" else ""))
             continue
         if ip not in network or ip in (network.network_address, network.broadcast_address):
             problems.append(f"{label}: {ip} is not a host address of the lab network {network}")
         if h.ip in seen_ip:
             problems.append(f"{label}: {ip} is already used by {seen_ip[h.ip]}")
         seen_ip[h.ip] = label
-        if h.netns in seen_ns or h.netns == f"{prefix}net":
+        if h.netns in seen_ns or (h.is_server and h.name in RESERVED):
             problems.append(f"{label}: namespace {h.netns} is taken; lab host names must differ across roles "
-                            "and from client, acme and net")
+                            f"and from {', '.join(RESERVED)}")
         seen_ns.add(h.netns)
-    if not config.get("lab:clientIp"):
-        problems.append("lab:clientIp is missing")
     if problems:
         raise LabError("invalid lab topology:\n  " + "\n  ".join(problems))
     return Topology(network, tuple(hosts))
@@ -189,6 +189,7 @@ def lab_unavailable(probe: str = "kokoa-probe") -> str | None:
     missing = [t for t in TOOLS if shutil.which(t, path=path) is None]
     if missing:
         return f"the lab needs {', '.join(missing)} (`make setup` installs them)"
+    run(["ip", "netns", "del", probe], check=False)  # left by an interrupted probe
     made = run(["ip", "netns", "add", probe], check=False)
     if made.returncode != 0:
         return f"cannot create a network namespace here: {made.stderr.strip()}"
@@ -231,6 +232,22 @@ def _mounted_anywhere(path: str) -> bool:
     return False
 
 
+def _remove_created_dirs() -> None:
+    """Remove the directories labs created, unless another lab still has files or mounts in them."""
+    if not CREATED_DIRS.exists():
+        return
+    kept = []
+    for path in reversed(list(dict.fromkeys(CREATED_DIRS.read_text().split()))):
+        if os.path.isdir(path) and (os.listdir(path) or _mounted_anywhere(path)):
+            kept.insert(0, path)
+        elif os.path.isdir(path):
+            os.rmdir(path)
+    if kept:
+        CREATED_DIRS.write_text("".join(f"{p}\n" for p in kept))
+    else:
+        CREATED_DIRS.unlink()
+
+
 class Lab:
     """The lab's hosts on this machine, and the record (`lab.json`) of everything it made."""
 
@@ -254,12 +271,13 @@ class Lab:
     def record(self) -> dict[str, Any]:
         if self.record_file.exists():
             return json.loads(self.record_file.read_text())
-        return {"prefix": self.prefix, "namespaces": [], "mountpoints": [], "hosts": {}, "processes": {}}
+        return {"prefix": self.prefix, "namespaces": [], "hosts": {}, "processes": {}}
 
-    def _update(self, change: Callable[[dict[str, Any]], None]) -> None:
-        # Written before each thing is made, so `down` finds it even after a crash midway.
+    @contextmanager
+    def _recording(self) -> Iterator[dict[str, Any]]:
+        """Change the record; written before each thing is made, so `down` finds it after a crash."""
         rec = self.record()
-        change(rec)
+        yield rec
         write_private(self.record_file, json.dumps(rec, indent=1, sort_keys=True))
 
     def host_dir(self, netns: str) -> Path:
@@ -303,7 +321,7 @@ class Lab:
 
     # --- health -----------------------------------------------------------------------
     def infra_namespaces(self) -> list[str]:
-        return [f"{self.prefix}{name}" for name in ("net", "client", "acme")]
+        return [f"{self.prefix}{name}" for name in RESERVED if name != "probe"]
 
     def problems(self, topo: Topology | None = None) -> list[str]:
         """Why the existing lab cannot be reused as it is ([] when healthy or when there is none)."""
@@ -325,7 +343,8 @@ class Lab:
                 found.append(f"sshd on {netns} is not running")
             elif host["role"] == "origin" and not self._demo_answers(Host(**host["host"])):
                 found.append(f"the demo application on {netns} does not answer")
-            elif host["role"] == "acme" and not all(alive(rec["processes"].get(p)) for p in ("pebble", "challtestsrv")):
+            elif host["role"] == "acme" and not (self.ca_bundle.exists() and all(
+                    alive(rec["processes"].get(p)) for p in ("pebble", "challtestsrv"))):
                 found.append("pebble is not running")
         if topo is not None:
             for h in topo.hosts:
@@ -364,7 +383,8 @@ class Lab:
             if host.netns in known:
                 continue
             echo(f"  host    {host.netns}  {host.ip}  ({host.role})")
-            self._update(lambda r, h=host: r["hosts"].__setitem__(h.netns, {"role": h.role, "host": asdict(h)}))
+            with self._recording() as rec:
+                rec["hosts"][host.netns] = {"role": host.role, "host": asdict(host)}
             self._add_netns(host.netns)
             self._link(topo, host)
             if host.is_server:
@@ -373,13 +393,15 @@ class Lab:
                 self._start_demo(host)
             if host.role == "acme":
                 self._start_acme(host)
-            self._update(lambda r, h=host: r["hosts"][h.netns].__setitem__("ready", True))
+            with self._recording() as rec:
+                rec["hosts"][host.netns]["ready"] = True
 
     def _prepare(self) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         if not self.record_file.exists():
-            self._update(lambda r: None)
+            with self._recording():
+                pass
         if not self.seed_file.exists():
             # Stands in for Pulumi state: keeps the mocked WireGuard keys stable across `up`s.
             fd = os.open(self.seed_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -391,7 +413,9 @@ class Lab:
                  "-f", str(self.operator_key)])
 
     def _add_netns(self, netns: str) -> None:
-        self._update(lambda r: r["namespaces"].append(netns) if netns not in r["namespaces"] else None)
+        with self._recording() as rec:
+            if netns not in rec["namespaces"]:
+                rec["namespaces"].append(netns)
         if netns not in namespaces():
             run(["ip", "netns", "add", netns])
         run(["ip", "-n", netns, "link", "set", "lo", "up"])
@@ -409,10 +433,11 @@ class Lab:
         run(["ip", "-n", host.netns, "addr", "add", f"{host.ip}/{topo.network.prefixlen}", "dev", "eth0"])
         run(["ip", "-n", host.netns, "link", "set", "eth0", "up"])
 
-    def _mountpoint(self, path: str) -> None:
+    def _machine_dir(self, path: str) -> None:
         """Bind targets (and /etc/netns) must exist on the machine; remember the ones the lab created."""
         if not os.path.isdir(path):
-            self._update(lambda r: r["mountpoints"].append(path) if path not in r["mountpoints"] else None)
+            with open(CREATED_DIRS, "a") as created:
+                created.write(f"{path}\n")
             os.makedirs(path, exist_ok=True)
 
     def _start_server(self, host: Host) -> None:
@@ -420,16 +445,16 @@ class Lab:
         root = hdir / "root"
         for path in PRIVATE_DIRS:
             (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
-            self._mountpoint(path)
+            self._machine_dir(path)
         for path, mode in SKELETON.items():
             (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
             os.chmod(root / path.lstrip("/"), mode)
-        self._mountpoint("/etc/netns")
+        self._machine_dir("/etc/netns")
         etc = Path("/etc/netns") / host.netns
         shutil.rmtree(etc, ignore_errors=True)
         etc.mkdir(parents=True)
         for name in PRIVATE_ETC:
-            self._mountpoint(f"/etc/{name}")
+            self._machine_dir(f"/etc/{name}")
         shutil.copytree("/etc/nginx", etc / "nginx", symlinks=True)
         (etc / "nginx" / "sites-enabled" / "default").unlink(missing_ok=True)
         (etc / "wireguard").mkdir(mode=0o700)
@@ -463,7 +488,8 @@ class Lab:
         wait_until(f"pid namespace of {host.netns}",
                    lambda: launcher.poll() is None and children.exists() and children.read_text().strip() != "")
         init = int(children.read_text().split()[0])
-        self._update(lambda r: r["hosts"][host.netns].update(launcher=launcher.pid, init=init))
+        with self._recording() as rec:
+            rec["hosts"][host.netns].update(launcher=launcher.pid, init=init)
         wait_until(f"sshd on {host.netns}", lambda: launcher.poll() is None and self._listening(host.netns, 22))
 
     def _demo_answers(self, host: Host) -> bool:
@@ -503,12 +529,14 @@ class Lab:
         dns = self._spawn([*ns, "pebble-challtestsrv", "-dns01", "127.0.0.1:8053", "-http01", "",
                            "-https01", "", "-tlsalpn01", "", "-management", "127.0.0.1:8055",
                            "-defaultIPv4", host.ip, "-defaultIPv6", ""], self.acme_dir / "challtestsrv.log")
-        self._update(lambda r: r["processes"].__setitem__("challtestsrv", dns.pid))
+        with self._recording() as rec:
+            rec["processes"]["challtestsrv"] = dns.pid
         # No validation sleep and no deliberately rejected nonces: deterministic and fast.
         env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
         pebble = self._spawn([*ns, "pebble", "-config", str(config), "-dnsserver", "127.0.0.1:8053"],
                              self.acme_dir / "pebble.log", env=env)
-        self._update(lambda r: r["processes"].__setitem__("pebble", pebble.pid))
+        with self._recording() as rec:
+            rec["processes"]["pebble"] = pebble.pid
         curl = [*ns, "curl", "-fsS", "-m", "2", "--cacert", str(self.acme_cert)]
         wait_until("pebble", lambda: pebble.poll() is None
                    and run([*curl, "-o", "/dev/null", f"https://{host.ip}:14000/dir"], check=False).returncode == 0)
@@ -528,7 +556,8 @@ class Lab:
             self._challtestsrv(acme, "clear-a", {"host": f"{domain}."})
             if addresses:
                 self._challtestsrv(acme, "add-a", {"host": f"{domain}.", "addresses": addresses})
-        self._update(lambda r: r.__setitem__("dns", wanted))
+        with self._recording() as rec:
+            rec["dns"] = wanted
 
     def _challtestsrv(self, acme: Host, action: str, body: dict) -> None:
         run(["ip", "netns", "exec", acme.netns, "curl", "-fsS", "-m", "5", "-X", "POST",
@@ -544,11 +573,9 @@ class Lab:
             echo(f"  remove  {netns}  ({host['role']})")
             self._remove_netns(netns, host.get("init"))
             shutil.rmtree(self.host_dir(netns), ignore_errors=True)
-
-            def forget(rec: dict[str, Any], gone: str = netns) -> None:
-                rec["hosts"].pop(gone, None)
-                rec["namespaces"] = [n for n in rec["namespaces"] if n != gone]
-            self._update(forget)
+            with self._recording() as rec:
+                del rec["hosts"][netns]
+                rec["namespaces"].remove(netns)
         self._reap_children()
 
     def _reap_children(self) -> None:
@@ -580,7 +607,7 @@ class Lab:
             run(["ip", "netns", "del", netns])
         shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
 
-    def down(self, echo: Echo = print, also: list[str] = ()) -> list[str]:
+    def down(self, echo: Echo = print, also: Iterable[str] = ()) -> list[str]:
         """Kill every lab process, delete every lab namespace, /etc/netns dir and the lab directory.
 
         Namespaces: those recorded, the fixed infrastructure names and `also`, never a mere
@@ -599,10 +626,7 @@ class Lab:
         for netns in rec["namespaces"]:
             shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
         self._reap_children()
-        for path in reversed(rec["mountpoints"]):
-            # Another lab may still bind onto it; an empty directory nobody mounts on can go.
-            if os.path.isdir(path) and not os.listdir(path) and not _mounted_anywhere(path):
-                os.rmdir(path)
+        _remove_created_dirs()
         shutil.rmtree(self.dir, ignore_errors=True)
         left = [f"process {p}" for p in sorted(pids) if alive(p)]
         left += [f"namespace {ns}" for ns in ours if ns in namespaces()]
