@@ -141,3 +141,25 @@ def test_adding_an_edge_reaches_it_without_failing_requests_on_the_others(lab):
     result = https_get(lab, added, domain_of(lab, origin))
     assert result.stdout.endswith("\n200") and f"origin {origin}" in result.stdout
 
+
+
+def test_a_bundle_whose_nginx_conf_fails_keeps_the_site_up(lab):
+    """install.sh refuses an nginx.conf that fails `nginx -t` and keeps serving the previous one."""
+    wait_for_certificates(lab, lab.status["edges"])
+    edge = lab.status["edges"][-1]
+    before = lab.on_host(edge["netns"], "cat", "/etc/nginx/nginx.conf").stdout
+    deployed = lab.on_host(edge["netns"], "sh", "-c", "cat /etc/kokoa/bundle/*").stdout
+    broken = ("set -e; rm -rf /tmp/kokoa-broken; cp -a /etc/kokoa/bundle /tmp/kokoa-broken; "
+              "sed -i 's/server_tokens off;/server_tokens off; this_is_no_directive;/' "
+              "/tmp/kokoa-broken/nginx.conf; bash /tmp/kokoa-broken/install.sh")
+    try:
+        result = lab.on_host(edge["netns"], "sh", "-c", broken, check=False)
+        assert result.returncode != 0
+        assert "does not pass 'nginx -t'; the previous configuration was kept" in result.stderr
+        assert lab.on_host(edge["netns"], "cat", "/etc/nginx/nginx.conf").stdout == before
+        # The failed bundle did not replace the deployed one either.
+        assert lab.on_host(edge["netns"], "sh", "-c", "cat /etc/kokoa/bundle/*").stdout == deployed
+        served = https_get(lab, edge, domain_of(lab, edge["origin"]))
+        assert served.returncode == 0 and served.stdout.endswith("\n200")
+    finally:
+        lab.on_host(edge["netns"], "rm", "-rf", "/tmp/kokoa-broken", check=False)

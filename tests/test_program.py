@@ -132,6 +132,8 @@ def test_drained_edge_keeps_its_push(program):
 def test_dns_record_waits_for_its_edge_install(program):
     record = program.named("edge-tokyo-1-a-record")
     assert program.named("edge-tokyo-1-install").urn in record.dependencies
+    # Replaced create-before-delete (Pulumi's default): the new record exists before the old goes.
+    assert not record.delete_before_replace
 
 
 def test_zone_override_and_no_zone(config):
