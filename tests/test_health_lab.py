@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -38,14 +40,17 @@ def edge(lab_env, origin) -> dict:
 
 
 def run_health(lab, origin: dict) -> dict[str, dict]:
-    """One `kokoa health --once --json` on the origin host; nodes by "role/name"."""
-    result = lab.on_host(
-        origin["netns"], "env", f"PYTHONPATH={REPO}", sys.executable, "-m", "kokoa_infra.health",
-        "--once", "--json", "--outputs", str(lab.outputs_file),
-        "--ca-bundle", lab.status["caBundle"], "--https-timeout", "5", check=False)
-    stdout = result.stdout.decode() if isinstance(result.stdout, bytes) else result.stdout
+    """One `kokoa health --once --json` in the origin host's network; nodes by "role/name".
+
+    Only the network namespace: a lab host's private /tmp would hide a checkout under /tmp.
+    """
+    result = subprocess.run(
+        ["ip", "netns", "exec", origin["netns"], sys.executable, "-m", "kokoa_infra.health",
+         "--once", "--json", "--outputs", str(lab.outputs_file),
+         "--ca-bundle", lab.status["caBundle"], "--https-timeout", "5"],
+        env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
     assert result.returncode in (0, 1), result.stderr
-    return {f"{node['role']}/{node['name']}": node for node in json.loads(stdout)["nodes"]}
+    return {f"{node['role']}/{node['name']}": node for node in json.loads(result.stdout)["nodes"]}
 
 
 def wait_for(lab, origin: dict, condition: Callable[[dict[str, dict]], bool]) -> dict[str, dict]:
