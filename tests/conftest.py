@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
 import shutil
+import socket
 import subprocess
 import uuid
 from typing import Any, Iterator
@@ -42,6 +44,31 @@ BASE_CONFIG: dict[str, Any] = {
          "sshPort": 2222},
     ],
 }
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    """Fail any in-process connect/sendto beyond loopback (LAB.md: traffic stays inside).
+
+    Tests that need other addresses run their traffic in namespaces they create, through
+    subprocesses (`ip netns exec`), which this guard does not see and does not need to.
+    """
+    def guard(method):
+        def call(sock, *args):
+            address = args[-1]
+            if sock.family == socket.AF_INET and isinstance(address, tuple):
+                try:
+                    allowed = ipaddress.IPv4Address(address[0]).is_loopback
+                except ValueError:  # a host name: resolving it would already leave loopback
+                    allowed = False
+                if not allowed:
+                    raise AssertionError(f"test traffic to {address[0]}: only loopback is allowed")
+            return method(sock, *args)
+        return call
+
+    monkeypatch.setattr(socket.socket, "connect", guard(socket.socket.connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", guard(socket.socket.connect_ex))
+    monkeypatch.setattr(socket.socket, "sendto", guard(socket.socket.sendto))
 
 
 @pytest.fixture

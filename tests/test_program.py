@@ -9,7 +9,6 @@ import hashlib
 import io
 import tarfile
 
-import pulumi
 import pytest
 
 from conftest import BASE_CONFIG, OTHER_ZONE, SSH_KEY, ZONE
