@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -13,8 +14,8 @@ from pulumi_command import remote
 
 from kokoa_infra.keys import public_key
 from kokoa_infra.model import Edge, Origin as OriginSpec, Ssh, Topology
-from kokoa_infra.render import (INSTALL_DIR, EdgePeer, bundle_archive, bundle_digest,
-                                render_edge_bundle, render_origin_bundle)
+from kokoa_infra.render import (INSTALL_DIR, EdgePeer, bundle_archive, render_edge_bundle,
+                                render_origin_bundle)
 
 ORIGIN_TYPE = "kokoa:index:Origin"
 EDGE_TYPE = "kokoa:index:EdgeNode"
@@ -48,13 +49,15 @@ def _push_command(name: str, label: str, ssh: Ssh, ssh_private_key: pulumi.Input
     re-runs the idempotent install. A changed connection replaces the command: the old
     host is cleaned up first (delete_before_replace), then the new one installed.
     """
-    command = pulumi.Output.unsecret(files.apply(lambda f: _install_script(label, bundle_digest(f))))
+    archive = files.apply(bundle_archive)
+    command = pulumi.Output.unsecret(
+        archive.apply(lambda data: _install_script(label, hashlib.sha256(data).hexdigest())))
     return remote.Command(
         name,
         connection=_connection(ssh, ssh_private_key),
         create=command,
         delete=f"if [ -x {INSTALL_DIR}/uninstall.sh ]; then {INSTALL_DIR}/uninstall.sh; fi",
-        stdin=pulumi.Output.secret(files.apply(lambda f: base64.b64encode(bundle_archive(f)).decode())),
+        stdin=pulumi.Output.secret(archive.apply(lambda data: base64.b64encode(data).decode())),
         # Logs may name paths and addresses, never keys; still, keep them out of plain state.
         logging=remote.Logging.STDERR,
         opts=pulumi.ResourceOptions(parent=parent, delete_before_replace=True,

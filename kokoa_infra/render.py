@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import shlex
 import tarfile
@@ -152,7 +151,3 @@ def bundle_archive(files: Mapping[str, str]) -> bytes:
             info.uname = info.gname = "root"
             tar.addfile(info, io.BytesIO(data))
     return gzip.compress(raw.getvalue(), mtime=0)
-
-
-def bundle_digest(files: Mapping[str, str]) -> str:
-    return hashlib.sha256(bundle_archive(files)).hexdigest()
