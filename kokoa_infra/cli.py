@@ -25,6 +25,12 @@ def main() -> None:
     """
 
 
+def stack_file_options(command):
+    """--stack / --file: which stack file an add command edits."""
+    command = click.option("--file", "file", type=click.Path(dir_okay=False), help=FILE_HELP)(command)
+    return click.option("--stack", help=STACK_HELP)(command)
+
+
 def _append(stack: str | None, file: str | None, list_key: str, entry: dict) -> None:
     try:
         path = stack_file(stack, file)
@@ -37,8 +43,7 @@ def _append(stack: str | None, file: str | None, list_key: str, entry: dict) -> 
 
 
 @main.command("add-origin")
-@click.option("--stack", help=STACK_HELP)
-@click.option("--file", "file", type=click.Path(dir_okay=False), help=FILE_HELP)
+@stack_file_options
 @click.option("--name", required=True, help="Origin name, ^[a-z][a-z0-9-]{0,30}$.")
 @click.option("--domain", required=True, help="The site's domain, e.g. blog.example.com.")
 @click.option("--host", required=True, help="SSH address of the origin server.")
@@ -59,8 +64,7 @@ def add_origin(stack, file, name, domain, host, upstream, endpoint, listen_port,
 
 
 @main.command("add-edge")
-@click.option("--stack", help=STACK_HELP)
-@click.option("--file", "file", type=click.Path(dir_okay=False), help=FILE_HELP)
+@stack_file_options
 @click.option("--name", required=True, help="Edge name, ^[a-z][a-z0-9-]{0,30}$.")
 @click.option("--origin", required=True, help="The origin this edge serves.")
 @click.option("--public-ip", required=True, help="The edge's public IPv4 address (its A record).")
