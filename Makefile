@@ -10,15 +10,21 @@ DEBIAN_PACKAGES := wireguard-tools wireguard-go nginx shellcheck openssh-server 
 
 setup: system-packages venv
 
+# Debian's postinst scripts would start nginx and sshd in the root namespace; the tests
+# and the lab run their own, per host. A policy-rc.d that says "no" keeps them stopped.
 system-packages:
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
 	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
 	  [ "$$(id -u)" -eq 0 ] || { echo "run as root (apt-get and network namespaces need it)"; exit 1; }; \
+	  guard=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && guard=1; fi; \
 	  apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing \
-	    >/tmp/kokoa-apt.log 2>&1 || { tail -20 /tmp/kokoa-apt.log; exit 1; }; \
+	    >/tmp/kokoa-apt.log 2>&1; status=$$?; \
+	  [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; \
+	  [ $$status -eq 0 ] || { tail -20 /tmp/kokoa-apt.log; exit 1; }; \
 	fi
 
 $(VENV)/.installed: requirements.txt pyproject.toml

@@ -237,3 +237,14 @@ def test_shipped_stack_files_are_valid(name):
     if name == "Pulumi.dev.yaml":
         assert len(run.outputs["origins"]) == 2 and len(run.outputs["edges"]) == 3
         assert [e["dns"] for e in run.outputs["edges"].values()].count(False) == 1
+
+
+def test_pulumi_project_is_kokoa_in_python():
+    from ruamel.yaml import YAML
+
+    from kokoa_infra.mockrun import PROJECT_DIR
+
+    project = YAML(typ="safe").load((PROJECT_DIR / "Pulumi.yaml").read_text())
+    runtime = project["runtime"]
+    assert project["name"] == "kokoa"
+    assert (runtime if isinstance(runtime, str) else runtime["name"]) == "python"
