@@ -101,6 +101,36 @@ def how_to_reach(status: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def verify_sites(lab: Lab, status: Mapping[str, Any], seconds: int = 90) -> dict[str, str]:
+    """Wait (bounded) until every edge serves its site with a certificate the lab CA verifies.
+
+    Edges serve a placeholder until their refresh job fetches the origin's certificate,
+    so right after the deployment this may take one refresh interval. Returns
+    {edge: first line of the body, or the last error}.
+    """
+    domains = {o["name"]: o["domain"] for o in status["origins"]}
+    results: dict[str, str] = {}
+    pending = list(status["edges"])
+    deadline = time.monotonic() + seconds
+    while pending:
+        for edge in list(pending):
+            domain = domains[edge["origin"]]
+            proc = lab.on_host(status["client"], [
+                "curl", "-sS", "--max-time", "5", "--cacert", status["caBundle"],
+                "--resolve", f"{domain}:443:{edge['publicIp']}", f"https://{domain}/"])
+            body = (proc.stdout or "").strip().splitlines()
+            results[edge["name"]] = body[0] if proc.returncode == 0 and body else (proc.stderr or "").strip()
+            if proc.returncode == 0:
+                pending.remove(edge)
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    if pending:
+        failed = ", ".join(f"{e['name']} ({results[e['name']]})" for e in pending)
+        raise LabError(f"no verified HTTPS after {seconds}s through {failed}")
+    return results
+
+
 def _lab(lab_dir: str, prefix: str) -> Lab:
     if os.geteuid() != 0:
         raise click.ClickException("kokoa lab needs root (network namespaces, mounts, /var/lib)")
@@ -135,6 +165,9 @@ def up_command(stack_file: str, lab_dir: str, prefix: str) -> None:
         raise click.ClickException(reason)
     try:
         status = up(the_lab, stack_file=Path(stack_file)).status
+        click.echo("sites (verified HTTPS from the client, through each edge)")
+        for edge, answer in verify_sites(the_lab, status).items():
+            click.echo(f"  {edge}: {answer}")
     except ExecutorError as exc:
         click.echo(f"error: {exc}", err=True)
         click.echo(f"command logs: {the_lab.dir / 'logs'}; `kokoa lab up` again carries on", err=True)
