@@ -127,6 +127,23 @@ def test_reapplying_changes_nothing_and_drops_no_request(lab):
     assert after == before
 
 
+def test_running_install_again_on_a_host_changes_nothing(lab):
+    """install.sh is idempotent: a second run succeeds, rewrites no file and restarts nothing."""
+    wait_for_certificates(lab, lab.status["edges"])
+    edge = lab.status["edges"][0]
+    origin = next(o for o in lab.status["origins"] if o["name"] == edge["origin"])
+    snapshot = ("stat -c '%n %i %.9Y %a' /etc/nginx/nginx.conf /etc/wireguard/*.conf /etc/kokoa/bundle/*; "
+                "cat /run/nginx.pid 2>/dev/null; cat /run/kokoa-gateway.pid 2>/dev/null; "
+                "pgrep -x wireguard-go")
+    hosts = (edge["netns"], origin["netns"])
+    before = {ns: lab.on_host(ns, "sh", "-c", snapshot).stdout for ns in hosts}
+    with RequestLoop(lab, edge) as loop:
+        for ns in hosts:
+            lab.on_host(ns, "bash", "/etc/kokoa/bundle/install.sh")
+        time.sleep(1)
+    assert loop.failed == 0, loop.errors[:3]
+    assert {ns: lab.on_host(ns, "sh", "-c", snapshot).stdout for ns in hosts} == before
+
 def test_adding_an_edge_reaches_it_without_failing_requests_on_the_others(lab):
     wait_for_certificates(lab, lab.status["edges"])
     spare = lab.spare_edge_host()
