@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
+import hashlib
 import io
 import json
 import os
@@ -131,6 +134,24 @@ def verify_sites(lab: Lab, status: Mapping[str, Any], seconds: int = 90) -> dict
     return results
 
 
+@contextlib.contextmanager
+def exclusive(lab_dir: Path):
+    """One `up` or `down` at a time per lab: two at once would fight over the same hosts.
+
+    The lock lives in /run/lock (gone at reboot), not in the lab directory that `down` removes.
+    """
+    name = hashlib.sha256(str(lab_dir.resolve()).encode()).hexdigest()[:12]
+    path = Path("/run/lock") / f"kokoa-lab-{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise click.ClickException(f"another `kokoa lab up` or `down` is running on {lab_dir}; "
+                                       "wait for it to finish") from None
+        yield
+
+
 def _lab(lab_dir: str, prefix: str) -> Lab:
     if os.geteuid() != 0:
         raise click.ClickException("kokoa lab needs root (network namespaces, mounts, /var/lib)")
@@ -164,10 +185,11 @@ def up_command(stack_file: str, lab_dir: str, prefix: str) -> None:
     if reason:
         raise click.ClickException(reason)
     try:
-        status = up(the_lab, stack_file=Path(stack_file)).status
-        click.echo("sites (verified HTTPS from the client, through each edge)")
-        for edge, answer in verify_sites(the_lab, status).items():
-            click.echo(f"  {edge}: {answer}")
+        with exclusive(the_lab.dir):
+            status = up(the_lab, stack_file=Path(stack_file)).status
+            click.echo("sites (verified HTTPS from the client, through each edge)")
+            for edge, answer in verify_sites(the_lab, status).items():
+                click.echo(f"  {edge}: {answer}")
     except ExecutorError as exc:
         click.echo(f"error: {exc}", err=True)
         click.echo(f"command logs: {the_lab.dir / 'logs'}; `kokoa lab up` again carries on", err=True)
@@ -213,7 +235,9 @@ def status_command(as_json: bool, lab_dir: str, prefix: str) -> None:
 @prefix_option
 def down_command(lab_dir: str, prefix: str) -> None:
     """Remove every namespace, process and file of the lab. Safe to run twice."""
-    left = _lab(lab_dir, prefix).down()
+    the_lab = _lab(lab_dir, prefix)
+    with exclusive(the_lab.dir):
+        left = the_lab.down()
     if left:
         raise click.ClickException("still there after down: " + ", ".join(left))
     click.echo("The lab is down.")
