@@ -56,7 +56,7 @@ def _push_command(name: str, label: str, ssh: Ssh, ssh_private_key: pulumi.Input
         name,
         connection=_connection(ssh, ssh_private_key),
         create=command,
-        delete=f"if [ -x {INSTALL_DIR}/uninstall.sh ]; then {INSTALL_DIR}/uninstall.sh; fi",
+        delete=f"if [ -x {INSTALL_DIR}/uninstall.sh ]; then {_as_root(INSTALL_DIR + '/uninstall.sh')}; fi",
         stdin=pulumi.Output.secret(archive.apply(lambda data: base64.b64encode(data).decode())),
         # Logs may name paths and addresses, never keys; still, keep them out of plain state.
         logging=remote.Logging.STDERR,
@@ -66,14 +66,20 @@ def _push_command(name: str, label: str, ssh: Ssh, ssh_private_key: pulumi.Input
     )
 
 
+def _as_root(command: str) -> str:
+    """`command` as root: directly for root, else through passwordless sudo (cloud images' admin user)."""
+    return f'if [ "$(id -u)" -eq 0 ]; then {command}; else sudo -n {command}; fi'
+
+
 def _install_script(label: str, digest: str) -> str:
-    # Runs in the SSH user's login shell: POSIX sh only.
-    return (f"export KOKOA_BUNDLE={label} KOKOA_BUNDLE_SHA256={digest}\n"
+    # Runs in the SSH user's login shell: POSIX sh only. The digest line makes any change
+    # of the bundle a change of `create`, hence an update that re-runs the install.
+    return (f"# kokoa bundle {label} sha256:{digest}\n"
             "set -eu\n"
             "tmp=$(mktemp -d /tmp/kokoa-bundle.XXXXXX)\n"
             "trap 'rm -rf \"$tmp\"' EXIT\n"
             "base64 -d | tar -xzf - -C \"$tmp\"\n"
-            "bash \"$tmp/install.sh\"\n")
+            + _as_root('bash "$tmp/install.sh"') + "\n")
 
 
 @dataclass(frozen=True)
@@ -174,9 +180,9 @@ class Origin(pulumi.ComponentResource):
             self.certificate = remote.Command(
                 f"{name}-certificate",
                 connection=_connection(spec.ssh, args.ssh_private_key),
-                # Naming domain and ACME account in the command re-runs it when they change.
-                create=(f"KOKOA_DOMAIN={spec.domain} KOKOA_ACME_SERVER={topology.settings.acme_server} "
-                        f"{INSTALL_DIR}/certificate.sh"),
+                # Naming domain and ACME server in the command re-runs it when they change.
+                create=(f"# kokoa certificate for {spec.domain} from {topology.settings.acme_server}\n"
+                        + _as_root(f"{INSTALL_DIR}/certificate.sh")),
                 opts=pulumi.ResourceOptions(
                     parent=self,
                     depends_on=[self.install, *[n.install for n in serving],

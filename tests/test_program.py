@@ -248,3 +248,22 @@ def test_pulumi_project_is_kokoa_in_python():
     runtime = project["runtime"]
     assert project["name"] == "kokoa"
     assert (runtime if isinstance(runtime, str) else runtime["name"]) == "python"
+
+
+def test_remote_commands_are_valid_posix_sh_and_fall_back_to_sudo(program, tmp_path):
+    """What runs in the SSH user's login shell: `sh -n`, shellcheck as sh, root or sudo -n."""
+    import shutil
+    import subprocess
+
+    for command in program.of_type(COMMAND):
+        for action in ("create", "delete"):
+            text = command.inputs.get(action)
+            if text is None:
+                continue
+            script = tmp_path / f"{command.name}-{action}.sh"
+            script.write_text(text)
+            assert subprocess.run(["sh", "-n", str(script)]).returncode == 0, text
+            if shutil.which("shellcheck"):
+                checked = subprocess.run(["shellcheck", "-s", "sh", str(script)], capture_output=True, text=True)
+                assert checked.returncode == 0, checked.stdout
+            assert 'if [ "$(id -u)" -eq 0 ]; then' in text and "else sudo -n " in text
