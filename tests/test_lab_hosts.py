@@ -259,12 +259,15 @@ def test_two_hosts_run_commands_over_ssh_from_the_operator_namespace_and_leave_n
 def test_a_second_up_or_down_on_the_same_lab_is_refused_while_one_runs(tmp_path):
     import click
 
-    from kokoa_infra.lab.cli import exclusive
+    from kokoa_infra.lab.cli import exclusive, lock_path
 
     lab_dir = tmp_path / "lab"
-    with exclusive(lab_dir):
-        with pytest.raises(click.ClickException, match="another `kokoa lab up` or `down` is running"):
-            with exclusive(lab_dir):
-                pass
-    with exclusive(lab_dir):  # released: the next one runs
-        pass
+    try:
+        with exclusive(lab_dir):
+            with pytest.raises(click.ClickException, match="another `kokoa lab up` or `down` is running"):
+                with exclusive(lab_dir):
+                    pass
+        with exclusive(lab_dir):  # released: the next one runs
+            pass
+    finally:
+        lock_path(lab_dir).unlink(missing_ok=True)

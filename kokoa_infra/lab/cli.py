@@ -134,14 +134,17 @@ def verify_sites(lab: Lab, status: Mapping[str, Any], seconds: int = 90) -> dict
     return results
 
 
+def lock_path(lab_dir: Path) -> Path:
+    return Path("/run/lock") / f"kokoa-lab-{hashlib.sha256(str(lab_dir.resolve()).encode()).hexdigest()[:12]}.lock"
+
+
 @contextlib.contextmanager
 def exclusive(lab_dir: Path):
     """One `up` or `down` at a time per lab: two at once would fight over the same hosts.
 
     The lock lives in /run/lock (gone at reboot), not in the lab directory that `down` removes.
     """
-    name = hashlib.sha256(str(lab_dir.resolve()).encode()).hexdigest()[:12]
-    path = Path("/run/lock") / f"kokoa-lab-{name}.lock"
+    path = lock_path(lab_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as lock:
         try:
