@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
+from kokoa_infra.atomic_file import write_private
 from kokoa_infra.health import health
 from kokoa_infra.lab.cli import lab
 from kokoa_infra.outputs import OutputsError, load_outputs
@@ -111,12 +111,7 @@ def bundle(node: str, output: str | None, stack: str | None, outputs_file: str |
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise click.ClickException(f"bundle {node!r} is not a mapping of file names to contents")
     target = Path(output or f"kokoa-{node.replace('/', '-')}.tar.gz")
-    data = bundle_archive(files)
-    tmp = target.with_name(f".{target.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.replace(tmp, target)
+    write_private(target, bundle_archive(files))
     click.echo(f"wrote {target} ({len(files)} files, mode 0600)")
 
 

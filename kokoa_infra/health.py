@@ -17,9 +17,10 @@ import click
 from kokoa_infra.health_probes import (
     CHECKS, PingPermissionError, SweepOptions, check_ping_permission, fit_file_descriptors,
     run_sweep)
+from kokoa_infra.atomic_file import write_atomically
 from kokoa_infra.health_report import (
     Sweep, dumps, exit_code, render_prometheus, render_summary_line, render_table,
-    statuses, statuses_from_document, sweep_document, transitions, write_atomically)
+    statuses, statuses_from_document, sweep_document, transitions)
 from kokoa_infra.health_targets import (
     LocalNetwork, Target, TargetsError, parse_targets, read_local_network)
 from kokoa_infra.outputs import OutputsError, load_outputs

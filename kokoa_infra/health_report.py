@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from kokoa_infra.health_targets import Target
@@ -241,36 +238,6 @@ def transitions(previous: Mapping[str, str], sweep: Sweep) -> list[str]:
         lines.append(f"{timestamp(sweep.checked_at)} kokoa-health {node.key} "
                      f"(origin {node.target.origin}) {change}{detail}")
     return lines
-
-
-def write_atomically(path: str | Path, text: str, mode: int = 0o644) -> None:
-    """Replace `path` with `text` so readers see the old or the new file, never a part."""
-    path = Path(path)
-    # The temporary name must not end in .prom: node-exporter would read it half-written.
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        directory = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(directory)   # makes the rename itself survive a crash
-    except OSError:
-        pass
-    finally:
-        os.close(directory)
 
 
 def dumps(document: dict[str, Any], pretty: bool) -> str:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
+from kokoa_infra.atomic_file import PRIVATE, write_atomically
 from kokoa_infra.model import InvalidConfig, next_index, next_subnet, parse_topology
 
 PREFIX = "kokoa:"
@@ -94,19 +94,13 @@ def append_entry(path: Path, list_key: str, entry: dict[str, Any]) -> dict[str, 
 
     order = ORIGIN_ORDER if list_key == "origins" else EDGE_ORDER
     entries.append(CommentedMap(sorted(entry.items(), key=lambda item: order.index(item[0]))))
-    _write_atomically(path, document, yaml)
+    _write_document(path, document, yaml)
     return entry
 
 
-def _write_atomically(path: Path, document: Any, yaml: YAML) -> None:
-    directory = path.resolve().parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as out:
-            yaml.dump(document, out)
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _write_document(path: Path, document: Any, yaml: YAML) -> None:
+    text = io.StringIO()
+    yaml.dump(document, text)
+    # Keep the file's own mode; a new stack file is private, as mkstemp made it before.
+    mode = path.stat().st_mode & 0o777 if path.exists() else PRIVATE
+    write_atomically(path, text.getvalue(), mode)

@@ -24,13 +24,14 @@ import pytest
 from click.testing import CliRunner
 
 from kokoa_infra import health as health_cli
+from kokoa_infra.atomic_file import write_atomically
 from kokoa_infra import health_probes
 from kokoa_infra.health import Reporter, health, parse_checks, run_interval
 from kokoa_infra.health_probes import SweepOptions, fit_file_descriptors, probe_https, run_sweep
 from kokoa_infra.health_report import (
     HttpsResult, NodeResult, PingResult, Sweep, exit_code, render_prometheus,
     render_summary_line, render_table, statuses, statuses_from_document, summarize,
-    sweep_document, transitions, write_atomically)
+    sweep_document, transitions)
 from kokoa_infra.health_targets import (
     LocalNetwork, Target, TargetsError, parse_local_network, parse_targets, ping_address,
     wireguard_routable)

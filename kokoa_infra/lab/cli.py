@@ -18,7 +18,8 @@ from typing import Any, Mapping
 import click
 from ruamel.yaml import YAML
 
-from kokoa_infra.lab.executor import ExecutorError, Report, SshRunner, apply, write_private
+from kokoa_infra.atomic_file import write_private
+from kokoa_infra.lab.executor import ExecutorError, Report, SshRunner, apply
 from kokoa_infra.lab.hosts import LAB_DIR, PREFIX, Lab, LabError, Topology, lab_unavailable, topology
 from kokoa_infra.mockrun import PROJECT_DIR, ProgramFailed, run_program
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
+from kokoa_infra.atomic_file import write_private
 from kokoa_infra.mockrun import DeclaredResource
 
 COMMAND = "command:remote:Command"
@@ -131,16 +132,6 @@ def _text(value: bytes | str | None) -> str:
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     return value or ""
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` readable by its owner only, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        os.fchmod(handle.fileno(), 0o600)
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def _normal(value: Any) -> Any:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
-from kokoa_infra.lab.executor import write_private
+from kokoa_infra.atomic_file import write_private
 
 LAB_DIR = Path("/var/lib/kokoa-lab")
 PREFIX = "kokoa-"
