@@ -9,15 +9,11 @@ import pytest
 
 from conftest import BASE_CONFIG
 from kokoa_infra.model import InvalidConfig, next_index, next_subnet, parse_topology
-
-
-def kokoa(config: dict[str, Any]) -> dict[str, Any]:
-    return {k.split(":", 1)[1]: v for k, v in config.items()
-            if k.startswith("kokoa:") and k != "kokoa:sshPrivateKey"}
+from kokoa_infra.stackfile import kokoa_config
 
 
 def problems_after(change: Callable[[dict[str, Any]], None]) -> list[str]:
-    config = kokoa(copy.deepcopy(BASE_CONFIG))
+    config = kokoa_config(copy.deepcopy(BASE_CONFIG))
     change(config)
     with pytest.raises(InvalidConfig) as raised:
         parse_topology(config)
@@ -25,7 +21,7 @@ def problems_after(change: Callable[[dict[str, Any]], None]) -> list[str]:
 
 
 def test_valid_config_allocates_addresses_and_defaults():
-    topology = parse_topology(kokoa(BASE_CONFIG))
+    topology = parse_topology(kokoa_config(BASE_CONFIG))
     blog, shop = topology.origins
     assert (blog.wireguard_ip, blog.endpoint, blog.listen_port) == ("10.100.0.1", "203.0.113.10", 51820)
     assert (shop.wireguard_ip, shop.endpoint, shop.listen_port) == ("10.100.1.1", "203.0.113.21", 51821)
@@ -38,7 +34,7 @@ def test_valid_config_allocates_addresses_and_defaults():
 
 
 def test_network_setting_moves_every_address():
-    config = kokoa(BASE_CONFIG) | {"network": "172.20.0.0/16"}
+    config = kokoa_config(BASE_CONFIG) | {"network": "172.20.0.0/16"}
     topology = parse_topology(config)
     assert topology.origins[1].wireguard_ip == "172.20.1.1"
     assert topology.edges[0].wireguard_ip == "172.20.0.10"

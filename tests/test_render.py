@@ -17,6 +17,7 @@ from conftest import BASE_CONFIG
 from kokoa_infra.keys import public_key
 from kokoa_infra.model import parse_topology
 from kokoa_infra.render import EdgePeer, render_edge_bundle, render_origin_bundle
+from kokoa_infra.stackfile import kokoa_config
 
 CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
@@ -27,8 +28,7 @@ def _key() -> str:
 
 def render_all(config: dict) -> dict[str, dict[str, str]]:
     """Every bundle of a config, with fresh random keys (the Pulumi layer is not needed)."""
-    topology = parse_topology({k.split(":", 1)[1]: v for k, v in config.items()
-                               if k.startswith("kokoa:") and k != "kokoa:sshPrivateKey"})
+    topology = parse_topology(kokoa_config(config))
     bundles: dict[str, dict[str, str]] = {}
     for origin in topology.origins:
         origin_key = _key()
@@ -254,8 +254,7 @@ def test_edge_nginx_conf_has_the_protections(bundles):
 
 
 def test_rendering_is_deterministic_for_the_same_keys():
-    topology = parse_topology({k.split(":", 1)[1]: v for k, v in BASE_CONFIG.items()
-                               if k.startswith("kokoa:") and k != "kokoa:sshPrivateKey"})
+    topology = parse_topology(kokoa_config(BASE_CONFIG))
     origin = topology.origins[0]
     keys = [_key() for _ in range(3)]
     peers = [EdgePeer(e, public_key(keys[1]), keys[2]) for e in topology.edges_of(origin)]
