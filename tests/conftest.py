@@ -9,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -89,19 +89,35 @@ def require_root_netns() -> None:
         pytest.skip("needs iproute2")
 
 
+def _remove_netns(name: str) -> None:
+    for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split():
+        subprocess.run(["kill", "-9", pid], capture_output=True)
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
 @pytest.fixture
-def netns() -> Iterator[str]:
-    """A throwaway network namespace (only loopback), deleted after the test even on failure."""
+def make_netns() -> Iterator[Callable[[], str]]:
+    """Makes throwaway network namespaces (only loopback, up); all deleted after the test, even on failure."""
     require_root_netns()
-    name = f"kokoa-t-{uuid.uuid4().hex[:8]}"
-    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot create a network namespace here: {made.stderr.strip()}")
-    try:
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"kokoa-t-{uuid.uuid4().hex[:8]}"
+        result = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot create a network namespace here: {result.stderr.strip()}")
+        made.append(name)
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
+        return name
+
+    try:
+        yield make
     finally:
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            subprocess.run(["kill", "-9", pid], capture_output=True)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        for name in made:
+            _remove_netns(name)
+
+
+@pytest.fixture
+def netns(make_netns) -> str:
+    """One throwaway network namespace."""
+    return make_netns()

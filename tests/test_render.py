@@ -137,29 +137,19 @@ def test_public_keys_equal_what_wg_pubkey_prints():
     assert public_key(raw) == expected.stdout.strip()
 
 
-def _make_namespace_pair(tmp_path):
-    names = [f"kokoa-t-{uuid.uuid4().hex[:8]}" for _ in range(2)]
-    for name in names:
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-    veth = f"kv{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "link", "add", veth, "netns", names[0], "type", "veth", "peer", "name", "eth0",
-                    "netns", names[1]], check=True)
-    subprocess.run(["ip", "-n", names[0], "link", "set", veth, "name", "eth0"], check=True)
-    return names
-
-
-def test_origin_and_edge_configs_complete_a_handshake(tmp_path):
+def test_origin_and_edge_configs_complete_a_handshake(tmp_path, make_netns):
     """The two halves of one tunnel, brought up with wg-quick in two namespaces, really talk."""
-    from conftest import require_root_netns
-    require_root_netns()
     need("wg-quick")
     need("wireguard-go")
     config = dict(BASE_CONFIG)
     config["kokoa:origins"] = [dict(BASE_CONFIG["kokoa:origins"][0], host="172.31.250.1")]
     config["kokoa:edges"] = [dict(BASE_CONFIG["kokoa:edges"][0], publicIp="172.31.250.2")]
     rendered = render_all(config)
-    origin_ns, edge_ns = _make_namespace_pair(tmp_path)
+    origin_ns, edge_ns = make_netns(), make_netns()
+    veth = f"kv{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "link", "add", veth, "netns", origin_ns, "type", "veth", "peer", "name", "eth0",
+                    "netns", edge_ns], check=True)
+    subprocess.run(["ip", "-n", origin_ns, "link", "set", veth, "name", "eth0"], check=True)
     tag = uuid.uuid4().hex[:6]
     # Unique interface names: wireguard-go sockets share this machine's /run.
     origin_conf, edge_conf = tmp_path / f"ko{tag}.conf", tmp_path / f"ke{tag}.conf"
@@ -182,11 +172,7 @@ def test_origin_and_edge_configs_complete_a_handshake(tmp_path):
                                     "latest-handshakes"], capture_output=True, text=True, check=True)
         assert int(handshake.stdout.split()[1]) > time.time() - 60
     finally:
-        for ns in (origin_ns, edge_ns):
-            for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
-                                      text=True).stdout.split():
-                subprocess.run(["kill", "-9", pid], capture_output=True)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        # The namespaces go with the fixture; wireguard-go's sockets live in the shared /run.
         for tag_name in (f"ko{tag}", f"ke{tag}"):
             Path(f"/var/run/wireguard/{tag_name}.sock").unlink(missing_ok=True)
 
