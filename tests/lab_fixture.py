@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import ipaddress
 import subprocess
 from pathlib import Path
@@ -15,8 +16,12 @@ from kokoa_infra.lab.executor import Report
 from kokoa_infra.lab.hosts import Lab, lab_unavailable
 
 # Not the CLI's directory and prefix: the tests never touch a lab someone brought up by hand.
-TEST_LAB_DIR = Path("/var/lib/kokoa-lab-test")
-TEST_PREFIX = "kokoat-"
+# KOKOA_TEST_LAB_TAG (a few letters) keeps two test runs on one machine apart.
+TAG = os.environ.get("KOKOA_TEST_LAB_TAG", "")
+if not TAG.isalnum() and TAG:
+    raise ValueError(f"KOKOA_TEST_LAB_TAG={TAG!r}: letters and digits only")
+TEST_LAB_DIR = Path(f"/var/lib/kokoa-lab-test{TAG}")
+TEST_PREFIX = f"kokoat{TAG}-"
 
 
 class LabHandle:

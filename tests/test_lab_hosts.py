@@ -13,6 +13,7 @@ from kokoa_infra.lab import executor
 from kokoa_infra.lab.executor import COMMAND, COPY_TO_REMOTE, Completed, ExecutorError, SshRunner, apply
 from kokoa_infra.lab.hosts import Host, Lab, Topology, lab_unavailable, namespaces
 from kokoa_infra.mockrun import DeclaredResource
+from tests.lab_fixture import TAG
 
 STACK = "urn:pulumi:lab::kokoa::pulumi:pulumi:Stack::kokoa-lab"
 KEY = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n"
@@ -209,7 +210,7 @@ def test_ssh_argv_pins_the_host_key_and_runs_in_the_operator_namespace(tmp_path)
     assert argv[-7:] == ["-p", "2222", "-l", "root", "172.31.255.11", "--", "echo hi"]
 
 
-HOSTTEST_PREFIX = "kokoah-"
+HOSTTEST_PREFIX = f"kokoah{TAG}-"
 
 
 @pytest.mark.netns
@@ -217,7 +218,7 @@ def test_two_hosts_run_commands_over_ssh_from_the_operator_namespace_and_leave_n
     reason = lab_unavailable(f"{HOSTTEST_PREFIX}probe")
     if reason:
         pytest.skip(reason)
-    lab = Lab(Path("/var/lib/kokoa-lab-hosttest"), HOSTTEST_PREFIX)
+    lab = Lab(Path(f"/var/lib/kokoa-lab-hosttest{TAG}"), HOSTTEST_PREFIX)
     hosts = (Host("client", "client", "172.31.255.2", f"{HOSTTEST_PREFIX}client"),
              Host("one", "edge", "172.31.255.21", f"{HOSTTEST_PREFIX}one", origin="x"),
              Host("two", "edge", "172.31.255.22", f"{HOSTTEST_PREFIX}two", origin="x"))

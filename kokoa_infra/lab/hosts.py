@@ -37,20 +37,29 @@ PRIVATE_ETC = ("wireguard", "nginx", "letsencrypt", "kokoa")
 SKELETON = {"/run/sshd": 0o755, "/run/lock": 0o1777, "/tmp": 0o1777, "/var/tmp": 0o1777,
             "/var/log/nginx": 0o755, "/var/www/html": 0o755}
 
-DEMO_APP = r"""
-import http.server, sys
-body = sys.argv[1].encode()
-class Demo(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer((sys.argv[2], int(sys.argv[3])), Demo).serve_forever()
+# The demo application: a static nginx, so that the lab and `make bench` measure Kokoa's
+# path and not a slow application. Its request counter (stub_status) is on a unix socket
+# only the host can reach: what reaches the origin, counted without a log.
+DEMO_STATUS_SOCKET = "/run/kokoa-demo-status.sock"
+DEMO_NGINX = """\
+worker_processes 1;
+pid /run/kokoa-demo.pid;
+error_log /var/log/kokoa-demo-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    server_tokens off;
+    keepalive_requests 100000;
+    server {{
+        listen {listen};
+        default_type text/plain;
+        location / {{ return 200 "{body}"; }}
+    }}
+    server {{
+        listen unix:{status};
+        location / {{ stub_status; }}
+    }}
+}}
 """
 
 Echo = Callable[[str], None]
@@ -503,13 +512,19 @@ class Lab:
         if up.scheme != "http" or not up.hostname:
             raise LabError(f"origin {host.name}: the lab's demo application needs an http:// upstream, "
                            f"not {host.upstream!r}")
-        body = f"hello from origin {host.name}\n"
-        app = shlex.join(["python3", "-c", DEMO_APP, body, up.hostname, str(up.port or 80)])
-        # setsid -f: the app outlives this call and is reparented to the host's sshd (its init).
-        self.on_host(host.netns, ["setsid", "-f", "sh", "-c",
-                                  f"echo $$ > /run/kokoa-demo.pid; exec {app} >>/var/log/kokoa-demo.log 2>&1"],
-                     check=True, stdin=subprocess.DEVNULL)
+        conf = self.host_dir(host.netns) / "demo-nginx.conf"
+        conf.write_text(DEMO_NGINX.format(listen=f"{up.hostname}:{up.port or 80}",
+                                          body=f"hello from origin {host.name}\\n",
+                                          status=DEMO_STATUS_SOCKET))
+        self.on_host(host.netns, ["nginx", "-c", str(conf)], check=True, stdin=subprocess.DEVNULL)
         wait_until(f"demo application on {host.netns}", lambda: self._demo_answers(host))
+
+    def demo_requests(self, netns: str) -> int:
+        """Requests the origin's demo application has answered since it started."""
+        proc = self.on_host(netns, ["curl", "-fsS", "-m", "2", "--unix-socket", DEMO_STATUS_SOCKET,
+                                    "http://demo/"], check=True)
+        # "Active connections: 1\nserver accepts handled requests\n 5 5 7\n..."
+        return int(proc.stdout.splitlines()[2].split()[2])
 
     def _start_acme(self, host: Host) -> None:
         self.acme_dir.mkdir(mode=0o700, exist_ok=True)
