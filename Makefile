@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 # What the tests and the lab run for real: WireGuard, nginx, sshd, ACME (pebble + certbot).
 DEBIAN_PACKAGES := wireguard-tools wireguard-go nginx shellcheck openssh-server openssh-client \
-	certbot pebble iproute2 iputils-ping fping curl openssl util-linux wrk
+	certbot pebble iproute2 iputils-ping fping curl openssl util-linux wrk \
+	systemd-container nftables
 
 .PHONY: setup system-packages venv test lab lab-down bench clean
 
