@@ -18,6 +18,7 @@ from kokoa_infra.health_probes import (
     CHECKS, PingPermissionError, SweepOptions, check_ping_permission, fit_file_descriptors,
     run_sweep)
 from kokoa_infra.atomic_file import write_atomically
+from kokoa_infra.health_html import DEFAULT_HISTORY, MAX_HISTORY, StatusPage
 from kokoa_infra.health_report import (
     Sweep, dumps, exit_code, render_prometheus, render_summary_line, render_table,
     statuses, statuses_from_document, sweep_document, transitions)
@@ -79,6 +80,7 @@ class Reporter:
     prometheus_file: str | None
     previous: dict[str, str] | None   # None: no memory of earlier states, log no transitions
     interval_s: float | None = None
+    status_page: StatusPage | None = None
     # Looked up when the Reporter is made, so a redirected sys.stdout is honoured.
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
@@ -104,6 +106,11 @@ class Reporter:
                 write_atomically(path, render())
             except OSError as exc:
                 failed.append(f"cannot write {path}: {exc.strerror or exc}")
+        if self.status_page is not None:
+            page_failed, warnings = self.status_page.write(sweep)
+            for warning in warnings:
+                print(f"kokoa health: {warning}", file=self.err, flush=True)
+            failed += page_failed
         return failed
 
     def _stdout_text(self, sweep: Sweep) -> str:
@@ -176,6 +183,16 @@ def run_interval(sweep_once: Callable[[], Sweep], report: Callable[[Sweep], None
 @click.option("--status-file", metavar="FILE", help="Write the JSON document to FILE atomically.")
 @click.option("--prometheus", "prometheus_file", metavar="FILE",
               help="Write node-exporter textfile metrics to FILE (name it *.prom) atomically.")
+@click.option("--html", "html_file", metavar="FILE",
+              help="Write a self-contained status page to FILE atomically every sweep "
+                   "(its history goes to FILE.history.json).")
+@click.option("--html-history", type=click.IntRange(1, MAX_HISTORY), default=DEFAULT_HISTORY,
+              show_default=True, metavar="N", help="Sweeps shown in the page's history strips.")
+@click.option("--html-interval", type=click.FloatRange(min=1.0), metavar="SECONDS",
+              help="How often the page is rewritten (a timer's period): it shows itself stale after "
+                   "3 of these. Default: --interval, else measured from the recorded sweeps.")
+@click.option("--html-show-origin-addresses", is_flag=True,
+              help="Show the origins' public addresses on the page (hidden by default).")
 @click.option("--stack", metavar="NAME", help="Read this stack's outputs with `pulumi`.")
 @click.option("--outputs", "outputs_file", metavar="FILE",
               help="Read the outputs from FILE (JSON of `pulumi stack output --json`).")
@@ -197,7 +214,9 @@ def run_interval(sweep_once: Callable[[], Sweep], report: Callable[[Sweep], None
               show_default=True,
               help="Address to ping: auto = WireGuard IP when this host is on its tunnel network.")
 def health(once: bool, interval: float | None, as_json: bool, status_file: str | None,
-           prometheus_file: str | None, stack: str | None, outputs_file: str | None,
+           prometheus_file: str | None, html_file: str | None, html_history: int,
+           html_interval: float | None, html_show_origin_addresses: bool,
+           stack: str | None, outputs_file: str | None,
            checks: tuple[str, ...], timeout_s: float, count: int, https_timeout_s: float,
            ca_bundle: str | None, concurrency: int, https_concurrency: int, ping_via: str) -> None:
     """Ping every node and probe HTTPS through every edge.
@@ -208,6 +227,11 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
         raise click.UsageError("give --once or --interval, not both")
     if stack and outputs_file:
         raise click.UsageError("give --stack or --outputs, not both")
+    if html_file is None and (html_interval is not None or html_show_origin_addresses):
+        raise click.UsageError("--html-interval and --html-show-origin-addresses need --html FILE")
+    page = None if html_file is None else StatusPage(
+        html_file, history_limit=html_history, interval_s=html_interval or interval,
+        show_origin_addresses=html_show_origin_addresses)
     options = fit_file_descriptors(SweepOptions(
         checks=checks, timeout_s=timeout_s, count=count, https_timeout_s=https_timeout_s,
         ca_bundle=ca_bundle, concurrency=concurrency, https_concurrency=https_concurrency,
@@ -227,7 +251,7 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
     # Without a status file a single run has nothing to compare with, so it logs no transitions.
     remembers = interval is not None or status_file is not None
     reporter = Reporter(as_json=as_json, live=sys.stdout.isatty(), status_file=status_file,
-                        prometheus_file=prometheus_file, interval_s=interval,
+                        prometheus_file=prometheus_file, interval_s=interval, status_page=page,
                         previous=read_previous_statuses(status_file) if remembers else None)
     if interval is None:
         try:

@@ -28,6 +28,7 @@ class Target:
     domain: str
     wireguard_ip: IPv4Address
     public_ip: str   # an edge's IPv4 address; an origin's endpoint, which may be a hostname
+    drained: bool = False   # an edge with `dns: false` in the `edges` output: running, no A record
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ def parse_targets(outputs: dict[str, Any]) -> list[Target]:
     targets: list[Target] = []
     problems: list[str] = []
     seen: set[tuple[str, str]] = set()
+    drained = drained_edges(outputs)
     for index, entry in enumerate(raw):
         where = f"healthTargets[{index}]"
         if not isinstance(entry, dict):
@@ -79,10 +81,19 @@ def parse_targets(outputs: dict[str, Any]) -> list[Target]:
         seen.add(key)
         targets.append(Target(name=entry["name"], role=entry["role"], origin=entry["origin"],
                               domain=entry["domain"], wireguard_ip=wireguard_ip,
-                              public_ip=entry["publicIp"]))
+                              public_ip=entry["publicIp"],
+                              drained=entry["role"] == "edge" and entry["name"] in drained))
     if problems:
         raise TargetsError("invalid `healthTargets`:\n  " + "\n  ".join(problems))
     return targets
+
+
+def drained_edges(outputs: dict[str, Any]) -> set[str]:
+    """Names of the edges the `edges` output marks `dns: false`; none when that output is absent or odd."""
+    edges = outputs.get("edges")
+    if not isinstance(edges, dict):
+        return set()
+    return {name for name, edge in edges.items() if isinstance(edge, dict) and edge.get("dns") is False}
 
 
 def parse_local_network(addr_json: str, route_json: str) -> LocalNetwork:

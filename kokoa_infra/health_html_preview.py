@@ -1,0 +1,176 @@
+"""A sample sweep history with some nodes down, and headless Chromium, for the status page's tests and screenshot."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from kokoa_infra.health_html import DEFAULT_HISTORY, History, render_page, update_history
+from kokoa_infra.health_report import HttpsResult, NodeResult, PingResult, Sweep
+from kokoa_infra.health_targets import Target
+
+# No background traffic of the browser's own: no sync, component updates, field trials, QUIC.
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+CHROMIUM_TIMEOUT_S = 60
+PHONE_WINDOW = (390, 1600)
+SAMPLE_INTERVAL_S = 30
+SAMPLE_END = datetime(2025, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
+# Requests Chromium sends by itself even with background networking off (time and component
+# update over its Client Update Protocol, recognisable by the cup2key parameter): not the page's.
+BROWSER_OWN_REQUEST = re.compile(r"[?&]cup2key=")
+URL_REQUEST = re.compile(r"NotifyBeforeURLRequest: (\S+)")
+
+ORIGINS = [  # name, domain, wireguard ip, public endpoint (hidden on the page by default)
+    ("blog", "blog.example.com", "10.100.0.1", "203.0.113.10"),
+    ("shop", "shop.example.com", "10.100.1.1", "203.0.113.21"),
+]
+EDGES = [  # name, origin, index, public ip, drained
+    ("edge-tokyo-1", "blog", 10, "198.51.100.7", False),
+    ("edge-osaka-1", "blog", 11, "198.51.100.8", True),
+    ("edge-nagoya-1", "blog", 12, "198.51.100.12", False),
+    ("edge-tokyo-2", "shop", 10, "198.51.100.9", False),
+    ("edge-seoul-1", "shop", 11, "198.51.100.30", False),
+]
+
+
+def sample_targets() -> list[Target]:
+    domains = {name: domain for name, domain, _, _ in ORIGINS}
+    subnets = {name: number for number, (name, *_rest) in enumerate(ORIGINS)}
+    return ([Target(name, "origin", name, domain, IPv4Address(wg), public)
+             for name, domain, wg, public in ORIGINS]
+            + [Target(name, "edge", origin, domains[origin],
+                      IPv4Address(f"10.100.{subnets[origin]}.{index}"), public, drained)
+               for name, origin, index, public, drained in EDGES])
+
+
+def _ping(target: Target, up: bool, rtt_ms: float) -> PingResult:
+    return PingResult(ok=up, address=str(target.wireguard_ip), via="wireguard",
+                      rtt_ms=rtt_ms if up else None, sent=1, received=int(up),
+                      error=None if up else "timeout")
+
+
+def _https(code: int | None, latency_ms: float, days: int, error: str | None = None) -> HttpsResult:
+    if code is None:
+        return HttpsResult(ok=False, code=None, latency_ms=None, cert_days_left=None,
+                           error=error or "timeout while connecting")
+    return HttpsResult(ok=code < 500, code=code, latency_ms=latency_ms, cert_days_left=days,
+                       error=None if code < 500 else f"HTTP {code}")
+
+
+def sample_sweep(step: int, steps: int, end: datetime = SAMPLE_END) -> Sweep:
+    """Sweep `step` of `steps` (30 s apart, the last at `end`): a story with three nodes down at the end.
+
+    edge-nagoya-1's origin stopped answering it through the tunnel 10 sweeps ago (HTTP 502);
+    edge-seoul-1 went silent 4 sweeps ago (no ping, no HTTPS); edge-tokyo-2 flapped once and
+    its certificate has 9 days left; edge-osaka-1 is drained and healthy.
+    """
+    left = steps - 1 - step
+    jitter = (step * 7919) % 13 / 10
+    nodes = []
+    for target in sample_targets():
+        ping, https = _ping(target, True, 0.3 + jitter / 10), None
+        if target.role == "edge":
+            https = _https(200, 4.2 + jitter, 61)
+        if target.name == "edge-nagoya-1" and left < 10:
+            https = _https(502, 3.1 + jitter / 4, 61)
+        if target.name == "edge-seoul-1" and left < 4:
+            ping, https = _ping(target, False, 0), _https(None, 0, 0)
+        if target.name == "edge-tokyo-2":
+            https = _https(200 if left not in (20, 21) else 504, 5.3 + jitter, 9)
+        if target.name == "shop" and left in (20, 21):
+            ping = _ping(target, False, 0)
+        nodes.append(NodeResult(target=target, ping=ping, https=https))
+    checked_at = end - timedelta(seconds=SAMPLE_INTERVAL_S * left)
+    return Sweep(checked_at=checked_at, duration_s=1.02 + jitter / 10, checks=("ping", "https"),
+                 nodes=nodes)
+
+
+def sample_history(steps: int = DEFAULT_HISTORY, limit: int = DEFAULT_HISTORY,
+                   end: datetime = SAMPLE_END) -> tuple[Sweep, History]:
+    """The last sample sweep and the history of all `steps` of them."""
+    history = History()
+    sweep = sample_sweep(0, steps, end)
+    for step in range(steps):
+        sweep = sample_sweep(step, steps, end)
+        history = update_history(history, sweep, limit)
+    return sweep, history
+
+
+def sample_page(end: datetime = SAMPLE_END, show_origin_addresses: bool = False) -> str:
+    sweep, history = sample_history(end=end)
+    return render_page(sweep, history, SAMPLE_INTERVAL_S, show_origin_addresses)
+
+
+# --- headless Chromium ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BrowserRun:
+    returncode: int
+    stdout: str
+    log: str            # Chromium's verbose log (stderr)
+
+    @property
+    def requested_urls(self) -> list[str]:
+        """Every URL the browser was about to request, its own update/time checks left out."""
+        return [url for url in URL_REQUEST.findall(self.log) if not BROWSER_OWN_REQUEST.search(url)]
+
+
+def chromium_binary() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def run_chromium(page: Path, *extra: str, netns: str | None = None,
+                 window: tuple[int, int] = PHONE_WINDOW) -> BrowserRun:
+    """Open `page` (file://) in headless Chromium with a new empty profile; `netns` confines it.
+
+    Started in its own process group, which is killed afterwards, so no renderer or zygote
+    outlives the call even on a timeout.
+    """
+    binary = chromium_binary()
+    if binary is None:
+        raise FileNotFoundError("chromium is not installed (Debian package `chromium`)")
+    profile = tempfile.mkdtemp(prefix="kokoa-chromium-")
+    argv = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr",
+            "--v=1", f"--window-size={window[0]},{window[1]}", *extra,
+            Path(page).resolve().as_uri()]
+    if netns is not None:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    env = {**os.environ, "HOME": profile, "XDG_CONFIG_HOME": profile, "XDG_CACHE_HOME": profile}
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               errors="replace", env=env, start_new_session=True)
+    try:
+        stdout, log = process.communicate(timeout=CHROMIUM_TIMEOUT_S)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if process.poll() is None:
+            process.wait(timeout=10)
+        shutil.rmtree(profile, ignore_errors=True)
+    return BrowserRun(process.returncode, stdout, log)
+
+
+def screenshot(page: Path, png: Path, netns: str | None = None,
+               window: tuple[int, int] = PHONE_WINDOW) -> BrowserRun:
+    """Render `page` at `window` and write the PNG; raise when Chromium fails or writes none."""
+    png = Path(png).resolve()
+    png.unlink(missing_ok=True)
+    run = run_chromium(page, f"--screenshot={png}", "--hide-scrollbars", netns=netns, window=window)
+    if run.returncode != 0 or not png.exists():
+        raise RuntimeError(f"chromium exited {run.returncode} without {png}:\n{run.log[-2000:]}")
+    return run
+
+
+def dump_dom(page: Path, netns: str | None = None) -> BrowserRun:
+    """The page's DOM after its script ran (stdout)."""
+    return run_chromium(page, "--dump-dom", netns=netns)
