@@ -8,6 +8,7 @@ import click
 
 from kokoa_infra.atomic_file import write_private
 from kokoa_infra.health import health
+from kokoa_infra.host_keys import HostKeyScanError, scan_host_key
 from kokoa_infra.lab.cli import lab
 from kokoa_infra.outputs import OutputsError, load_outputs
 from kokoa_infra.render import bundle_archive
@@ -42,6 +43,46 @@ def _append(stack: str | None, file: str | None, list_key: str, entry: dict) -> 
                "run `pulumi up` to deploy it")
 
 
+def host_key_options(command):
+    """--host-key / --scan-host-key / --insecure-any-host-key: exactly one is required."""
+    command = click.option(
+        "--insecure-any-host-key", "insecure_any_host_key", is_flag=True,
+        help="Throwaway hosts only: accept ANY SSH host key (insecureAnyHostKey: true; "
+             "every preview and up warns).")(command)
+    command = click.option(
+        "--scan-host-key", "scan_host_key", is_flag=True,
+        help="Read the server's ed25519 (else ECDSA) host key with ssh-keyscan (5 s timeout), "
+             "record it and print its SHA256 fingerprint on stderr: compare it with the "
+             "server's console (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub).")(command)
+    return click.option("--host-key", help="The server's SSH host key to pin "
+                                           "('ssh-ed25519 AAAA...', e.g. from ssh-keyscan -t ed25519 HOST).")(command)
+
+
+def _host_key_entry(host: str, port: int | None, host_key: str | None, scan: bool,
+                    insecure: bool) -> dict:
+    """The entry's hostKey (given or scanned) or insecureAnyHostKey."""
+    chosen = [flag for flag, used in (("--host-key", host_key is not None), ("--scan-host-key", scan),
+                                      ("--insecure-any-host-key", insecure)) if used]
+    if not chosen:
+        raise click.UsageError("pin the server's SSH host key: pass --host-key 'ssh-ed25519 AAAA...', "
+                               "--scan-host-key (reads it with ssh-keyscan), or --insecure-any-host-key "
+                               "(throwaway hosts only)")
+    if len(chosen) > 1:
+        raise click.UsageError(f"pass only one of {', '.join(chosen)}")
+    if insecure:
+        return {"insecureAnyHostKey": True}
+    if not scan:
+        return {"hostKey": host_key}
+    try:
+        scanned = scan_host_key(host, port or 22)
+    except HostKeyScanError as exc:
+        raise click.ClickException(f"nothing changed: {exc}") from None
+    click.echo(f"host key of {host} port {port or 22}: {scanned.fingerprint}\n"
+               "compare it with the server's console (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub) "
+               "before `pulumi up`", err=True)
+    return {"hostKey": scanned.key}
+
+
 @main.command("add-origin")
 @stack_file_options
 @click.option("--name", required=True, help="Origin name, ^[a-z][a-z0-9-]{0,30}$.")
@@ -53,14 +94,18 @@ def _append(stack: str | None, file: str | None, list_key: str, entry: dict) -> 
 @click.option("--subnet", type=int, help="0..255; default: the next free one.")
 @click.option("--ssh-port", type=int, help="Default 22.")
 @click.option("--ssh-user", help="Default: kokoa:sshUser.")
-@click.option("--host-key", help="Pin the server's SSH host key ('ssh-ed25519 AAAA...').")
+@host_key_options
 def add_origin(stack, file, name, domain, host, upstream, endpoint, listen_port, subnet,
-               ssh_port, ssh_user, host_key) -> None:
-    """Append an origin to the stack config with the next free subnet."""
+               ssh_port, ssh_user, host_key, scan_host_key, insecure_any_host_key) -> None:
+    """Append an origin to the stack config with the next free subnet.
+
+    One of --host-key, --scan-host-key or --insecure-any-host-key is required.
+    """
+    pinned = _host_key_entry(host, ssh_port, host_key, scan_host_key, insecure_any_host_key)
     _append(stack, file, "origins", {
         "name": name, "domain": domain, "subnet": subnet, "host": host, "endpoint": endpoint,
         "listenPort": listen_port, "upstream": upstream, "sshPort": ssh_port,
-        "sshUser": ssh_user, "hostKey": host_key})
+        "sshUser": ssh_user, **pinned})
 
 
 @main.command("add-edge")
@@ -72,14 +117,19 @@ def add_origin(stack, file, name, domain, host, upstream, endpoint, listen_port,
 @click.option("--host", help="SSH address (default: --public-ip).")
 @click.option("--ssh-port", type=int, help="Default 22.")
 @click.option("--ssh-user", help="Default: kokoa:sshUser.")
-@click.option("--host-key", help="Pin the server's SSH host key ('ssh-ed25519 AAAA...').")
+@host_key_options
 @click.option("--drained", is_flag=True, help="Add it without an A record (dns: false).")
 def add_edge(stack, file, name, origin, public_ip, index, host, ssh_port, ssh_user, host_key,
-             drained) -> None:
-    """Append an edge to the stack config with the next free index of its origin."""
+             scan_host_key, insecure_any_host_key, drained) -> None:
+    """Append an edge to the stack config with the next free index of its origin.
+
+    One of --host-key, --scan-host-key or --insecure-any-host-key is required.
+    """
+    pinned = _host_key_entry(host or public_ip, ssh_port, host_key, scan_host_key,
+                             insecure_any_host_key)
     _append(stack, file, "edges", {
         "name": name, "origin": origin, "publicIp": public_ip, "index": index, "host": host,
-        "sshPort": ssh_port, "sshUser": ssh_user, "hostKey": host_key,
+        "sshPort": ssh_port, "sshUser": ssh_user, **pinned,
         "dns": False if drained else None})
 
 

@@ -2,54 +2,109 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+# Every pattern is applied with `fullmatch` (never `match` with `$`, which also accepts a
+# trailing newline: "blog.example.com\n" would reach nginx.conf and the shell scripts).
+NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
 # Lower-case FQDN: at least two labels, letters/digits/hyphens, no leading/trailing hyphen.
 LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
-DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}$){LABEL}(\.{LABEL})+$")
-HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){LABEL}(\.{LABEL})*$")
-EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+-]{1,64}@" + rf"{LABEL}(\.{LABEL})+$", re.IGNORECASE)
-HOST_KEY_RE = re.compile(
-    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com) "
-    r"[A-Za-z0-9+/]+={0,3}( [A-Za-z0-9@._-]{1,64})?$")
-NAME_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-ZONE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+DOMAIN_RE = re.compile(rf"(?=.{{1,253}}\Z){LABEL}(\.{LABEL})+")
+HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}\Z){LABEL}(\.{LABEL})*")
+# A host made only of digits and dots is an IPv4 address, never a host name: resolvers
+# (inet_aton) read "203.000.113.010" as 203.0.113.8, and string comparisons miss that it
+# is an origin's address.
+DIGITS_AND_DOTS_RE = re.compile(r"[0-9.]+")
+EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]{1,64}@" + rf"{LABEL}(\.{LABEL})+", re.IGNORECASE)
+HOST_KEY_RE = re.compile(r"(?P<type>[A-Za-z0-9@._-]{1,64}) (?P<data>[A-Za-z0-9+/]+={0,3})"
+                         r"( [A-Za-z0-9@._-]{1,64})?")
+# Host key types pulumi-command can pin (golang.org/x/crypto/ssh), with their curve and
+# public point size; ssh-rsa is refused with its reason (RSA_HOST_KEY).
+HOST_KEY_TYPES = {"ssh-ed25519": None, "ecdsa-sha2-nistp256": ("nistp256", 65),
+                  "ecdsa-sha2-nistp384": ("nistp384", 97), "ecdsa-sha2-nistp521": ("nistp521", 133)}
+RSA_HOST_KEY = ("an ssh-rsa host key cannot be pinned: pulumi-command offers only SHA-1 ssh-rsa "
+                "signatures for RSA host keys, which OpenSSH 8.8 and later refuse, so the connection "
+                "would fail; use the host's ed25519 key ({scan})")
+NAME_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+ZONE_ID_RE = re.compile(r"[0-9a-f]{32}")
+ACME_SERVER_RE = re.compile(r"https://[A-Za-z0-9.:/_-]+")
 UPSTREAM_RE = re.compile(
-    r"^(?P<scheme>https?)://(?P<host>[A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\])(:(?P<port>[0-9]{1,5}))?"
-    r"(?P<path>/[A-Za-z0-9._~/-]*)?$")
+    r"(?P<scheme>https?)://(?P<host>[A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\])(:(?P<port>[0-9]{1,5}))?"
+    r"(?P<path>/[A-Za-z0-9._~/-]*)?")
 
 DEFAULT_NETWORK = "10.100.0.0/16"
 DEFAULT_ACME_SERVER = "https://acme-v02.api.letsencrypt.org/directory"
 DEFAULT_LISTEN_PORT = 51820
 DEFAULT_CERT_REFRESH_INTERVAL = 300
+DEFAULT_SSH_ALLOW_FROM = ("0.0.0.0/0",)
+EVERYONE = "0.0.0.0/0"
+# Mozilla's recommendation: two years. 0 = no Strict-Transport-Security header.
+DEFAULT_HSTS_MAX_AGE = 63072000
+HSTS_MAX_AGE_RANGE = (0, 2 * DEFAULT_HSTS_MAX_AGE)
 EDGE_INDEX_RANGE = (10, 254)
 SUBNET_RANGE = (0, 255)
+PORT_RANGE = (1, 65535)
+# What the consuming tools accept (tests/test_model.py checks each bound with them).
+# nginx: rate=0r/s and burst=0 are "invalid"; limit_conn "must be less 65536". The upper
+# bounds of rate and burst are sanity limits (nginx itself accepts more).
+REQUESTS_PER_SECOND_RANGE = (1, 100000)
+BURST_RANGE = (1, 1000000)
+CONNECTIONS_RANGE = (1, 65535)
+# nftables `limit rate N/second burst M packets`: a rate of 0 is refused by the kernel,
+# "packet limit burst must be > 0".
+NEW_CONNECTIONS_PER_SECOND_RANGE = (1, 1000000)
+NEW_CONNECTIONS_BURST_RANGE = (1, 1000000)
+THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
 
 ORIGIN_KEYS = {"name", "domain", "subnet", "host", "endpoint", "listenPort", "upstream",
-               "sshPort", "sshUser", "hostKey", "rateLimit", "zoneId"}
-EDGE_KEYS = {"name", "origin", "publicIp", "index", "host", "sshPort", "sshUser", "hostKey", "dns"}
-RATE_LIMIT_KEYS = {"requestsPerSecond", "burst", "connections"}
+               "sshPort", "sshUser", "hostKey", "insecureAnyHostKey", "rateLimit", "zoneId",
+               "hstsMaxAge", "keyGeneration"}
+EDGE_KEYS = {"name", "origin", "publicIp", "index", "host", "sshPort", "sshUser", "hostKey",
+             "insecureAnyHostKey", "dns", "keyGeneration"}
+RATE_LIMIT_KEYS = {"requestsPerSecond", "burst", "connections", "newConnectionsPerSecond",
+                   "newConnectionsBurst"}
 
 
 @dataclass(frozen=True)
 class RateLimit:
+    """Per client address at every edge of an origin.
+
+    nginx: requests per second, burst, concurrent connections. The edge's kernel firewall
+    (nftables `limit rate N/second burst M packets`): new TCP connections on 80/443.
+    Unset, the connection rate follows the request rate and the connection burst the
+    request burst (at least 1).
+    """
+
     requests_per_second: int = 20
     burst: int = 40
     connections: int = 50
+    new_connections_per_second: int | None = None
+    new_connections_burst: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.new_connections_per_second is None:
+            object.__setattr__(self, "new_connections_per_second", self.requests_per_second)
+        if self.new_connections_burst is None:
+            object.__setattr__(self, "new_connections_burst", max(self.burst, 1))
 
 
 @dataclass(frozen=True)
 class Ssh:
-    """How the program reaches a host over SSH (the private key is global and secret)."""
+    """How the program reaches a host over SSH (the private key is global and secret).
+
+    `host_key` is None only when the entry says `insecureAnyHostKey: true`.
+    """
 
     host: str
     port: int
     user: str
     host_key: str | None
+    insecure_any_host_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +119,8 @@ class Origin:
     ssh: Ssh
     rate_limit: RateLimit
     zone_id: str | None
+    hsts_max_age: int = DEFAULT_HSTS_MAX_AGE
+    key_generation: int = 1
 
     interface = "wg0"
 
@@ -77,6 +134,7 @@ class Edge:
     wireguard_ip: str
     ssh: Ssh
     dns: bool
+    key_generation: int = 1
 
     def interface(self, origin: Origin) -> str:
         return f"wg-origin-{origin.subnet}"
@@ -91,6 +149,12 @@ class Settings:
     ssh_user: str
     cloudflare_zone_id: str | None
     cert_refresh_interval: int
+    # Networks allowed to reach SSH on every host, normalised ("198.51.100.0/24").
+    ssh_allow_from: tuple[str, ...] = DEFAULT_SSH_ALLOW_FROM
+
+    @property
+    def ssh_open_to_everyone(self) -> bool:
+        return EVERYONE in self.ssh_allow_from
 
 
 @dataclass(frozen=True)
@@ -130,6 +194,145 @@ class InvalidConfig(Exception):
         super().__init__("\n".join(str(p) for p in problems))
 
 
+# --- addresses --------------------------------------------------------------------------
+
+def parse_ipv4(value: str) -> ipaddress.IPv4Address | None:
+    """The address when `value` is one in canonical dotted-quad form, else None."""
+    try:
+        address = ipaddress.IPv4Address(value)
+    except ipaddress.AddressValueError:
+        return None
+    return address if str(address) == value else None
+
+
+def canonical_ipv4(value: str) -> str | None:
+    """"203.000.113.010" → "203.0.113.10": four decimal numbers 0..255, leading zeros dropped."""
+    parts = value.split(".")
+    if len(parts) == 4 and all(p.isascii() and p.isdigit() and int(p) <= 255 for p in parts):
+        return ".".join(str(int(p)) for p in parts)
+    return None
+
+
+LEADING_ZEROS = "{value!r} has leading zeros, which some tools read as octal; write {canonical}"
+
+
+def ipv4_problem(value: str) -> str:
+    """Why `value` is not a canonical IPv4 address, with the canonical form when it is clear."""
+    canonical = canonical_ipv4(value)
+    if canonical is not None:
+        return LEADING_ZEROS.format(value=value, canonical=canonical)
+    return f"{value!r} is not an IPv4 address like 198.51.100.7"
+
+
+def _special(address: ipaddress.IPv4Address, *, loopback_ok: bool) -> str | None:
+    """What makes `address` unfit as a server's address, or None."""
+    if address in THIS_NETWORK:
+        return "is unspecified (0.0.0.0/8)"
+    if address.is_loopback and not loopback_ok:
+        return "is a loopback address (127.0.0.0/8)"
+    if address.is_link_local:
+        return "is link-local / cloud metadata (169.254.0.0/16)"
+    if address.is_multicast:
+        return "is multicast (224.0.0.0/4)"
+    if address.is_reserved:
+        return "is reserved (240.0.0.0/4)"
+    return None
+
+
+def public_address_problem(address: ipaddress.IPv4Address) -> str | None:
+    """Where a public address is meant (an edge's publicIp, an origin's endpoint).
+
+    Private ranges stay allowed: origins often sit on private networks (and the lab uses
+    172.31.255.0/24).
+    """
+    problem = _special(address, loopback_ok=False)
+    return f"{address} {problem}, not a public address" if problem else None
+
+
+def ssh_address_problem(address: ipaddress.IPv4Address) -> str | None:
+    """Where the program's SSH connection goes (`host`).
+
+    Loopback is allowed: an SSH tunnel on localhost (`ssh -L 2222:server:22 bastion`)
+    is a legitimate way to reach a host. Unspecified, link-local (the cloud metadata
+    service lives there), multicast and reserved addresses never reach a server's sshd.
+    """
+    problem = _special(address, loopback_ok=True)
+    return f"{address} {problem}, not the address of a server's SSH" if problem else None
+
+
+def _is_loopback(host: str) -> bool:
+    address = parse_ipv4(host)
+    return host == "localhost" or (address is not None and address.is_loopback)
+
+
+def server_identity(ssh: Ssh) -> Any:
+    """What identifies the server behind an SSH address: the address; on loopback (a
+    tunnel per server) the tunnel's port too."""
+    return ("loopback", ssh.port) if _is_loopback(ssh.host) else ssh.host
+
+
+def _describe(ssh: Ssh) -> str:
+    return f"{ssh.host!r} port {ssh.port}" if _is_loopback(ssh.host) else repr(ssh.host)
+
+
+# --- host keys ----------------------------------------------------------------------------
+
+def _ssh_strings(blob: bytes) -> list[bytes] | None:
+    """The SSH wire-format strings (uint32 length + bytes) of `blob`, or None if malformed."""
+    fields, position = [], 0
+    while position < len(blob):  # each turn consumes at least 4 bytes
+        if position + 4 > len(blob):
+            return None
+        length = int.from_bytes(blob[position:position + 4], "big")
+        position += 4
+        if position + length > len(blob):
+            return None
+        fields.append(blob[position:position + length])
+        position += length
+    return fields
+
+
+def host_key_blob_ok(key_type: str, data: str) -> bool:
+    """Whether `data` (base64) holds a public key of `key_type` of the right size."""
+    try:
+        blob = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    fields = _ssh_strings(blob)
+    if not fields or fields[0] != key_type.encode():
+        return False
+    curve = HOST_KEY_TYPES[key_type]
+    if curve is None:
+        return len(fields) == 2 and len(fields[1]) == 32
+    name, point_size = curve
+    return (len(fields) == 3 and fields[1] == name.encode() and len(fields[2]) == point_size
+            and fields[2][:1] == b"\x04")
+
+
+def keyscan_command(host: str | None, port: int | None) -> str:
+    """The command that prints a host's ed25519 key, for messages."""
+    port_option = f" -p {port}" if port not in (None, 22) else ""
+    return f"ssh-keyscan -t ed25519{port_option} {host or 'HOST'}"
+
+
+def host_key_problem(value: Any, scan: str) -> str | None:
+    """Why `value` cannot pin a host's SSH key, or None (`scan`: see keyscan_command)."""
+    match = HOST_KEY_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return f"{value!r} is not an OpenSSH public host key like 'ssh-ed25519 AAAA...'"
+    key_type = match["type"]
+    if key_type == "ssh-rsa" or key_type.startswith("rsa-sha2-"):
+        return RSA_HOST_KEY.format(scan=scan)
+    if key_type not in HOST_KEY_TYPES:
+        return (f"key type {key_type!r} is not accepted: use the host's ssh-ed25519 (or "
+                f"ecdsa-sha2-nistp256/384/521) key ({scan})")
+    if not host_key_blob_ok(key_type, match["data"]):
+        return f"the key data of {key_type} {match['data']!r} does not hold an {key_type} key"
+    return None
+
+
+# --- checks -------------------------------------------------------------------------------
+
 @dataclass
 class _Checker:
     """Collects every problem instead of stopping at the first."""
@@ -146,12 +349,12 @@ class _Checker:
             if required:
                 self.fail(entry, key, "is required")
             return default
-        if not isinstance(value, str) or not pattern.match(value):
+        if not isinstance(value, str) or not pattern.fullmatch(value):
             self.fail(entry, key, f"{value!r} is not {what}")
             return default
         return value
 
-    def integer(self, entry: str, raw: Mapping[str, Any], key: str, low: int, high: int,
+    def integer(self, entry: str, raw: Mapping[str, Any], key: str, low: int, high: int | None,
                 required: bool = True, default: int | None = None) -> int | None:
         value = raw.get(key)
         if value is None:
@@ -159,36 +362,55 @@ class _Checker:
                 self.fail(entry, key, "is required")
             return default
         # YAML `true` is an int in Python; a port or allocation is never a boolean.
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            self.fail(entry, key, f"{value!r} is not a whole number from {low} to {high}")
+        if (isinstance(value, bool) or not isinstance(value, int) or value < low
+                or (high is not None and value > high)):
+            bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            self.fail(entry, key, f"{value!r} is not a whole number {bounds}")
             return default
         return value
 
-    def ipv4(self, entry: str, raw: Mapping[str, Any], key: str, required: bool = True) -> str | None:
-        value = raw.get(key)
-        if value is None:
-            if required:
-                self.fail(entry, key, "is required")
-            return None
-        try:
-            address = ipaddress.IPv4Address(value) if isinstance(value, str) else None
-        except ipaddress.AddressValueError:
-            address = None
-        if address is None or str(address) != value:
-            self.fail(entry, key, f"{value!r} is not an IPv4 address like 198.51.100.7")
-            return None
-        if address.is_unspecified or address.is_loopback or address.is_multicast or address.is_reserved:
-            self.fail(entry, key, f"{value} cannot be a public address (unspecified, loopback, "
-                                  "multicast or reserved)")
+    def boolean(self, entry: str, raw: Mapping[str, Any], key: str, default: bool) -> bool | None:
+        """The value, `default` when absent, None (reported) when not a boolean."""
+        value = raw.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(entry, key, f"{value!r} is not true or false")
             return None
         return value
 
-    def host(self, entry: str, raw: Mapping[str, Any], key: str, default: str | None) -> str | None:
-        value = raw.get(key, default)
+    def public_ipv4(self, entry: str, raw: Mapping[str, Any], key: str) -> str | None:
+        value = raw.get(key)
         if value is None:
             self.fail(entry, key, "is required")
             return None
-        if not isinstance(value, str) or not (_is_ipv4(value) or HOSTNAME_RE.match(value)):
+        if not isinstance(value, str):
+            self.fail(entry, key, f"{value!r} is not an IPv4 address like 198.51.100.7")
+            return None
+        address = parse_ipv4(value)
+        if address is None:
+            self.fail(entry, key, ipv4_problem(value))
+            return None
+        problem = public_address_problem(address)
+        if problem:
+            self.fail(entry, key, problem)
+            return None
+        return str(address)
+
+    def host(self, entry: str, key: str, value: Any, public: bool) -> str | None:
+        """An IPv4 address (normalised, checked as public or as SSH) or a host name."""
+        if not isinstance(value, str):
+            self.fail(entry, key, f"{value!r} is not an IPv4 address or host name")
+            return None
+        if DIGITS_AND_DOTS_RE.fullmatch(value):
+            address = parse_ipv4(value)
+            if address is None:
+                self.fail(entry, key, ipv4_problem(value))
+                return None
+            problem = public_address_problem(address) if public else ssh_address_problem(address)
+            if problem:
+                self.fail(entry, key, problem)
+                return None
+            return str(address)
+        if not HOSTNAME_RE.fullmatch(value):
             self.fail(entry, key, f"{value!r} is not an IPv4 address or host name")
             return None
         return value
@@ -197,23 +419,22 @@ class _Checker:
         for key in sorted(set(raw) - allowed):
             self.fail(entry, key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
-    def unique(self, items: list[tuple[str, Any]], key: str, what: str) -> None:
-        """`items` are (entry, value) pairs; every value after its first use is a problem."""
+    def unique(self, items: list[tuple[str, Any, str]], key: str, what: str,
+               quiet: set[str] = frozenset()) -> set[str]:
+        """`items` are (entry, identity, shown) triples; every identity after its first use is
+        a problem, except for `quiet` entries (already reported for the same value).
+        Returns the entries reported."""
         seen: dict[Any, str] = {}
-        for entry, value in items:
-            if value is None:
+        reported = set()
+        for entry, identity, shown in items:
+            if identity is None:
                 continue
-            if value in seen:
-                self.fail(entry, key, f"{what} {value!r} is already used by {seen[value]}")
-            else:
-                seen[value] = entry
-
-
-def _is_ipv4(value: str) -> bool:
-    try:
-        return str(ipaddress.IPv4Address(value)) == value
-    except ipaddress.AddressValueError:
-        return False
+            if identity not in seen:
+                seen[identity] = entry
+            elif entry not in quiet:
+                self.fail(entry, key, f"{what} {shown} is already used by {seen[identity]}")
+                reported.add(entry)
+        return reported
 
 
 def _entries(checker: _Checker, config: Mapping[str, Any], key: str) -> list[tuple[str, Mapping[str, Any]]]:
@@ -227,12 +448,54 @@ def _entries(checker: _Checker, config: Mapping[str, Any], key: str) -> list[tup
     labelled = []
     for i, item in enumerate(raw):
         name = item.get("name") if isinstance(item, dict) else None
-        label = f"kokoa:{key}[{i}]" + (f" ({name})" if isinstance(name, str) else "")
+        # A name with a newline or control character would break the one-line message.
+        label = f"kokoa:{key}[{i}]" + (f" ({name})" if isinstance(name, str) and name.isprintable() else "")
         if not isinstance(item, dict):
             checker.fail(label, key, "must be a mapping of keys to values")
             continue
         labelled.append((label, item))
     return labelled
+
+
+def _ssh_allow_from(c: _Checker, config: Mapping[str, Any]) -> tuple[str, ...]:
+    """`kokoa:sshAllowFrom`: IPv4 networks that may reach SSH on every host."""
+    raw = config.get("sshAllowFrom")
+    if raw is None:
+        return DEFAULT_SSH_ALLOW_FROM
+    if not isinstance(raw, list):
+        c.fail("kokoa", "sshAllowFrom", f"{raw!r} is not a list of IPv4 networks like "
+                                        "[\"198.51.100.0/24\", \"203.0.113.5/32\"]")
+        return DEFAULT_SSH_ALLOW_FROM
+    if not raw:
+        c.fail("kokoa", "sshAllowFrom", "is empty, which would lock the operator out of SSH on every "
+                                        "host; list the networks you administer from, or remove the "
+                                        "key to allow everyone (0.0.0.0/0)")
+        return DEFAULT_SSH_ALLOW_FROM
+    networks = []
+    for i, value in enumerate(raw):
+        key = f"sshAllowFrom[{i}]"
+        if not isinstance(value, str):
+            c.fail("kokoa", key, f"{value!r} is not an IPv4 network like 198.51.100.0/24")
+            continue
+        address, slash, prefix = value.partition("/")
+        if slash and not (prefix.isascii() and prefix.isdigit() and str(int(prefix)) == prefix
+                          and int(prefix) <= 32):
+            c.fail("kokoa", key, f"{value!r} is not an IPv4 network like 198.51.100.0/24 "
+                                 "(prefix length 0 to 32)")
+            continue
+        if parse_ipv4(address) is None:
+            canonical = canonical_ipv4(address)
+            c.fail("kokoa", key, LEADING_ZEROS.format(value=value, canonical=canonical + slash + prefix)
+                   if canonical else f"{value!r} is not an IPv4 network like 198.51.100.0/24")
+            continue
+        try:
+            network = ipaddress.IPv4Network(value)
+        except ValueError:
+            network = ipaddress.IPv4Network(value, strict=False)
+            c.fail("kokoa", key, f"{value!r} has host bits set; write {network}")
+            continue
+        networks.append(str(network))
+    return tuple(networks) if len(networks) == len(raw) else DEFAULT_SSH_ALLOW_FROM
 
 
 def _settings(c: _Checker, config: Mapping[str, Any], needs_acme: bool) -> Settings:
@@ -250,7 +513,7 @@ def _settings(c: _Checker, config: Mapping[str, Any], needs_acme: bool) -> Setti
         network = candidate
     acme_email = c.string(entry, config, "acmeEmail", EMAIL_RE, "an e-mail address",
                           required=needs_acme)
-    acme_server = c.string(entry, config, "acmeServer", re.compile(r"^https://[A-Za-z0-9.:/_-]+$"),
+    acme_server = c.string(entry, config, "acmeServer", ACME_SERVER_RE,
                            "an https:// ACME directory URL", required=False,
                            default=DEFAULT_ACME_SERVER)
     ca_bundle = config.get("acmeCaBundle")
@@ -269,19 +532,45 @@ def _settings(c: _Checker, config: Mapping[str, Any], needs_acme: bool) -> Setti
                                     "a 32-character hex Cloudflare zone id", required=False),
         cert_refresh_interval=c.integer(entry, config, "certRefreshInterval", 5, 86400,
                                         required=False, default=DEFAULT_CERT_REFRESH_INTERVAL),
+        ssh_allow_from=_ssh_allow_from(c, config),
     )
 
 
-def _ssh(c: _Checker, entry: str, raw: Mapping[str, Any], default_host: str | None,
-         default_user: str) -> Ssh:
-    return Ssh(
-        host=c.host(entry, raw, "host", default_host) or "",
-        port=c.integer(entry, raw, "sshPort", 1, 65535, required=False, default=22),
-        user=c.string(entry, raw, "sshUser", NAME_USER_RE, "a user name", required=False,
-                      default=default_user),
-        host_key=c.string(entry, raw, "hostKey", HOST_KEY_RE,
-                          "an OpenSSH public host key like 'ssh-ed25519 AAAA...'", required=False),
-    )
+def _ssh(c: _Checker, entry: str, raw: Mapping[str, Any], default_user: str,
+         default_host: str | None = None, has_default: bool = False) -> Ssh:
+    """The entry's SSH settings. An edge's `host` defaults to its publicIp (`default_host`,
+    already checked: when it is None its own problem is reported, not again as `host`)."""
+    if raw.get("host") is not None:
+        host = c.host(entry, "host", raw["host"], public=False)
+    elif has_default:
+        host = default_host
+    else:
+        c.fail(entry, "host", "is required")
+        host = None
+    port = c.integer(entry, raw, "sshPort", *PORT_RANGE, required=False, default=22)
+    user = c.string(entry, raw, "sshUser", NAME_USER_RE, "a user name", required=False,
+                    default=default_user)
+    scan = keyscan_command(host, port)
+    insecure = c.boolean(entry, raw, "insecureAnyHostKey", False)
+    host_key = raw.get("hostKey")
+    if insecure:
+        if host_key is not None:
+            c.fail(entry, "hostKey", "must be absent when insecureAnyHostKey is true (keep the "
+                                     "pinned key and remove insecureAnyHostKey: it is the safe one)")
+        host_key = None
+    elif insecure is None:  # not a boolean, reported: the key's own checks would only add noise
+        host_key = None
+    elif host_key is None:
+        c.fail(entry, "hostKey", f"is required: pin the server's SSH host key ({scan} prints it; "
+                                 "kokoa add-origin/add-edge --scan-host-key records it), or set "
+                                 "insecureAnyHostKey: true for a throwaway host")
+    else:
+        problem = host_key_problem(host_key, scan)
+        if problem:
+            c.fail(entry, "hostKey", problem)
+            host_key = None
+    return Ssh(host=host or "", port=port, user=user, host_key=host_key,
+               insecure_any_host_key=bool(insecure))
 
 
 def _rate_limit(c: _Checker, entry: str, raw: Any) -> RateLimit:
@@ -290,15 +579,39 @@ def _rate_limit(c: _Checker, entry: str, raw: Any) -> RateLimit:
     if not isinstance(raw, dict):
         c.fail(entry, "rateLimit", "must be a mapping like {requestsPerSecond: 20, burst: 40, connections: 50}")
         return RateLimit()
-    c.keys(f"{entry} rateLimit", raw, RATE_LIMIT_KEYS)
+    where = f"{entry} rateLimit"
+    c.keys(where, raw, RATE_LIMIT_KEYS)
     defaults = RateLimit()
+    requests_per_second = c.integer(where, raw, "requestsPerSecond", *REQUESTS_PER_SECOND_RANGE,
+                                    False, defaults.requests_per_second)
+    burst = c.integer(where, raw, "burst", *BURST_RANGE, False, defaults.burst)
     return RateLimit(
-        requests_per_second=c.integer(f"{entry} rateLimit", raw, "requestsPerSecond", 1, 100000,
-                                      False, defaults.requests_per_second),
-        burst=c.integer(f"{entry} rateLimit", raw, "burst", 0, 1000000, False, defaults.burst),
-        connections=c.integer(f"{entry} rateLimit", raw, "connections", 1, 100000, False,
+        requests_per_second=requests_per_second,
+        burst=burst,
+        connections=c.integer(where, raw, "connections", *CONNECTIONS_RANGE, False,
                               defaults.connections),
+        # None: derived from the request rate and burst (RateLimit.__post_init__).
+        new_connections_per_second=c.integer(where, raw, "newConnectionsPerSecond",
+                                             *NEW_CONNECTIONS_PER_SECOND_RANGE, False, None),
+        new_connections_burst=c.integer(where, raw, "newConnectionsBurst",
+                                        *NEW_CONNECTIONS_BURST_RANGE, False, None),
     )
+
+
+def _upstream(c: _Checker, entry: str, raw: Mapping[str, Any]) -> str | None:
+    value = c.string(entry, raw, "upstream", UPSTREAM_RE,
+                     "an http(s)://host[:port][/path] URL of the application")
+    if value is None:
+        return None
+    match = UPSTREAM_RE.fullmatch(value)
+    host, port = match["host"], match["port"]
+    if DIGITS_AND_DOTS_RE.fullmatch(host) and parse_ipv4(host) is None:
+        c.fail(entry, "upstream", f"{value!r}: host {ipv4_problem(host)}")
+        return None
+    if port is not None and not PORT_RANGE[0] <= int(port) <= PORT_RANGE[1]:
+        c.fail(entry, "upstream", f"{value!r}: port {port} is not from 1 to 65535")
+        return None
+    return value
 
 
 def _address(network: ipaddress.IPv4Network, subnet: int, host: int) -> str:
@@ -316,40 +629,60 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
     settings = _settings(c, config, needs_acme=bool(origin_entries))
 
     origins: list[Origin] = []
+    origin_labels: list[str] = []
     for entry, raw in origin_entries:
         c.keys(entry, raw, ORIGIN_KEYS)
         name = c.string(entry, raw, "name", NAME_RE, "a name matching ^[a-z][a-z0-9-]{0,30}$")
         domain = c.string(entry, raw, "domain", DOMAIN_RE, "a lower-case domain name like blog.example.com")
         subnet = c.integer(entry, raw, "subnet", *SUBNET_RANGE)
-        ssh = _ssh(c, entry, raw, None, settings.ssh_user)
-        endpoint = c.host(entry, raw, "endpoint", raw.get("host"))
-        listen_port = c.integer(entry, raw, "listenPort", 1, 65535, False, DEFAULT_LISTEN_PORT)
-        upstream = c.string(entry, raw, "upstream", UPSTREAM_RE,
-                            "an http(s)://host[:port][/path] URL of the application")
+        ssh = _ssh(c, entry, raw, settings.ssh_user)
+        if raw.get("endpoint") is not None:
+            endpoint = c.host(entry, "endpoint", raw["endpoint"], public=True)
+        elif ssh.host and parse_ipv4(ssh.host) and public_address_problem(parse_ipv4(ssh.host)):
+            # Fine for SSH (a tunnel on loopback), not as the address edges dial.
+            c.fail(entry, "endpoint", f"is required when host is {ssh.host}: edges dial the endpoint, "
+                                      "which must be a public address (default: host)")
+            endpoint = None
+        else:
+            endpoint = ssh.host or None
+        listen_port = c.integer(entry, raw, "listenPort", *PORT_RANGE, False, DEFAULT_LISTEN_PORT)
+        upstream = _upstream(c, entry, raw)
         zone_id = c.string(entry, raw, "zoneId", ZONE_ID_RE, "a 32-character hex Cloudflare zone id",
                            required=False)
         rate_limit = _rate_limit(c, entry, raw.get("rateLimit"))
+        hsts_max_age = c.integer(entry, raw, "hstsMaxAge", *HSTS_MAX_AGE_RANGE, False,
+                                 DEFAULT_HSTS_MAX_AGE)
+        key_generation = c.integer(entry, raw, "keyGeneration", 1, None, False, 1)
         if None in (name, domain, subnet, endpoint, listen_port, upstream) or not ssh.host:
             continue
+        origin_labels.append(entry)
         origins.append(Origin(name=name, domain=domain, subnet=subnet,
                               wireguard_ip=_address(settings.network, subnet, 1),
                               endpoint=endpoint, listen_port=listen_port, upstream=upstream,
-                              ssh=ssh, rate_limit=rate_limit, zone_id=zone_id))
+                              ssh=ssh, rate_limit=rate_limit, zone_id=zone_id,
+                              hsts_max_age=hsts_max_age, key_generation=key_generation))
 
-    labels = {o.name: e for (e, raw) in origin_entries for o in origins if raw.get("name") == o.name}
-    c.unique([(labels[o.name], o.name) for o in origins], "name", "origin name")
-    c.unique([(labels[o.name], o.domain) for o in origins], "domain", "domain")
-    c.unique([(labels[o.name], o.subnet) for o in origins], "subnet", "subnet")
+    numbered_origins = list(zip(origin_labels, origins))
+    c.unique([(label, o.name, repr(o.name)) for label, o in numbered_origins], "name", "origin name")
+    c.unique([(label, o.domain, repr(o.domain)) for label, o in numbered_origins], "domain", "domain")
+    c.unique([(label, o.subnet, repr(o.subnet)) for label, o in numbered_origins], "subnet", "subnet")
     # One wg0 per host: two origins on one server would overwrite each other's tunnel.
-    c.unique([(labels[o.name], o.ssh.host) for o in origins], "host", "origin host")
-    c.unique([(labels[o.name], (o.endpoint, o.listen_port)) for o in origins], "listenPort",
-             "endpoint and port")
+    c.unique([(label, server_identity(o.ssh), _describe(o.ssh)) for label, o in numbered_origins],
+             "host", "origin host")
+    c.unique([(label, (o.endpoint, o.listen_port), repr((o.endpoint, o.listen_port)))
+              for label, o in numbered_origins], "listenPort", "endpoint and port")
 
     origin_names = {o.name for o in origins}
     declared_origins = {raw.get("name") for _, raw in origin_entries}
-    origin_addresses = {o.endpoint: o.name for o in origins} | {o.ssh.host: o.name for o in origins}
+    # Addresses that are an origin's server: its endpoint, and its SSH host (on loopback
+    # with the tunnel's port). An edge on any of them would put the origin into DNS.
+    origin_addresses: dict[Any, str] = {}
+    for o in origins:
+        origin_addresses.setdefault(o.endpoint, o.name)
+        origin_addresses.setdefault(server_identity(o.ssh), o.name)
     edges: list[Edge] = []
     edge_labels: dict[int, str] = {}
+    defaulted_host: set[str] = set()
     for entry, raw in edge_entries:
         c.keys(entry, raw, EDGE_KEYS)
         name = c.string(entry, raw, "name", NAME_RE, "a name matching ^[a-z][a-z0-9-]{0,30}$")
@@ -357,31 +690,37 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
         if origin_name is not None and origin_name not in declared_origins:
             known = ", ".join(sorted(n for n in declared_origins if isinstance(n, str))) or "none"
             c.fail(entry, "origin", f"no origin is named {origin_name!r} (origins: {known})")
-        public_ip = c.ipv4(entry, raw, "publicIp")
+        public_ip = c.public_ipv4(entry, raw, "publicIp")
         index = c.integer(entry, raw, "index", *EDGE_INDEX_RANGE)
-        ssh = _ssh(c, entry, raw, public_ip, settings.ssh_user)
-        dns = raw.get("dns", True)
-        if not isinstance(dns, bool):
-            c.fail(entry, "dns", f"{dns!r} is not true or false")
+        ssh = _ssh(c, entry, raw, settings.ssh_user, public_ip, has_default=True)
+        dns = c.boolean(entry, raw, "dns", True)
+        key_generation = c.integer(entry, raw, "keyGeneration", 1, None, False, 1)
         # The whole point of the product: an origin's address never goes into DNS.
-        for key in ("publicIp", "host"):
-            address = public_ip if key == "publicIp" else raw.get("host")
-            if address in origin_addresses:
-                c.fail(entry, key, f"{address} is the address of origin {origin_addresses[address]}; "
-                                   "an edge must run on its own server")
-        if None in (name, origin_name, public_ip, index) or not ssh.host or origin_name not in origin_names:
+        if public_ip is not None and public_ip in origin_addresses:
+            c.fail(entry, "publicIp", f"{public_ip} is the address of origin "
+                                      f"{origin_addresses[public_ip]}; an edge must run on its own server")
+        elif raw.get("host") is not None and ssh.host and server_identity(ssh) in origin_addresses:
+            c.fail(entry, "host", f"{ssh.host} is the address of origin "
+                                  f"{origin_addresses[server_identity(ssh)]}; an edge must run on its own server")
+        if None in (name, origin_name, public_ip, index, dns) or not ssh.host or origin_name not in origin_names:
             continue
         origin = next(o for o in origins if o.name == origin_name)
         edge_labels[len(edges)] = entry
+        if raw.get("host") is None:
+            defaulted_host.add(entry)
         edges.append(Edge(name=name, origin=origin_name, public_ip=public_ip, index=index,
                           wireguard_ip=_address(settings.network, origin.subnet, index),
-                          ssh=ssh, dns=dns is not False))
+                          ssh=ssh, dns=dns, key_generation=key_generation))
 
     numbered = [(edge_labels[i], e) for i, e in enumerate(edges)]
-    c.unique([(label, e.name) for label, e in numbered], "name", "edge name")
-    c.unique([(label, e.public_ip) for label, e in numbered], "publicIp", "public IP")
-    c.unique([(label, e.ssh.host) for label, e in numbered], "host", "edge host")
-    c.unique([(label, (e.origin, e.index)) for label, e in numbered], "index", "origin and index")
+    c.unique([(label, e.name, repr(e.name)) for label, e in numbered], "name", "edge name")
+    same_ip = c.unique([(label, e.public_ip, repr(e.public_ip)) for label, e in numbered],
+                       "publicIp", "public IP")
+    # An edge without `host` uses its publicIp: a duplicate publicIp is reported once, as such.
+    c.unique([(label, server_identity(e.ssh), _describe(e.ssh)) for label, e in numbered], "host",
+             "edge host", quiet={label for label in same_ip if label in defaulted_host})
+    c.unique([(label, (e.origin, e.index), repr((e.origin, e.index))) for label, e in numbered],
+             "index", "origin and index")
 
     if c.problems:
         raise InvalidConfig(c.problems)

@@ -7,10 +7,10 @@ from typing import Any
 import pulumi
 
 from kokoa_infra.components import Origin, OriginArgs
-from kokoa_infra.model import InvalidConfig, Problem, Topology, parse_topology
+from kokoa_infra.model import InvalidConfig, Problem, Topology, keyscan_command, parse_topology
 
 # Config keys read as JSON/YAML values; every other kokoa: key is a string.
-OBJECT_KEYS = ("origins", "edges", "certRefreshInterval")
+OBJECT_KEYS = ("origins", "edges", "certRefreshInterval", "sshAllowFrom")
 STRING_KEYS = ("acmeEmail", "acmeServer", "acmeCaBundle", "network", "sshUser", "cloudflareZoneId")
 
 
@@ -36,6 +36,21 @@ def validate(raw: dict[str, Any], ssh_private_key: pulumi.Output[str] | None) ->
     return topology
 
 
+def warn_about_exposure(topology: Topology) -> None:
+    """Loud warnings, at every preview and up, for what the config leaves open on purpose."""
+    nodes = [("origin", o.name, o.ssh) for o in topology.origins] + \
+            [("edge", e.name, e.ssh) for e in topology.edges]
+    for role, name, ssh in nodes:
+        if ssh.insecure_any_host_key:
+            pulumi.log.warn(f"kokoa: INSECURE: {role} {name} has insecureAnyHostKey: true: SSH to "
+                            f"{ssh.host} accepts ANY host key, so whoever answers there receives "
+                            f"its bundle and WireGuard keys; pin hostKey ({keyscan_command(ssh.host, ssh.port)}) "
+                            "unless this host is throwaway")
+    if topology.settings.ssh_open_to_everyone:
+        pulumi.log.warn("kokoa: SSH on every host is open to the internet; set kokoa:sshAllowFrom "
+                        "to the networks you administer from (e.g. [\"198.51.100.0/24\"])")
+
+
 def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack: str) -> dict[str, Any]:
     """Declare every resource; return the stack outputs of CONTRACT.md."""
     if ssh_private_key is not None:
@@ -45,6 +60,7 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
                                                 ssh_private_key=ssh_private_key, stack=stack))
         for spec in topology.origins
     }
+    warn_about_exposure(topology)
     without_zone = [o.name for o in topology.origins if not topology.zone_for(o)]
     if without_zone:
         pulumi.log.info(f"kokoa: no Cloudflare zone for {', '.join(without_zone)} "

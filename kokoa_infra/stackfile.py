@@ -15,8 +15,10 @@ from kokoa_infra.model import InvalidConfig, next_index, next_subnet, parse_topo
 PREFIX = "kokoa:"
 # Keys in the order CONTRACT.md shows them, so added entries read like hand-written ones.
 ORIGIN_ORDER = ["name", "domain", "subnet", "host", "endpoint", "listenPort", "upstream", "sshPort",
-                "sshUser", "hostKey", "rateLimit", "zoneId"]
-EDGE_ORDER = ["name", "origin", "publicIp", "index", "host", "sshPort", "sshUser", "hostKey", "dns"]
+                "sshUser", "hostKey", "insecureAnyHostKey", "rateLimit", "hstsMaxAge", "zoneId",
+                "keyGeneration"]
+EDGE_ORDER = ["name", "origin", "publicIp", "index", "host", "sshPort", "sshUser", "hostKey",
+              "insecureAnyHostKey", "dns", "keyGeneration"]
 
 
 class StackFileError(Exception):
@@ -27,6 +29,8 @@ def _yaml() -> YAML:
     yaml = YAML()  # round-trip: comments, key order and quoting survive
     yaml.indent(mapping=2, sequence=4, offset=2)
     yaml.preserve_quotes = True
+    # Never fold long values (host keys) over lines: entries stay one key per line as written.
+    yaml.width = 4096
     return yaml
 
 

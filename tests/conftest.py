@@ -32,16 +32,20 @@ BASE_CONFIG: dict[str, Any] = {
     "kokoa:origins": [
         {"name": "blog", "domain": "blog.example.com", "subnet": 0, "host": "203.0.113.10",
          "upstream": "http://127.0.0.1:8080",
-         "hostKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ"},
+         "hostKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGL1PD1MFLSHFsj6ZYvAaf0idYchw2mywPcxjfuZyrx8"},
         {"name": "shop", "domain": "shop.example.com", "subnet": 1, "host": "203.0.113.20",
          "endpoint": "203.0.113.21", "listenPort": 51821, "upstream": "https://localhost:3000/app",
+         "hostKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBMpJjAOxGMt1Dbof+121TTjPflStl3yIj5fXXRKPXbr",
          "rateLimit": {"requestsPerSecond": 50, "burst": 100, "connections": 100}},
     ],
     "kokoa:edges": [
-        {"name": "edge-tokyo-1", "origin": "blog", "publicIp": "198.51.100.7", "index": 10},
-        {"name": "edge-osaka-1", "origin": "blog", "publicIp": "198.51.100.8", "index": 11, "dns": False},
+        {"name": "edge-tokyo-1", "origin": "blog", "publicIp": "198.51.100.7", "index": 10,
+         "hostKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHWlfEcfu/rR7vL8BL5mkIgaCMqvg96KINyFut7g19WF"},
+        {"name": "edge-osaka-1", "origin": "blog", "publicIp": "198.51.100.8", "index": 11, "dns": False,
+         "hostKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDXZEJALjOAMgrQVEFQ3lW2UUezmFO7B75k59lqArZoR"},
         {"name": "edge-tokyo-2", "origin": "shop", "publicIp": "198.51.100.9", "index": 10,
-         "sshPort": 2222},
+         "sshPort": 2222,
+         "hostKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGehPblXXl5+QyOrE4XwuGC0iaPlLB3UXuEcpaYaWmTI"},
     ],
 }
 

@@ -25,17 +25,23 @@ config:
       subnet: 0
       host: 203.0.113.10
       upstream: http://127.0.0.1:8080
+      hostKey: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGL1PD1MFLSHFsj6ZYvAaf0idYchw2mywPcxjfuZyrx8
     - name: wiki
       domain: wiki.example.com
       subnet: 2
       host: 203.0.113.30
       upstream: http://127.0.0.1:8080
+      hostKey: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBMpJjAOxGMt1Dbof+121TTjPflStl3yIj5fXXRKPXbr
   kokoa:edges:
     - name: edge-1
       origin: blog
       publicIp: 198.51.100.7
       index: 10
+      hostKey: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHWlfEcfu/rR7vL8BL5mkIgaCMqvg96KINyFut7g19WF
 """
+# Real ed25519 public keys (ssh-keygen), for the entries the tests add.
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDd7AtxSHCugrtrMKP/YMzbtnWxfXPvYgySEdfDEVk+n"
+OTHER_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPowORvosOn8lf/cameLjUW3dnXMoGIMVmMc0AKt0AOe"
 
 
 @pytest.fixture
@@ -52,26 +58,29 @@ def invoke(*args: str):
 
 def test_add_origin_takes_the_next_free_subnet_and_keeps_comments(stack_file):
     result = invoke("add-origin", "--stack", "prod", "--name", "shop", "--domain", "shop.example.com",
-                    "--host", "203.0.113.20", "--upstream", "http://127.0.0.1:3000")
+                    "--host", "203.0.113.20", "--upstream", "http://127.0.0.1:3000", "--host-key", KEY)
     assert result.exit_code == 0, result.output
     assert "subnet 1" in result.output
     text = stack_file.read_text()
     assert text.startswith(STACK.split("  kokoa:edges:")[0].split("    - name: wiki")[0])
     assert "# Production stack: keep this comment." in text and "# the blog" in text
     assert "# who hears from Let's Encrypt" in text and "secure: AAABAFakeCiphertext" in text
-    assert "    - name: shop\n      domain: shop.example.com\n      subnet: 1\n" in text
+    assert ("    - name: shop\n      domain: shop.example.com\n      subnet: 1\n      host: 203.0.113.20\n"
+            f"      upstream: http://127.0.0.1:3000\n      hostKey: {KEY}\n") in text
 
 
 def test_add_edge_takes_the_next_free_index_of_its_origin(stack_file):
     result = invoke("add-edge", "--stack", "prod", "--name", "edge-2", "--origin", "blog",
-                    "--public-ip", "198.51.100.8", "--drained")
+                    "--public-ip", "198.51.100.8", "--drained", "--host-key", KEY)
     assert result.exit_code == 0, result.output
     result = invoke("add-edge", "--stack", "prod", "--name", "edge-3", "--origin", "wiki",
-                    "--public-ip", "198.51.100.9")
+                    "--public-ip", "198.51.100.9", "--insecure-any-host-key")
     assert result.exit_code == 0, result.output
     text = stack_file.read_text()
-    assert "- name: edge-2\n      origin: blog\n      publicIp: 198.51.100.8\n      index: 11\n      dns: false\n" in text
-    assert "- name: edge-3\n      origin: wiki\n      publicIp: 198.51.100.9\n      index: 10" in text
+    assert ("- name: edge-2\n      origin: blog\n      publicIp: 198.51.100.8\n      index: 11\n"
+            f"      hostKey: {KEY}\n      dns: false\n") in text
+    assert ("- name: edge-3\n      origin: wiki\n      publicIp: 198.51.100.9\n      index: 10\n"
+            "      insecureAnyHostKey: true\n") in text
 
 
 @pytest.mark.parametrize("args, message", [
@@ -87,14 +96,15 @@ def test_add_edge_takes_the_next_free_index_of_its_origin(stack_file):
       "--upstream", "http://127.0.0.1:1"], "name: origin name 'blog' is already used"),
 ])
 def test_invalid_additions_change_nothing(stack_file, args, message):
-    result = invoke(*args, "--stack", "prod")
+    result = invoke(*args, "--stack", "prod", "--host-key", OTHER_KEY)
     assert result.exit_code == 1
     assert "nothing changed" in result.output and message in result.output
     assert stack_file.read_text() == STACK
 
 
 def test_add_needs_a_stack_or_file(stack_file):
-    result = invoke("add-edge", "--name", "e", "--origin", "blog", "--public-ip", "198.51.100.8")
+    result = invoke("add-edge", "--name", "e", "--origin", "blog", "--public-ip", "198.51.100.8",
+                    "--host-key", KEY)
     assert result.exit_code == 1 and "--stack NAME" in result.output
 
 

@@ -93,7 +93,7 @@ def test_push_commands_carry_the_bundle_and_a_content_hash(program):
     install = program.named("edge-tokyo-2-install")
     conn = install.inputs["connection"]
     assert (conn["host"], conn["port"], conn["user"]) == ("198.51.100.9", 2222, "root")
-    assert "hostKey" not in conn
+    assert conn["hostKey"] == BASE_CONFIG["kokoa:edges"][2]["hostKey"]
     assert program.named("blog-install").inputs["connection"]["hostKey"].startswith("ssh-ed25519 ")
     assert install.delete_before_replace
     assert "uninstall.sh" in install.inputs["delete"]
@@ -187,9 +187,11 @@ def test_adding_removing_reordering_entries_changes_no_other_node(config):
 
     added = copy.deepcopy(config)
     added["kokoa:edges"].append({"name": "edge-nagoya-1", "origin": "blog",
-                                 "publicIp": "198.51.100.10", "index": 12})
+                                 "publicIp": "198.51.100.10", "index": 12,
+                                 "hostKey": BASE_CONFIG["kokoa:edges"][0]["hostKey"]})
     added["kokoa:origins"].append({"name": "wiki", "domain": "wiki.example.com", "subnet": 2,
-                                   "host": "203.0.113.30", "upstream": "http://127.0.0.1:80"})
+                                   "host": "203.0.113.30", "upstream": "http://127.0.0.1:80",
+                                   "hostKey": BASE_CONFIG["kokoa:origins"][0]["hostKey"]})
     run = run_program(added)
     for node in ("origin/shop", "edge/edge-tokyo-1", "edge/edge-osaka-1", "edge/edge-tokyo-2"):
         assert _bundle_and_keys(run, node) == _bundle_and_keys(base, node), node
