@@ -1,4 +1,4 @@
-"""A sample sweep history with some nodes down, and headless Chromium, for the status page's tests and screenshot."""
+"""For the status page's tests and screenshot: a sample sweep history with nodes down, headless Chromium, a page reader."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from html.parser import HTMLParser
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -76,16 +78,16 @@ def sample_sweep(step: int, steps: int, end: datetime = SAMPLE_END) -> Sweep:
     left = steps - 1 - step
     jitter = (step * 7919) % 13 / 10
     nodes = []
-    for target in sample_targets():
-        ping, https = _ping(target, True, 0.3 + jitter / 10), None
+    for number, target in enumerate(sample_targets()):   # figures differ from node to node
+        ping, https = _ping(target, True, round(0.31 + 0.07 * number + jitter / 10, 3)), None
         if target.role == "edge":
-            https = _https(200, 4.2 + jitter, 61)
+            https = _https(200, round(4.2 + 0.9 * number + jitter, 3), 61 + number)
         if target.name == "edge-nagoya-1" and left < 10:
-            https = _https(502, 3.1 + jitter / 4, 61)
+            https = _https(502, round(3.1 + jitter / 4, 3), 61)
         if target.name == "edge-seoul-1" and left < 4:
             ping, https = _ping(target, False, 0), _https(None, 0, 0)
         if target.name == "edge-tokyo-2":
-            https = _https(200 if left not in (20, 21) else 504, 5.3 + jitter, 9)
+            https = _https(200 if left not in (20, 21) else 504, round(5.3 + jitter, 3), 9)
         if target.name == "shop" and left in (20, 21):
             ping = _ping(target, False, 0)
         nodes.append(NodeResult(target=target, ping=ping, https=https))
@@ -174,3 +176,111 @@ def screenshot(page: Path, png: Path, netns: str | None = None,
 def dump_dom(page: Path, netns: str | None = None) -> BrowserRun:
     """The page's DOM after its script ran (stdout)."""
     return run_chromium(page, "--dump-dom", netns=netns)
+
+
+# --- reading a page back (tests) -----------------------------------------------------------------
+
+VOID_ELEMENTS = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta",
+                           "source", "track", "wbr"})
+
+INLINE_ELEMENTS = frozenset({"a", "b", "code", "em", "strong", "time"})   # no break around them
+
+
+@dataclass
+class Element:
+    tag: str
+    attrs: dict[str, str | None]
+    children: list[Element | str]
+
+    def text(self) -> str:
+        """The visible text, whitespace collapsed."""
+        parts: list[str] = []
+
+        def walk(element: Element) -> None:
+            for child in element.children:
+                if isinstance(child, str):
+                    parts.append(child)
+                elif child.tag in INLINE_ELEMENTS:
+                    walk(child)
+                elif child.tag not in ("script", "style"):
+                    parts.append(" ")
+                    walk(child)
+                    parts.append(" ")
+
+        walk(self)
+        return " ".join("".join(parts).split())
+
+    def iter(self, tag: str | None = None) -> Iterator[Element]:
+        for child in self.children:
+            if isinstance(child, Element):
+                if tag is None or child.tag == tag:
+                    yield child
+                yield from child.iter(tag)
+
+    def first(self, tag: str) -> Element:
+        return next(self.iter(tag))
+
+    def classes(self) -> set[str]:
+        return set((self.attrs.get("class") or "").split())
+
+
+class _TreeBuilder(HTMLParser):
+    """html.parser into Elements; an end tag that does not close the open element is an error."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.root = Element("#document", {}, [])
+        self.stack = [self.root]
+        self.doctype: str | None = None
+
+    def handle_decl(self, decl: str) -> None:
+        self.doctype = decl
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        element = Element(tag, dict(attrs), [])
+        self.stack[-1].children.append(element)
+        if tag not in VOID_ELEMENTS:
+            self.stack.append(element)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.stack[-1].children.append(Element(tag, dict(attrs), []))
+
+    def handle_endtag(self, tag: str) -> None:
+        if len(self.stack) < 2 or self.stack[-1].tag != tag:
+            raise ValueError(f"</{tag}> closes <{self.stack[-1].tag}>")
+        self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.stack[-1].children.append(data)
+
+
+def parse_html(text: str) -> tuple[Element, str | None]:
+    """(document, doctype); ValueError unless every element is closed in order."""
+    builder = _TreeBuilder()
+    builder.feed(text)
+    builder.close()
+    if len(builder.stack) != 1:
+        raise ValueError(f"unclosed <{builder.stack[-1].tag}>")
+    return builder.root, builder.doctype
+
+
+@dataclass
+class PageRow:
+    """One node's row: its key, state attribute, the row header and the cells by label."""
+
+    key: str
+    state: str
+    header: str
+    cells: dict[str, str]
+    element: Element
+
+
+def page_rows(document: Element) -> dict[str, PageRow]:
+    rows = {}
+    for row in document.iter("tr"):
+        key = row.attrs.get("data-node")
+        if key is None:
+            continue
+        cells = {str(cell.attrs.get("data-label")): cell.text() for cell in row.iter("td")}
+        rows[key] = PageRow(key, str(row.attrs.get("data-state")), row.first("th").text(), cells, row)
+    return rows
