@@ -5,7 +5,7 @@ VENV := .venv
 # What the tests and the lab run for real: WireGuard, nginx, sshd, ACME (pebble + certbot).
 DEBIAN_PACKAGES := wireguard-tools wireguard-go nginx shellcheck openssh-server openssh-client \
 	certbot pebble iproute2 iputils-ping fping curl openssl util-linux wrk \
-	systemd-container nftables
+	systemd-container nftables chromium
 
 .PHONY: setup system-packages venv test lab lab-down bench clean
 
@@ -47,6 +47,11 @@ lab-down: venv
 
 bench: setup
 	$(VENV)/bin/python bench/health_sweep.py
+
+# docs/status-page.png: the sample status page in headless Chromium (in a loopback-only namespace).
+.PHONY: status-page
+status-page: setup
+	$(VENV)/bin/python docs/status_page_screenshot.py docs/status-page.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -231,7 +231,7 @@ def _duration(seconds: float) -> str:
 
 
 def _ms(value: float) -> str:
-    return f"{value:.2f} ms" if value < 10 else f"{value:.1f} ms"
+    return f"{value:.2f}\u00a0ms" if value < 10 else f"{value:.1f}\u00a0ms"   # never split from its unit
 
 
 def _interval_text(seconds: float) -> str:
