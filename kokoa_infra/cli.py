@@ -77,8 +77,9 @@ def _host_key_entry(host: str, port: int | None, host_key: str | None, scan: boo
         scanned = scan_host_key(host, port or 22)
     except HostKeyScanError as exc:
         raise click.ClickException(f"nothing changed: {exc}") from None
+    kind = "ed25519" if scanned.key.startswith("ssh-ed25519 ") else "ecdsa"
     click.echo(f"host key of {host} port {port or 22}: {scanned.fingerprint}\n"
-               "compare it with the server's console (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub) "
+               f"compare it with the server's console (ssh-keygen -lf /etc/ssh/ssh_host_{kind}_key.pub) "
                "before `pulumi up`", err=True)
     return {"hostKey": scanned.key}
 
