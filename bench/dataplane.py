@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from kokoa_infra.lab.cli import STACK_FILE, load_stack, up, verify_sites  # noqa: E402
 from kokoa_infra.model import RATE_LIMIT_KEYS  # noqa: E402
-from kokoa_infra.lab.hosts import Host, Lab, LabError, lab_unavailable, run, topology  # noqa: E402
+from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, Host, Lab, LabError, lab_unavailable, run, topology  # noqa: E402
 
 LAB_DIR = Path("/var/lib/kokoa-lab-bench")
 PREFIX = "kokoab-"
@@ -343,18 +343,20 @@ def main() -> int:
     parser.add_argument("--legit-requests", type=int, default=100, help="per flood scenario, at 10/s (20-600)")
     parser.add_argument("--only", choices=("hops", "floods"), help="one half of the benchmark")
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"where to write results (default {RESULTS})")
+    parser.add_argument("--init", choices=INIT_SYSTEMS, default=DEFAULT_INIT,
+                        help="lab hosts: systemd machines (as real servers) or plain namespaces")
     parser.add_argument("--keep", action="store_true", help="leave the lab up afterwards (kokoa lab down "
                         f"--lab-dir {LAB_DIR} --prefix {PREFIX} removes it)")
     args = parser.parse_args()
     if not (1 <= args.seconds <= 30 and 1 <= args.rounds <= 9 and 20 <= args.legit_requests <= 600):
         parser.error("--seconds 1-30, --rounds 1-9, --legit-requests 20-600")
-    reason = lab_unavailable(f"{PREFIX}probe")
+    reason = lab_unavailable(f"{PREFIX}probe", args.init)
     missing = [tool for tool in ("wrk", "nft") if shutil.which(tool) is None]
     if reason or missing:
         print(f"cannot run: {reason or 'missing ' + ', '.join(missing) + ' (make setup)'}", file=sys.stderr)
         return 2
 
-    lab = Lab(LAB_DIR, PREFIX)
+    lab = Lab(LAB_DIR, PREFIX, args.init)
     lab.down(echo=log)  # a lab left by an interrupted run
     bench = Bench(lab, args.seconds, args.rounds)
     hops: dict[str, Any] = {}

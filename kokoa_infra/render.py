@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import ipaddress
 import io
 import shlex
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import jinja2
 
@@ -21,6 +22,9 @@ CERT_EXPORT_DIR = "/var/lib/kokoa/cert-export"
 # The origin's tunnel gateway serves the certificate to its edges on this port of its WireGuard IP.
 CERT_PORT = 9080
 GATEWAY_PORT = 80
+# The gateway's workers: a system user of their own, so that an application running as
+# www-data cannot read the TLS key exported to the edges.
+GATEWAY_USER = "kokoa-gateway"
 RENEW_INTERVAL = 12 * 3600
 
 BundleFiles = dict[str, str]
@@ -64,7 +68,9 @@ def _common(topology: Topology, origin: Origin) -> dict:
         "cert_export_dir": CERT_EXPORT_DIR,
         "cert_port": CERT_PORT,
         "gateway_port": GATEWAY_PORT,
+        "gateway_user": GATEWAY_USER,
         "tunnel_prefix": 24,
+        "ssh_allow_from": topology.settings.ssh_allow_from,
     }
 
 
@@ -78,7 +84,14 @@ def render_origin_bundle(topology: Topology, origin: Origin, private_key: str,
         "renew_interval": RENEW_INTERVAL,
         "upstream": _upstream(origin.upstream),
     }
+    edges = [p.edge for p in peers]
+    ctx["firewall"] = _render("common/firewall.nft.j2", **ctx, role="origin", node_name=origin.name,
+                              ssh_port=origin.ssh.port, interface=origin.interface,
+                              listen_port=origin.listen_port,
+                              edge_endpoints=_ipv4s(a for e in edges for a in (e.public_ip, e.ssh.host)),
+                              edge_tunnel=[e.wireguard_ip for e in edges])
     files = {
+        "firewall.nft": ctx.pop("firewall"),
         "wg0.conf": _render("origin/wg0.conf.j2", **ctx),
         "gateway.conf": _render("origin/gateway.conf.j2", **ctx),
         "certificate.sh": _render("origin/certificate.sh.j2", **ctx),
@@ -104,7 +117,13 @@ def render_edge_bundle(topology: Topology, edge: Edge, private_key: str, preshar
         "refresh_interval": topology.settings.cert_refresh_interval,
         "tls_dir": f"/etc/letsencrypt/live/{origin.domain}",
     }
+    limits = origin.rate_limit
     return {
+        "firewall.nft": _render("common/firewall.nft.j2", **ctx, role="edge", node_name=edge.name,
+                                ssh_port=edge.ssh.port, listen_port=origin.listen_port,
+                                origin_endpoint=next(iter(_ipv4s([origin.endpoint])), ""),
+                                shield=FloodShield(limits.new_connections_per_second,
+                                                   limits.new_connections_burst, limits.connections)),
         f"{interface}.conf": _render("edge/wg-origin.conf.j2", **ctx),
         "nginx.conf": _render("edge/nginx.conf.j2", **ctx),
         "cert-refresh.sh": _render("edge/cert-refresh.sh.j2", **ctx),
@@ -114,18 +133,42 @@ def render_edge_bundle(topology: Topology, edge: Edge, private_key: str, preshar
 
 
 @dataclass(frozen=True)
+class FloodShield:
+    """An edge's per-source limits in its kernel firewall (from the origin's rateLimit)."""
+
+    new_per_second: int
+    new_burst: int
+    open: int
+
+
+def _ipv4s(addresses: Iterable[str]) -> list[str]:
+    """The IPv4 addresses among `addresses` (host names cannot go into a firewall set), sorted, once."""
+    found = set()
+    for address in addresses:
+        try:
+            found.add(ipaddress.IPv4Address(address))
+        except ipaddress.AddressValueError:
+            continue
+    return [str(a) for a in sorted(found)]
+
+
+@dataclass(frozen=True)
 class Upstream:
     scheme: str
-    server: str
-    path: str
+    host: str
+    server: str  # host:port, as nginx's `server` takes it
+    path: str  # "" or a prefix ending in "/"
 
 
 def _upstream(url: str) -> Upstream:
     scheme, rest = url.split("://", 1)
     server, _, path = rest.partition("/")
+    host = server.rsplit(":", 1)[0] if ":" in server.rsplit("]", 1)[-1] else server
     if ":" not in server.rsplit("]", 1)[-1]:
         server += ":443" if scheme == "https" else ":80"
-    return Upstream(scheme=scheme, server=server, path="/" + path if path else "")
+    # `location /` + `proxy_pass .../app/` maps /x to /app/x; without the slash it would be /appx.
+    prefix = "/" + path.strip("/") + "/" if path.strip("/") else ""
+    return Upstream(scheme=scheme, host=host.strip("[]"), server=server, path=prefix)
 
 
 def file_mode(name: str) -> int:

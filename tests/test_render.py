@@ -16,7 +16,7 @@ from nacl.public import PrivateKey
 from conftest import BASE_CONFIG
 from kokoa_infra.keys import public_key
 from kokoa_infra.model import parse_topology
-from kokoa_infra.render import EdgePeer, render_edge_bundle, render_origin_bundle
+from kokoa_infra.render import GATEWAY_USER, EdgePeer, render_edge_bundle, render_origin_bundle
 from kokoa_infra.stackfile import kokoa_config
 
 CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -60,9 +60,9 @@ def need(tool: str) -> None:
 
 def test_file_names_follow_the_contract(bundles):
     assert set(bundles["origin/blog"]) == {"wg0.conf", "gateway.conf", "certificate.sh", "install.sh",
-                                           "uninstall.sh", "acme-ca.pem"}
+                                           "uninstall.sh", "acme-ca.pem", "firewall.nft"}
     assert set(bundles["edge/edge-tokyo-2"]) == {"wg-origin-1.conf", "nginx.conf", "cert-refresh.sh",
-                                                 "install.sh", "uninstall.sh"}
+                                                 "install.sh", "uninstall.sh", "firewall.nft"}
 
 
 def test_every_script_parses_with_bash(bundles, tmp_path):
@@ -199,7 +199,12 @@ def nginx_test(conf_text: str, domains: list[str], tmp_path: Path, netns: str) -
                         "-out", str(live / "fullchain.pem")], check=True, capture_output=True)
     conf = tmp_path / "nginx-under-test.conf"
     conf.write_text(conf_text)
+    # The gateway's workers run as the user its install.sh creates; this machine has none.
+    passwd, group = tmp_path / "passwd", tmp_path / "group"
+    passwd.write_text(Path("/etc/passwd").read_text() + f"{GATEWAY_USER}:x:999:999::/nonexistent:/usr/sbin/nologin\n")
+    group.write_text(Path("/etc/group").read_text() + f"{GATEWAY_USER}:x:999:\n")
     script = (f"mkdir -p /etc/letsencrypt && mount --bind {letsencrypt} /etc/letsencrypt && "
+              f"mount --bind {passwd} /etc/passwd && mount --bind {group} /etc/group && "
               f"mount --bind {logs} /var/log && exec nginx -t -c {conf}")
     return subprocess.run(["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
                            "sh", "-c", script], capture_output=True, text=True)
@@ -229,14 +234,14 @@ def test_edge_nginx_conf_has_the_protections(bundles):
     conf = bundles["edge/edge-tokyo-2"]["nginx.conf"]
     for expected in ("server_name shop.example.com;", "return 301 https://$host$request_uri;",
                      "ssl_certificate /etc/letsencrypt/live/shop.example.com/fullchain.pem;",
-                     "server 10.100.1.1:80;", "keepalive 64;", "rate=50r/s;", "burst=100 nodelay;",
+                     "server 10.100.1.1:80;", "keepalive 128;", "rate=50r/s;", "burst=100 nodelay;",
                      "limit_conn kokoa_connections 100;", "server_tokens off;",
                      "location /.well-known/acme-challenge/", "proxy_set_header X-Forwarded-For",
                      "client_header_timeout 10s;", "listen 443 ssl http2;"):
         assert expected in conf, expected
     gateway = bundles["origin/shop"]["gateway.conf"]
     assert "listen 10.100.1.1:80;" in gateway and "allow 10.100.1.10;" in gateway
-    assert "server localhost:3000;" in gateway and "proxy_pass https://kokoa_application/app;" in gateway
+    assert "server localhost:3000;" in gateway and "proxy_pass https://kokoa_application/app/;" in gateway
 
 
 def test_rendering_is_deterministic_for_the_same_keys():
