@@ -20,7 +20,8 @@ from ruamel.yaml import YAML
 
 from kokoa_infra.atomic_file import write_private
 from kokoa_infra.lab.executor import ExecutorError, Report, SshRunner, apply
-from kokoa_infra.lab.hosts import LAB_DIR, PREFIX, Lab, LabError, Topology, lab_unavailable, topology
+from kokoa_infra.lab.hosts import (DEFAULT_INIT, INIT_SYSTEMS, LAB_DIR, PREFIX, Lab, LabError, Topology,
+                                   lab_unavailable, topology)
 from kokoa_infra.mockrun import PROJECT_DIR, ProgramFailed, run_program
 
 STACK_FILE = PROJECT_DIR / "stacks" / "Pulumi.lab.yaml"
@@ -49,10 +50,10 @@ def lab_status(topo: Topology, lab: Lab) -> dict[str, Any]:
     return {
         "client": topo.one("client").netns,
         "caBundle": str(lab.ca_bundle),
-        "origins": [{"name": h.name, "domain": h.domain, "netns": h.netns, "publicIp": h.ip}
-                    for h in topo.of_role("origin")],
-        "edges": [{"name": h.name, "origin": h.origin, "netns": h.netns, "publicIp": h.ip}
-                  for h in topo.of_role("edge")],
+        "origins": [{"name": h.name, "domain": h.domain, "netns": h.netns, "publicIp": h.ip,
+                     "init": lab.init_system(h.netns)} for h in topo.of_role("origin")],
+        "edges": [{"name": h.name, "origin": h.origin, "netns": h.netns, "publicIp": h.ip,
+                   "init": lab.init_system(h.netns)} for h in topo.of_role("edge")],
     }
 
 
@@ -156,11 +157,11 @@ def exclusive(lab_dir: Path):
         yield
 
 
-def _lab(lab_dir: str, prefix: str) -> Lab:
+def _lab(lab_dir: str, prefix: str, init: str = DEFAULT_INIT) -> Lab:
     if os.geteuid() != 0:
         raise click.ClickException("kokoa lab needs root (network namespaces, mounts, /var/lib)")
     try:
-        return Lab(Path(lab_dir), prefix)
+        return Lab(Path(lab_dir), prefix, init)
     except LabError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -181,11 +182,15 @@ def lab() -> None:
               show_default=True, help="Lab stack config (topology); secrets are generated, not read.")
 @lab_dir_option
 @prefix_option
-def up_command(stack_file: str, lab_dir: str, prefix: str) -> None:
+@click.option("--init", "init", type=click.Choice(INIT_SYSTEMS), default=DEFAULT_INIT, show_default=True,
+              help="How origins and edges run: `systemd` boots each as a systemd machine (systemd-nspawn), "
+                   "as real servers run; `plain` makes sshd the init of its namespaces (no systemd). "
+                   "A lab running the other way is rebuilt.")
+def up_command(stack_file: str, lab_dir: str, prefix: str, init: str) -> None:
     """Bring the lab up (or bring it back in line): hosts, then the program's commands over SSH."""
     started = time.monotonic()
-    the_lab = _lab(lab_dir, prefix)
-    reason = lab_unavailable(f"{prefix}probe")
+    the_lab = _lab(lab_dir, prefix, init)
+    reason = lab_unavailable(f"{prefix}probe", init)
     if reason:
         raise click.ClickException(reason)
     try:
@@ -220,11 +225,12 @@ def status_command(as_json: bool, lab_dir: str, prefix: str) -> None:
         return
     live = the_lab.liveness()
     word = {True: "up", False: "DOWN"}
-    rows = [("ROLE", "NAME", "NETNS", "ADDRESS", "NAMESPACE", "SSHD")]
+    rows = [("ROLE", "NAME", "NETNS", "ADDRESS", "INIT", "NAMESPACE", "SSHD")]
     roles = ("client", "acme", "origin", "edge")
     for netns, host in sorted(live.items(), key=lambda item: (roles.index(item[1]["role"]), item[0])):
         sshd = word[host["sshd"]] if "sshd" in host else "-"
-        rows.append((host["role"], host["name"], netns, host["ip"], word[host["netns"]], sshd))
+        rows.append((host["role"], host["name"], netns, host["ip"], host.get("init", "plain"),
+                     word[host["netns"]], sshd))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

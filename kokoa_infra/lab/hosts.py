@@ -1,4 +1,4 @@
-"""Lab hosts: network namespaces on one bridge; servers get their own /etc, /run, /var, pid namespace and sshd."""
+"""Lab hosts: network namespaces on one bridge; servers are systemd machines (or plain namespace hosts with sshd as init)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,16 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from kokoa_infra.atomic_file import write_private
+from kokoa_infra.lab import machines
 
 LAB_DIR = Path("/var/lib/kokoa-lab")
 PREFIX = "kokoa-"
 DEFAULT_NETWORK = "172.31.255.0/24"
 RESERVED = ("net", "client", "acme", "probe")  # names of the lab's own namespaces
+# How servers (origins and edges) run: `systemd` boots each as a systemd machine
+# (machines.py), as real servers run; `plain` starts sshd as the init of its own namespaces.
+INIT_SYSTEMS = ("systemd", "plain")
+DEFAULT_INIT = "systemd"
 # Directories some lab had to create on the machine (bind targets such as /etc/kokoa), shared
 # by every lab here: whichever lab goes down last removes them.
 CREATED_DIRS = Path("/run/kokoa-lab-created-dirs")
@@ -36,6 +41,10 @@ PRIVATE_ETC = ("wireguard", "nginx", "letsencrypt", "kokoa")
 # Directories a fresh server has (its packages made them); mode per path.
 SKELETON = {"/run/sshd": 0o755, "/run/lock": 0o1777, "/tmp": 0o1777, "/var/tmp": 0o1777,
             "/var/log/nginx": 0o755, "/var/www/html": 0o755}
+
+# Directories systemd-nspawn makes in this machine's /run (on disk here) for its machines.
+NSPAWN_RUN_DIRS = ("/run/systemd", "/run/systemd/nspawn", "/run/systemd/nspawn/propagate",
+                   "/run/systemd/nspawn/locks")
 
 # The demo application: a static nginx, so that the lab and `make bench` measure Kokoa's
 # path and not a slow application. Its request counter (stub_status) is on a unix socket
@@ -60,6 +69,24 @@ http {{
         location / {{ stub_status; }}
     }}
 }}
+"""
+# On a systemd machine the demo application is a unit of the origin, enabled, so it comes
+# back when the machine boots again.
+DEMO_CONF = "/etc/kokoa-lab/demo-nginx.conf"
+DEMO_UNIT = """\
+[Unit]
+Description=Kokoa lab demo application (a static nginx on {listen})
+After=network.target
+
+[Service]
+Type=forking
+PIDFile=/run/kokoa-demo.pid
+ExecStart=/usr/sbin/nginx -c {conf}
+ExecReload=/usr/sbin/nginx -c {conf} -s reload
+ExecStop=/usr/sbin/nginx -c {conf} -s quit
+
+[Install]
+WantedBy=multi-user.target
 """
 
 Echo = Callable[[str], None]
@@ -179,6 +206,20 @@ def alive(pid: int | None) -> bool:
     return state not in ("Z", "X")
 
 
+def started(pid: int | None) -> int | None:
+    """A process's start time (clock ticks since boot): with the pid, it names one process for good."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError, TypeError):
+        return None
+
+
+def _machine_pid(host: Mapping[str, Any], key: str) -> int | None:
+    """The machine's recorded init or launcher, if that very process still runs (not a reused pid)."""
+    pid = host.get(key)
+    return pid if pid and alive(pid) and started(pid) == host.get(f"{key}_start") else None
+
+
 def _reap(pid: int) -> None:
     try:
         os.waitpid(pid, os.WNOHANG)
@@ -190,12 +231,13 @@ TOOLS = ("ip", "nsenter", "unshare", "setsid", "ss", "curl", "openssl", "ssh", "
          "pebble", "pebble-challtestsrv", "wg", "wg-quick", "wireguard-go", "nginx", "certbot")
 
 
-def lab_unavailable(probe: str = "kokoa-probe") -> str | None:
+def lab_unavailable(probe: str = "kokoa-probe", init: str = DEFAULT_INIT) -> str | None:
     """Why the lab cannot run on this machine, or None: root, the tools, and the namespaces it needs."""
     if os.geteuid() != 0:
         return "the lab needs root (network, mount and pid namespaces)"
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-    missing = [t for t in TOOLS if shutil.which(t, path=path) is None]
+    tools = TOOLS + ((machines.NSPAWN, "mount", "umount") if init == "systemd" else ())
+    missing = [t for t in tools if shutil.which(t, path=path) is None]
     if missing:
         return f"the lab needs {', '.join(missing)} (`make setup` installs them)"
     run(["ip", "netns", "del", probe], check=False)  # left by an interrupted probe
@@ -215,6 +257,15 @@ def lab_unavailable(probe: str = "kokoa-probe") -> str | None:
 def namespaces() -> set[str]:
     out = run(["ip", "netns", "list"]).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def in_netns(pid: int, netns: str) -> bool:
+    """Whether `pid` lives in the named network namespace (a recorded pid may have been reused)."""
+    try:
+        ns, mine = os.stat(f"/proc/{pid}/ns/net"), os.stat(f"/run/netns/{netns}")
+    except OSError:
+        return False
+    return (ns.st_dev, ns.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def netns_pids(netns: str) -> list[int]:
@@ -260,7 +311,10 @@ def _remove_created_dirs() -> None:
 class Lab:
     """The lab's hosts on this machine, and the record (`lab.json`) of everything it made."""
 
-    def __init__(self, directory: Path = LAB_DIR, prefix: str = PREFIX) -> None:
+    def __init__(self, directory: Path = LAB_DIR, prefix: str = PREFIX, init: str = DEFAULT_INIT) -> None:
+        if init not in INIT_SYSTEMS:
+            raise LabError(f"init {init!r}: one of {', '.join(INIT_SYSTEMS)}")
+        self.init = init  # how `ensure` makes new servers; existing hosts keep what their record says
         self.dir = Path(directory)
         if not self.dir.is_absolute() or len(self.dir.parts) < 3:
             raise LabError(f"lab directory {self.dir} must be an absolute path at least two levels deep")
@@ -300,12 +354,22 @@ class Lab:
         return self.seed_file.read_bytes()
 
     def server_pid(self, netns: str) -> int | None:
-        """Root-namespace pid of the server's sshd, the init of its pid namespace."""
+        """Root-namespace pid of the server's init: the machine's systemd, or sshd on a plain host."""
         return self.record()["hosts"].get(netns, {}).get("init")
+
+    def init_system(self, netns: str) -> str:
+        """`systemd` for a server booted as a systemd machine, `plain` for every other host."""
+        return self.record()["hosts"].get(netns, {}).get("mode", "plain")
 
     # --- running things on hosts ------------------------------------------------------
     def host_argv(self, netns: str, argv: list[str]) -> list[str]:
-        pid = self.server_pid(netns)
+        entry = self.record()["hosts"].get(netns, {})
+        pid = entry.get("init")
+        if entry.get("mode") == "systemd":
+            if not _machine_pid(entry, "init"):
+                raise LabError(f"machine {netns} is not running (`kokoa lab up` boots it again)")
+            # The view the machine's own processes have: its root, mounts, hostname, network, pids.
+            return machines.enter_argv(pid, argv)
         if pid:
             # The same view an SSH session on that server has: its mounts, network, hostname, pids.
             return ["nsenter", f"--target={pid}", "--mount", "--net", "--uts", "--pid", "--wd=/", "--", *argv]
@@ -348,8 +412,10 @@ class Lab:
         for netns, host in rec["hosts"].items():
             if not host.get("ready"):
                 found.append(f"{netns} was not finished")
-            elif host["role"] in ("origin", "edge") and not (alive(host.get("init")) and self._listening(netns, 22)):
-                found.append(f"sshd on {netns} is not running")
+            elif host["role"] in ("origin", "edge") and topo is not None and host.get("mode", "plain") != self.init:
+                found.append(f"{netns} runs {host.get('mode', 'plain')}, not {self.init}")
+            elif host["role"] in ("origin", "edge") and not self._server_up(netns, host):
+                found.append(f"{'machine' if host.get('mode') == 'systemd' else 'sshd'} on {netns} is not running")
             elif host["role"] == "origin" and not self._demo_answers(Host(**host["host"])):
                 found.append(f"the demo application on {netns} does not answer")
             elif host["role"] == "acme" and not (self.ca_bundle.exists() and all(
@@ -371,8 +437,14 @@ class Lab:
             result[netns] = {"role": host["role"], "name": host["host"]["name"], "ip": host["host"]["ip"],
                              "netns": up}
             if host["role"] in ("origin", "edge"):
-                result[netns]["sshd"] = up and alive(host.get("init")) and self._listening(netns, 22)
+                result[netns]["sshd"] = up and self._server_up(netns, host)
+                result[netns]["init"] = host.get("mode", "plain")
         return result
+
+    def _server_up(self, netns: str, host: Mapping[str, Any]) -> bool:
+        """The server's init (the machine's systemd, or sshd) runs and its sshd accepts connections."""
+        init = _machine_pid(host, "init") if host.get("mode") == "systemd" else host.get("init")
+        return bool(init) and alive(init) and in_netns(init, netns) and self._listening(netns, 22)
 
     # --- bring-up ---------------------------------------------------------------------
     def ensure(self, topo: Topology, echo: Echo = print) -> None:
@@ -388,16 +460,19 @@ class Lab:
             run(["ip", "-n", bridge, "link", "add", "br0", "type", "bridge"])
         run(["ip", "-n", bridge, "link", "set", "br0", "up"])
         known = self.record()["hosts"]
-        for host in topo.hosts:
-            if host.netns in known:
-                continue
-            echo(f"  host    {host.netns}  {host.ip}  ({host.role})")
+        new = [host for host in topo.hosts if host.netns not in known]
+        for host in new:
+            mode = self.init if host.is_server else "plain"
+            echo(f"  host    {host.netns}  {host.ip}  ({host.role}, {mode})")
             with self._recording() as rec:
-                rec["hosts"][host.netns] = {"role": host.role, "host": asdict(host)}
+                rec["hosts"][host.netns] = {"role": host.role, "host": asdict(host), "mode": mode}
             self._add_netns(host.netns)
             self._link(topo, host)
             if host.is_server:
-                self._start_server(host)
+                self._start_server(host)  # machines boot in parallel; awaited below
+        for host in new:
+            if host.is_server:
+                self._await_server(host.netns)
             if host.role == "origin":
                 self._start_demo(host)
             if host.role == "acme":
@@ -442,6 +517,26 @@ class Lab:
         run(["ip", "-n", host.netns, "addr", "add", f"{host.ip}/{topo.network.prefixlen}", "dev", "eth0"])
         run(["ip", "-n", host.netns, "link", "set", "eth0", "up"])
 
+    def add_visitor(self, topo: Topology, name: str, ip: str, names: Mapping[str, str] = {}) -> Host:
+        """A bare namespace on the lab network (a benchmark's attacker, a test's outsider).
+
+        Recorded, so `down` removes it; `names` (name → address) become its /etc/hosts.
+        """
+        host = Host(name, "visitor", ip, f"{self.prefix}{name}")
+        self._add_netns(host.netns)
+        self._link(topo, host)
+        if names:
+            etc = Path("/etc/netns") / host.netns
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text("127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for n, a in names.items()))
+        return host
+
+    def remove_visitor(self, host: Host) -> None:
+        self._remove_netns(host.netns)
+        with self._recording() as rec:
+            if host.netns in rec["namespaces"]:
+                rec["namespaces"].remove(host.netns)
+
     def _machine_dir(self, path: str) -> None:
         """Bind targets (and /etc/netns) must exist on the machine; remember the ones the lab created."""
         if not os.path.isdir(path):
@@ -450,6 +545,57 @@ class Lab:
             os.makedirs(path, exist_ok=True)
 
     def _start_server(self, host: Host) -> None:
+        """sshd up on a plain host; on a systemd machine, the boot started (`_await_server` waits)."""
+        hdir = self.host_dir(host.netns)
+        hdir.mkdir(parents=True, exist_ok=True)
+        key = hdir / "ssh_host_ed25519_key"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", host.netns, "-f", str(key)])
+        if self.init_system(host.netns) == "systemd":
+            self._start_machine(host)
+        else:
+            self._start_plain(host)
+
+    def _start_machine(self, host: Host) -> None:
+        hdir = self.host_dir(host.netns)
+        for path in NSPAWN_RUN_DIRS:
+            self._machine_dir(path)
+        with self._recording() as rec:
+            # Recorded before it is mounted, so `down` unmounts it after a crash.
+            rec["hosts"][host.netns]["root"] = str(machines.root(hdir))
+        try:
+            merged = machines.mount_root(hdir)
+            machines.provision(merged, host.name, hdir / "ssh_host_ed25519_key",
+                               Path(f"{self.operator_key}.pub").read_text())
+        except (machines.MachineError, OSError) as exc:
+            raise LabError(f"machine {host.netns}: {exc}") from exc
+        self._boot(host.netns)
+
+    def _boot(self, netns: str) -> None:
+        host = Host(**self.record()["hosts"][netns]["host"])
+        hdir = self.host_dir(netns)
+        launcher = self._spawn(machines.boot_argv(netns, host.name, machines.root(hdir)), hdir / "console.log")
+        with self._recording() as rec:
+            rec["hosts"][netns].update(launcher=launcher.pid, launcher_start=started(launcher.pid), init=None)
+
+    def _await_server(self, netns: str) -> None:
+        """The machine booted (every unit started: `running`, not `degraded`) and its sshd listens."""
+        entry = self.record()["hosts"][netns]
+        if entry.get("mode") != "systemd":
+            return
+        launcher = entry["launcher"]
+        try:
+            init = machines.wait_booted(lambda: launcher if alive(launcher) else None, alive, f"machine {netns}")
+        except machines.MachineError as exc:
+            raise LabError(f"{exc}; console: {self.host_dir(netns) / 'console.log'}") from exc
+        with self._recording() as rec:
+            rec["hosts"][netns].update(init=init, init_start=started(init))
+        failed = machines.failed_units(init)
+        if failed:
+            raise LabError(f"machine {netns} booted with failed units: {', '.join(failed)} "
+                           f"(`{shlex.join(self.host_argv(netns, ['systemctl', 'status', failed[0]]))}`)")
+        wait_until(f"sshd on {netns}", lambda: self._listening(netns, 22))
+
+    def _start_plain(self, host: Host) -> None:
         hdir = self.host_dir(host.netns)
         root = hdir / "root"
         for path in PRIVATE_DIRS:
@@ -473,7 +619,6 @@ class Lab:
         (etc / "kokoa").mkdir()
 
         key = hdir / "ssh_host_ed25519_key"
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", host.netns, "-f", str(key)])
         authorized = hdir / "authorized_keys"
         authorized.write_text(Path(f"{self.operator_key}.pub").read_text())
         config = hdir / "sshd_config"
@@ -512,11 +657,20 @@ class Lab:
         if up.scheme != "http" or not up.hostname:
             raise LabError(f"origin {host.name}: the lab's demo application needs an http:// upstream, "
                            f"not {host.upstream!r}")
-        conf = self.host_dir(host.netns) / "demo-nginx.conf"
-        conf.write_text(DEMO_NGINX.format(listen=f"{up.hostname}:{up.port or 80}",
-                                          body=f"hello from origin {host.name}\\n",
-                                          status=DEMO_STATUS_SOCKET))
-        self.on_host(host.netns, ["nginx", "-c", str(conf)], check=True, stdin=subprocess.DEVNULL)
+        listen = f"{up.hostname}:{up.port or 80}"
+        text = DEMO_NGINX.format(listen=listen, body=f"hello from origin {host.name}\\n", status=DEMO_STATUS_SOCKET)
+        if self.init_system(host.netns) == "systemd":
+            # A unit of the machine, enabled: it starts again when the origin boots again.
+            merged = machines.root(self.host_dir(host.netns))
+            machines.write_file(merged, DEMO_CONF, text)
+            machines.write_file(merged, "/etc/systemd/system/kokoa-demo.service",
+                                DEMO_UNIT.format(listen=listen, conf=DEMO_CONF))
+            self.on_host(host.netns, ["systemctl", "daemon-reload"], check=True)
+            self.on_host(host.netns, ["systemctl", "enable", "--now", "--quiet", "kokoa-demo.service"], check=True)
+        else:
+            conf = self.host_dir(host.netns) / "demo-nginx.conf"
+            conf.write_text(text)
+            self.on_host(host.netns, ["nginx", "-c", str(conf)], check=True, stdin=subprocess.DEVNULL)
         wait_until(f"demo application on {host.netns}", lambda: self._demo_answers(host))
 
     def demo_requests(self, netns: str) -> int:
@@ -586,7 +740,9 @@ class Lab:
             if netns in wanted:
                 continue
             echo(f"  remove  {netns}  ({host['role']})")
-            self._remove_netns(netns, host.get("init"))
+            self._remove_netns(netns, host)
+            if machines.mounted_under(self.host_dir(netns)):
+                raise LabError(f"cannot unmount {machines.root(self.host_dir(netns))}; `kokoa lab down` and up again")
             shutil.rmtree(self.host_dir(netns), ignore_errors=True)
             with self._recording() as rec:
                 del rec["hosts"][netns]
@@ -613,14 +769,48 @@ class Lab:
                     return
                 time.sleep(0.05)
 
-    def _remove_netns(self, netns: str, init: int | None) -> None:
-        if init and alive(init):
+    def _remove_netns(self, netns: str, host: Mapping[str, Any] | None = None) -> None:
+        host = host or {}
+        init = host.get("init")
+        if host.get("mode") == "systemd":
+            # Powered off, as `systemctl poweroff` would: units stop, then systemd exits.
+            machines.halt(_machine_pid(host, "init"), _machine_pid(host, "launcher"), alive, _reap)
+            machines.kill_cgroup_processes(netns, alive)
+        elif init and alive(init):
             # SIGKILL to a pid namespace's init ends every process in it; other signals it may ignore.
             os.kill(init, signal.SIGKILL)
         self._kill(netns_pids(netns))
+        if host.get("root"):
+            machines.unmount_root(Path(host["root"]).parent)
+            machines.remove_runtime_dirs(netns)
+            machines.remove_cgroups(netns)
         if netns in namespaces():
             run(["ip", "netns", "del", netns])
         shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
+
+    def power_off(self, netns: str) -> None:
+        """Power a systemd machine off (its units stop, its processes end); its directory stays."""
+        entry = self.record()["hosts"].get(netns, {})
+        if entry.get("mode") != "systemd":
+            raise LabError(f"{netns} is not a systemd machine")
+        machines.halt(_machine_pid(entry, "init"), _machine_pid(entry, "launcher"), alive, _reap)
+        machines.kill_cgroup_processes(netns, alive)
+        left = machines.unmount_root(self.host_dir(netns))
+        machines.remove_runtime_dirs(netns)
+        machines.remove_cgroups(netns)
+        if left:
+            raise LabError(f"machine {netns}: still mounted after power-off: {', '.join(left)}")
+
+    def boot(self, netns: str) -> None:
+        """Boot a powered-off systemd machine again from its directory; nothing is deployed."""
+        if self.record()["hosts"].get(netns, {}).get("mode") != "systemd":
+            raise LabError(f"{netns} is not a systemd machine")
+        try:
+            machines.mount_root(self.host_dir(netns))
+        except machines.MachineError as exc:
+            raise LabError(f"machine {netns}: {exc}") from exc
+        self._boot(netns)
+        self._await_server(netns)
 
     def down(self, echo: Echo = print, also: Iterable[str] = ()) -> list[str]:
         """Kill every lab process, delete every lab namespace, /etc/netns dir and the lab directory.
@@ -632,25 +822,37 @@ class Lab:
         present = namespaces()
         ours = [ns for ns in dict.fromkeys([*rec["namespaces"], *self.infra_namespaces(), *also]) if ns in present]
         pids = {p for p in rec["processes"].values() if alive(p)}
-        pids |= {h["init"] for h in rec["hosts"].values() if alive(h.get("init"))}
+        pids |= {h["init"] for h in rec["hosts"].values() if h.get("mode") != "systemd" and alive(h.get("init"))}
+        pids |= {p for h in rec["hosts"].values() for p in (_machine_pid(h, "init"), _machine_pid(h, "launcher")) if p}
         pids |= {p for ns in ours for p in netns_pids(ns)}
         self._kill(sorted(p for p in rec["processes"].values() if alive(p)))
         for netns in ours:
             echo(f"  remove  {netns}")
-            self._remove_netns(netns, rec["hosts"].get(netns, {}).get("init"))
+            self._remove_netns(netns, rec["hosts"].get(netns))
+        for netns, host in rec["hosts"].items():
+            if host.get("root") and netns not in ours:
+                # Its namespace is gone, but its machine or overlay may not be.
+                self._remove_netns(netns, host)
         for netns in rec["namespaces"]:
             shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
         self._reap_children()
         _remove_created_dirs()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        mounted = machines.mounted_under(self.dir)
+        if not mounted:
+            # Never while an overlay of / is mounted in it: rmtree would walk the whole machine.
+            shutil.rmtree(self.dir, ignore_errors=True)
         left = [f"process {p}" for p in sorted(pids) if alive(p)]
+        left += [f"mount {m}" for m in mounted]
+        left += [f"cgroup {c}" for ns, h in rec["hosts"].items() if h.get("mode") == "systemd"
+                 for c in machines.cgroups(ns) if c.exists()]
         left += [f"namespace {ns}" for ns in ours if ns in namespaces()]
         left += [f"directory /etc/netns/{ns}" for ns in ours if (Path("/etc/netns") / ns).exists()]
         return left + self.leftovers()
 
     def leftovers(self) -> list[str]:
-        """Processes started from the lab directory, and the directory itself, if still there."""
-        found = []
+        """Processes started from the lab directory, mounts under it in any mount namespace
+        (machines' overlays), and the directory itself, if still there."""
+        found = [f"mount {m}" for m in machines.foreign_mounts(self.dir)]
         marker = f"{self.dir}/".encode()
         for proc in Path("/proc").iterdir():
             try:
