@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -242,14 +243,14 @@ class _Redactor:
     """Hides the origins' public addresses (endpoints) from every text on the page unless allowed."""
 
     def __init__(self, sweep: Sweep, show: bool) -> None:
-        self.secrets = [] if show else sorted(
-            {node.target.public_ip for node in sweep.nodes if node.target.role == "origin"},
-            key=len, reverse=True)
+        secrets = set() if show else {node.target.public_ip for node in sweep.nodes
+                                      if node.target.role == "origin"}
+        # Whole addresses or names only: 10.0.0.1 must not eat into an edge's 10.0.0.12.
+        self.pattern = re.compile("|".join(rf"(?<![\w.-]){re.escape(secret)}(?![\w-]|\.\w)"
+                                           for secret in sorted(secrets, key=len, reverse=True)))
 
     def __call__(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "[origin address hidden]")
-        return text
+        return self.pattern.sub("[origin address hidden]", text) if self.pattern.pattern else text
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from kokoa_infra.health_html_preview import PageRow, page_rows, parse_html
 
 pytestmark = pytest.mark.lab
 
@@ -39,7 +42,7 @@ def edge(lab_env, origin) -> dict:
     return next(e for e in lab_env.status["edges"] if e["origin"] == origin["name"])
 
 
-def run_health(lab, origin: dict) -> dict[str, dict]:
+def run_health(lab, origin: dict, *extra: str) -> dict[str, dict]:
     """One `kokoa health --once --json` in the origin host's network; nodes by "role/name".
 
     Only the network namespace: a lab host's private /tmp would hide a checkout under /tmp.
@@ -47,10 +50,16 @@ def run_health(lab, origin: dict) -> dict[str, dict]:
     result = subprocess.run(
         ["ip", "netns", "exec", origin["netns"], sys.executable, "-m", "kokoa_infra.health",
          "--once", "--json", "--outputs", str(lab.outputs_file),
-         "--ca-bundle", lab.status["caBundle"], "--https-timeout", "5"],
+         "--ca-bundle", lab.status["caBundle"], "--https-timeout", "5", *extra],
         env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
     assert result.returncode in (0, 1), result.stderr
     return {f"{node['role']}/{node['name']}": node for node in json.loads(result.stdout)["nodes"]}
+
+
+def run_health_with_page(lab, origin: dict, page: Path) -> tuple[dict[str, dict], dict[str, PageRow]]:
+    """One sweep written both as JSON and as the status page."""
+    nodes = run_health(lab, origin, "--html", str(page))
+    return nodes, page_rows(parse_html(page.read_text())[0])
 
 
 def wait_for(lab, origin: dict, condition: Callable[[dict[str, dict]], bool]) -> dict[str, dict]:
@@ -78,16 +87,35 @@ def test_all_nodes_healthy_from_an_origin(lab_env, origin):
     assert all(n["checks"]["https"]["ok"] for n in nodes.values() if n["role"] == "edge")
 
 
-def test_stopped_nginx_makes_only_that_edge_unhealthy_by_https(lab_env, origin, edge):
+def test_stopped_nginx_makes_only_that_edge_unhealthy_by_https_and_the_page_shows_it(
+        lab_env, origin, edge, tmp_path):
     key = f"edge/{edge['name']}"
+    page = tmp_path / "status.html"
     lab_env.on_host(edge["netns"], "sh", "-c", "nginx -s stop")
     try:
-        nodes = wait_for(lab_env, origin, lambda n: key in unhealthy(n))
+        wait_for(lab_env, origin, lambda n: key in unhealthy(n))
+        nodes, rows = run_health_with_page(lab_env, origin, page)
         assert unhealthy(nodes) == {key}
         assert nodes[key]["checks"]["https"]["ok"] is False
         assert nodes[key]["checks"]["ping"]["ok"] is True
     finally:
         lab_env.on_host(edge["netns"], "nginx")
+    # The page of that sweep: the stopped edge unhealthy by HTTPS, every other node serving.
+    assert set(rows) == set(nodes)
+    assert rows[key].state == "unhealthy"
+    assert f"https: {nodes[key]['checks']['https']['error']}" in rows[key].cells["State"]
+    assert "ping:" not in rows[key].cells["State"]
+    assert {k for k, row in rows.items() if row.state != "serving"} == {key}
+    for other, node in nodes.items():
+        https = node["checks"].get("https")
+        if https and https["ok"]:
+            assert rows[other].cells["HTTPS"].startswith(f"HTTP {https['code']}")
+            assert rows[other].cells["Certificate"] == f"{https['certDaysLeft']} days left"
+    text = page.read_text()
+    for node in json.loads(Path(lab_env.outputs_file).read_text())["healthTargets"]:
+        if node["role"] == "origin":
+            # Origin endpoints stay off the page (whole addresses: an edge's may extend one).
+            assert not re.search(rf"(?<![\d.]){re.escape(node['publicIp'])}(?![\d])", text)
     assert all_healthy(wait_for(lab_env, origin, all_healthy))
 
 

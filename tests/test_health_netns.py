@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kokoa_infra.health_html_preview import page_rows, parse_html
 from kokoa_infra.health_netns import TargetNetwork, target_network
 
 pytestmark = pytest.mark.netns
@@ -66,11 +67,12 @@ def outputs_file(network: TargetNetwork) -> Iterator[Path]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def sweep(network: TargetNetwork, outputs_file: Path, *prefix: str) -> subprocess.CompletedProcess:
+def sweep(network: TargetNetwork, outputs_file: Path, *prefix: str,
+          extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["ip", "netns", "exec", network.prober, *prefix, sys.executable, "-m", "kokoa_infra.health",
          "--once", "--json", "--outputs", str(outputs_file), "--checks", "ping",
-         "--timeout", str(TIMEOUT_S)],
+         "--timeout", str(TIMEOUT_S), *extra],
         capture_output=True, text=True, timeout=60, cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)})
 
@@ -111,3 +113,26 @@ def test_unprivileged_user_needs_ping_group_range_then_gets_the_same_results(net
                     "net.ipv4.ping_group_range=0 2147483647"], check=True, timeout=30)
     document = assert_results(network, sweep(network, outputs_file, *as_nobody))
     assert document["durationMs"] < 3 * TIMEOUT_S * 1000
+
+
+def test_the_status_page_of_a_real_sweep_shows_every_node_as_its_json_does(network, outputs_file, tmp_path):
+    page = tmp_path / "status.html"
+    document = assert_results(network, sweep(network, outputs_file, extra=("--html", str(page))))
+    rows = page_rows(parse_html(page.read_text())[0])
+    assert len(rows) == len(document["nodes"]) == 300
+    for node in document["nodes"]:
+        row, ping = rows[f"{node['role']}/{node['name']}"], node["checks"]["ping"]
+        assert row.state == ("serving" if node["status"] == "healthy" else "unhealthy")
+        if ping["ok"]:
+            rtt = ping["rttMs"]
+            assert row.cells["Ping RTT"].startswith(f"{rtt:.2f} ms" if rtt < 10 else f"{rtt:.1f} ms")
+            assert "ping:" not in row.cells["State"]
+        else:
+            assert row.cells["Ping RTT"].startswith("no reply")
+            assert f"ping: {ping['error']}" in row.cells["State"]
+        # An origin's public address is hidden; an edge's and any WireGuard address are shown.
+        shown = "address hidden" if (node["role"], ping["via"]) == ("origin", "public") else ping["address"]
+        assert row.cells["Ping RTT"].endswith(f"via {ping['via']} {shown}")
+        assert row.cells["HTTPS"] == ("not probed (origin)" if node["role"] == "origin" else "not checked")
+    history = json.loads((tmp_path / "status.html.history.json").read_text())
+    assert len(history["sweeps"]) == 1 and len(history["nodes"]) == 300

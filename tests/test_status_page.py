@@ -281,6 +281,22 @@ def test_origin_public_addresses_never_appear_unless_asked():
     assert ORIGIN_ENDPOINT in rows["origin/blog"].header
 
 
+def test_hiding_an_origin_address_leaves_a_longer_edge_address_whole():
+    origin = Target("o", "origin", "o", "o.test", IPv4Address("10.100.0.1"), "172.31.255.1")
+    edge = Target("e", "edge", "o", "o.test", IPv4Address("10.100.0.10"), "172.31.255.12")
+    sweep = Sweep(SAMPLE_END, 0.1, ("ping", "https"), [
+        NodeResult(origin, PingResult(False, "172.31.255.1", "public", None, 1, 0,
+                                      "172.31.255.1 unreachable"), None),
+        NodeResult(edge, PingResult(False, "172.31.255.12", "public", None, 1, 0,
+                                    "172.31.255.12 unreachable"), ok_https())])
+    page = render_page(sweep, update_history(History(), sweep, 3), 30)
+    rows = page_rows(parse_html(page)[0])
+    assert rows["origin/o"].cells["State"].endswith("ping: [origin address hidden] unreachable")
+    assert rows["edge/e"].cells["State"].endswith("ping: 172.31.255.12 unreachable")
+    assert rows["edge/e"].cells["Ping RTT"] == "no reply via public 172.31.255.12"
+    assert not re.search(r"172\.31\.255\.1(?![0-9])", page)
+
+
 def test_the_page_offers_no_bundle_and_says_why(sample):
     _sweep, _history, page, document, _ = sample
     assert "kokoa bundle" in document.first("footer").text()
