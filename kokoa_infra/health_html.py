@@ -168,7 +168,7 @@ tbody th{font-weight:600}
 .warn{color:var(--warn);font-weight:600}
 .failed{color:var(--bad);font-weight:600}
 .strip{display:flex;gap:1px;height:18px;width:100%}
-.strip span{flex:0 1 6px;min-width:1px;border-radius:1px;background:var(--line)}
+.strip i{flex:0 1 6px;min-width:1px;border-radius:1px;background:var(--line)}
 .strip .s{background:var(--ok)}.strip .d{background:var(--drained)}.strip .u{background:var(--bad)}
 .legend{font-size:.85em;color:var(--muted)}
 .legend .key{display:inline-block;width:10px;height:10px;margin:0 3px 0 8px;border-radius:2px}
@@ -278,16 +278,17 @@ def _strip(history: NodeHistory | None, sweeps: tuple[tuple[str, float], ...]) -
     strip = history.strip
     times = [at for at, _ in sweeps][-len(strip):] if sweeps else []
     times = [""] * (len(strip) - len(times)) + times
-    runs: list[list[Any]] = []
-    for letter in strip:
+    runs: list[list[Any]] = []   # [letter, sweeps, checkedAt of the first]
+    for letter, at in zip(strip, times):
         if runs and runs[-1][0] == letter:
             runs[-1][1] += 1
         else:
-            runs.append([letter, 1])
+            runs.append([letter, 1, at])
     label = (f"Last {len(strip)} sweep{'s' if len(strip) != 1 else ''}, oldest first: "
-             + ", then ".join(f"{count} {STATE_OF_LETTER[letter]}" for letter, count in runs))
-    cells = "".join(f'<span class="{letter}" title="{_e(at)} {STATE_OF_LETTER[letter]}"></span>'
-                    for letter, at in zip(strip, times))
+             + ", then ".join(f"{count} {STATE_OF_LETTER[letter]}" + (f" from {at[11:19]}" if at else "")
+                              for letter, count, at in runs) + " (UTC)")
+    # One bare element per sweep (a big stack has thousands); the label carries the times.
+    cells = "".join(f'<i class="{letter}"></i>' for letter in strip)
     return f'<span class="strip" role="img" aria-label="{_e(label)}" title="{_e(label)}">{cells}</span>'
 
 

@@ -117,9 +117,11 @@ def test_history_strip_has_a_cell_per_sweep_in_order_with_text(sample):
         assert cells[-1].classes() == {letters[node_state(node)]}
         assert strip.attrs["role"] == "img" and strip.attrs["aria-label"].startswith("Last 48 sweeps")
     nagoya = next(span for span in rows["edge/edge-nagoya-1"].element.iter("span") if "strip" in span.classes())
-    assert nagoya.attrs["aria-label"] == "Last 48 sweeps, oldest first: 38 serving, then 10 unhealthy"
-    assert [c for c in nagoya.children if not isinstance(c, str)][-1].attrs["title"] == \
-        "2025-05-01T12:00:00Z unhealthy"
+    assert nagoya.attrs["aria-label"] == \
+        "Last 48 sweeps, oldest first: 38 serving from 11:36:30, then 10 unhealthy from 11:55:30 (UTC)"
+    shop = next(span for span in rows["origin/shop"].element.iter("span") if "strip" in span.classes())
+    assert shop.attrs["aria-label"] == ("Last 48 sweeps, oldest first: 26 serving from 11:36:30, "
+                                        "then 2 unhealthy from 11:49:30, then 20 serving from 11:50:30 (UTC)")
 
 
 def test_origins_group_their_edges_with_domain_and_serving_count(sample):
