@@ -37,6 +37,16 @@ class DeclaredResource:
     dependencies: tuple[str, ...]
     parent: str
     delete_before_replace: bool
+    # The resource options the engine acts on (RegisterResourceRequest), as declared.
+    # replaceOnChanges includes what the SDK adds itself (pulumi_command: "triggers[*]").
+    replace_on_changes: tuple[str, ...] = ()
+    ignore_changes: tuple[str, ...] = ()
+    # Alias specs resolved to URNs the way the engine collapses them (parent, name and
+    # type default to the resource's own), in the URN scheme of the mock monitor.
+    aliases: tuple[str, ...] = ()
+    retain_on_delete: bool = False
+    additional_secret_outputs: tuple[str, ...] = ()
+    custom: bool = True
 
 
 @dataclass
@@ -78,12 +88,22 @@ class KokoaMocks(pulumi.runtime.Mocks):
 
     def __init__(self, seed: bytes = b"kokoa-tests") -> None:
         self.seed = seed
+        # {name: the name it had before}, for resources that answer to an alias: state would
+        # keep their bytes, so the bytes follow the old name.
+        self.former_name: dict[str, str] = {}
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         state = dict(args.inputs)
         if args.typ == RANDOM_BYTES:
             length = int(args.inputs["length"])
-            raw = hashlib.sha256(self.seed + b"\0" + args.name.encode()).digest()[:length]
+            material = self.seed + b"\0" + self.former_name.get(args.name, args.name).encode()
+            keepers = args.inputs.get("keepers")
+            if keepers:
+                # A changed keeper replaces RandomBytes, i.e. new random bytes (pulumi-random:
+                # "keepers ... when changed, will trigger recreation of resource"). Without
+                # keepers the bytes stay what they were before keepers existed.
+                material += b"\0" + json.dumps(keepers, sort_keys=True).encode()
+            raw = hashlib.sha256(material).digest()[:length]
             state["base64"] = base64.b64encode(raw).decode()
             state["hex"] = raw.hex()
         return f"{args.name}-id", state
@@ -118,8 +138,11 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
     def __init__(self, mocks: pulumi.runtime.Mocks, run: ProgramRun) -> None:
         super().__init__(mocks)
         self.run = run
+        self.alias_names: dict[str, list[str]] = {}  # URN → the names it answered to before
 
     def RegisterResource(self, request):  # noqa: N802 (gRPC name)
+        if request.type != "pulumi:pulumi:Stack":
+            self._remember_former_names(request)
         response = super().RegisterResource(request)
         if request.type != "pulumi:pulumi:Stack":
             wrapped = json.loads(json.dumps(_struct_to_python(request.object)))
@@ -132,8 +155,40 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 dependencies=tuple(request.dependencies),
                 parent=request.parent,
                 delete_before_replace=request.deleteBeforeReplace,
+                replace_on_changes=tuple(request.replaceOnChanges),
+                ignore_changes=tuple(request.ignoreChanges),
+                aliases=tuple(self._alias_urns(request)),
+                retain_on_delete=bool(request.retainOnDelete),
+                additional_secret_outputs=tuple(request.additionalSecretOutputs),
+                custom=bool(request.custom),
             ))
         return response
+
+    def _remember_former_names(self, request) -> None:
+        """Own alias names, and the parent's swapped into the name's prefix (the engine's
+        inheritedChildAlias), so that the mocks derive an aliased RandomBytes as state keeps it."""
+        names = [urn.rsplit("::", 1)[1] for urn in self._alias_urns(request)]
+        parent_name = request.parent.rsplit("::", 1)[1] if request.parent else ""
+        for old_parent in self.alias_names.get(request.parent, []):
+            if parent_name and request.name.startswith(parent_name):
+                names.append(old_parent + request.name[len(parent_name):])
+        names = [n for n in dict.fromkeys(names) if n != request.name]
+        self.alias_names[self.make_urn(request.parent, request.type, request.name)] = names
+        if names and isinstance(self.mocks, KokoaMocks):
+            self.mocks.former_name[request.name] = names[0]
+
+    def _alias_urns(self, request) -> list[str]:
+        """Each alias as a URN: the engine's collapseAliasToUrn (pkg/resource/deploy/step_generator.go)."""
+        urns = list(request.aliasURNs)
+        for alias in request.aliases:
+            if alias.urn:
+                urns.append(alias.urn)
+                continue
+            spec = alias.spec
+            # Built as the mock monitor builds the resource's own URN, so that they compare.
+            parent = "" if spec.noParent else (spec.parentUrn or request.parent)
+            urns.append(self.make_urn(parent, spec.type or request.type, spec.name or request.name))
+        return list(dict.fromkeys(urns))
 
 
 class _LogRecorder(logging.Handler):

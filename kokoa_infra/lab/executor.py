@@ -1,24 +1,92 @@
-"""Stand-in for the pulumi-command provider: applies the program's recorded remote commands over real SSH.
+"""Stand-in for the Pulumi engine and the pulumi-command provider: applies the program's recorded resources for real.
 
 No Pulumi CLI or provider plugin can be had on the lab machine, so `kokoa lab up` evaluates
-the program under mocks (`kokoa_infra.mockrun`) and this module does what the engine and
-the command provider would do with the declared `command:remote:Command` (and StringAsset
-`CopyToRemote`) resources: create in dependency order, update or replace on changed inputs,
-delete what is no longer declared, and keep state between runs. With the CLI installed,
-`pulumi up` against the same stack does the same. Not mirrored: parallelism, and the
-`PULUMI_COMMAND_STDOUT/STDERR` variables the provider sets for update and delete.
+the program under mocks (`kokoa_infra.mockrun`) and this module does with the declared
+resources what `pulumi up` would: `command:remote:Command` (and StringAsset
+`CopyToRemote`) over real SSH, and, when given a handler for it,
+`cloudflare:index/dnsRecord:DnsRecord` against a Cloudflare API (the lab's stand-in).
+State is kept between runs like a stack's checkpoint.
+
+Each rule, and where the engine or the provider states it (pulumi-command v1.2.1, its
+pulumi-go-provider v1.3.0, pulumi/pulumi `pkg/resource/deploy`,
+cloudflare/terraform-provider-cloudflare `internal/services/dns_record` at the commit
+pulumi-cloudflare builds from):
+
+1. Replacement only when a changed input is a replaceOnChanges input: the provider's
+   schema (`triggers`: pulumi-command `provider/pkg/provider/common/inputs.go`;
+   `zone_id`, `type`: terraform-provider-cloudflare `dns_record/schema.go`
+   RequiresReplace) or the resource's own `replaceOnChanges` as the program declared it
+   (the SDK adds `triggers[*]` for Command and CopyToRemote), matched as property paths
+   (`applyReplaceOnChanges` and `PropertyPath.Contains` in `step_generator.go`,
+   `sdk/go/common/resource/properties_path.go`). A resource whose provider has an
+   Update replaces on nothing else: pulumi-go-provider `infer/resource.go` Diff. So a
+   changed `connection` (secret only: `remote/command.go`) is an in-place update.
+2. An update runs `update`, or `create` again when there is none, with the new inputs:
+   new connection, stdin, environment (`remote/commandController.go` Update:
+   `CommandOutputs{CommandInputs: news, BaseOutputs: olds.BaseOutputs}`).
+3. A delete runs the old state's `delete` on the old state's connection
+   (`commandController.go` Delete uses `req.State`). CopyToRemote has no delete
+   (`remote/copyController.go`). A DnsRecord delete is a DELETE of the recorded id, and
+   a 404 fails it (`dns_record/resource.go` Delete).
+4. Replacement: with `deleteBeforeReplace` the old delete runs, then the new create, in
+   the resource's own turn; otherwise the new create runs in its turn and the old one
+   becomes a pending delete, deleted with the other deletes after every create and update
+   (`GenerateDeletes` in `step_generator.go`: `res.Delete` states become
+   DeleteReplacement steps). A pending delete that failed stays pending and is retried
+   in the next run's delete phase.
+5. Creates and updates run as soon as their dependencies are done, independent ones in
+   parallel (`pulumi up --parallel`: "Defaults to unbounded"), in a seeded shuffled
+   order, so that a missing `depends_on` shows here as it would for real. After a
+   failure nothing new starts; running steps finish (Pulumi's blog, "Continue on Error":
+   "letting already in-flight operations complete, but not starting any new operations").
+6. Deletes of resources no longer declared run last, dependants before dependencies,
+   independent ones in parallel (`ScheduleDeletes` antichains in `step_generator.go`).
+   `retainOnDelete` drops the state without running the delete.
+7. Aliases: a resource found in the old state under one of its aliases is the same
+   resource (no create, no delete); a child of an aliased parent also answers to its
+   name with the parent's old name as prefix (`generateAliases`, `inheritedChildAlias`,
+   `getOldResource` in `step_generator.go`).
+8. `ignoreChanges` paths keep their old value before diffing (pulumi-go-provider
+   `infer/resource.go` diff).
+9. `environment` is sent with SSH setenv, and a failure fails the command
+   (`remote/commandOutputs.go`, `logAndWrapSetenvErr` with `diag.Error`). A stock sshd
+   accepts no variables (sshd_config(5) AcceptEnv: "The default is not to accept any
+   environment variables"), so any `environment` fails the step here.
+10. `PULUMI_COMMAND_STDOUT`/`STDERR` (the previous stdout/stderr) are set on update and
+   delete unless `addPreviousOutputInEnv` is false; the setenv failure is a warning and
+   the command still runs (`commandOutputs.go`). A stock sshd refuses them: the
+   executor reports the provider's warning and sends nothing.
+11. A failed create leaves nothing in state, a failed update leaves the old state
+   (Command returns a plain error, not an initialization failure: `commandController.go`
+   with pulumi-go-provider's `infer/resource.go`), so the next run tries again.
+12. Refresh (`options: refresh: always` in Pulumi.yaml, `sdk/go/common/workspace/
+   project.json`): a Command reads back unchanged (no Read in `commandController.go`; the
+   default Read of pulumi-go-provider returns the state as is); a DnsRecord is read by id,
+   and a 404 removes it from state, so the program's record is created again
+   (`dns_record/resource.go` Read).
+
+Different on purpose: no dial retries (the provider dials up to `dialErrorLimit`, 10
+times: `remote/connection.go`), so a dead host fails at once; the executor authenticates
+with `privateKey` only; URNs are the mock monitor's (a child's type is prefixed with its
+parent's own type only, where the engine keeps the whole chain), consistently so within
+the lab's state; dependent replacements through property dependencies
+(`calculateDependentReplacements`) are not computed, as no command takes another
+command's output as input.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
@@ -28,22 +96,23 @@ from kokoa_infra.mockrun import DeclaredResource
 
 COMMAND = "command:remote:Command"
 COPY_TO_REMOTE = "command:remote:CopyToRemote"
-# Changing these replaces the resource; any other input change is an in-place update.
-REPLACE_KEYS = ("connection", "triggers")
-# pulumi-command sends `environment` with SSH setenv, which fails unless the server's
-# AcceptEnv allows the name; the lab's sshd accepts exactly this prefix.
-ACCEPTED_ENV_PREFIX = "KOKOA_"
+DNS_RECORD = "cloudflare:index/dnsRecord:DnsRecord"
+# What a stock sshd accepts with setenv: nothing (AcceptEnv is empty by default).
+ACCEPT_ENV: tuple[str, ...] = ()
+PREVIOUS_OUTPUT_ENV = ("PULUMI_COMMAND_STDOUT", "PULUMI_COMMAND_STDERR")
 CONNECTION_SECRETS = ("privateKey", "password", "privateKeyPassword")
 ASSET_SIG_KEY = "4dabf18193072939515e22adb298388d"
 STRING_ASSET_SIG = "c44067f5952c0a294b673a41bacd8c17"
 TAIL_LINES = 20
-STATE_VERSION = 1
+STATE_VERSION = 2
+# Unbounded in the engine; the lab has a handful of hosts.
+DEFAULT_PARALLEL = 16
 
 Echo = Callable[[str], None]
 
 
 class ExecutorError(Exception):
-    """The run stopped: a command failed (`exit_code` is its code) or the resources cannot be executed."""
+    """The run stopped: a step failed (`exit_code` is a command's code) or the resources cannot be executed."""
 
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
@@ -61,10 +130,12 @@ class Completed:
 
 @dataclass
 class Report:
-    """What one `apply` did, in order: (action, resource name), action one of
-    created / updated / replaced / deleted / unchanged."""
+    """What one `apply` did, in the order it finished: (action, resource name), action one of
+    created / updated / replaced / deleted / unchanged; and the provider's warnings."""
 
     actions: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seed: int = 0
 
     @property
     def counts(self) -> Counter:
@@ -89,7 +160,7 @@ class SshRunner:
         self.timeout = timeout
 
     def argv(self, connection: Mapping[str, Any], key_file: Path, known_hosts: Path | None,
-             env_names: Iterable[str], command: str) -> list[str]:
+             command: str) -> list[str]:
         port = int(connection.get("port", 22))
         argv = ["ip", "netns", "exec", self.netns, "ssh", "-F", "/dev/null",
                 "-i", str(key_file), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
@@ -99,11 +170,11 @@ class SshRunner:
             argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
         else:
             argv += ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}"]
-        for name in env_names:
-            argv += ["-o", f"SendEnv={name}"]
         return argv + ["-p", str(port), "-l", connection.get("user", "root"), connection["host"], "--", command]
 
     def run(self, connection, command, stdin, environment):
+        if environment:
+            raise ExecutorError("the SSH runner sends no environment (a stock sshd refuses it)")
         if not connection.get("privateKey"):
             raise ExecutorError(f"connection to {connection.get('host')} has no privateKey; "
                                 "the lab executor authenticates with keys only")
@@ -118,8 +189,8 @@ class SshRunner:
                 pattern = connection["host"] if port == 22 else f"[{connection['host']}]:{port}"
                 key_type, key_data = connection["hostKey"].split()[:2]
                 known_hosts.write_text(f"{pattern} {key_type} {key_data}\n")
-            env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **environment}
-            argv = self.argv(connection, key_file, known_hosts, environment, command)
+            env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+            argv = self.argv(connection, key_file, known_hosts, command)
             try:
                 proc = subprocess.run(argv, input=stdin or "", capture_output=True, text=True,
                                       env=env, timeout=self.timeout, check=False)
@@ -139,6 +210,146 @@ def _normal(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
+# --- property paths (replaceOnChanges, ignoreChanges) ----------------------------------
+
+def parse_path(text: str) -> tuple[Any, ...]:
+    """`a.b[0]["c.d"][*]` → ("a", "b", 0, "c.d", "*"), as `resource.ParsePropertyPath` reads it."""
+    parts: list[Any] = []
+    i, word = 0, ""
+    while i < len(text):
+        ch = text[i]
+        if ch == ".":
+            if word:
+                parts.append(word)
+            word = ""
+        elif ch == "[":
+            if word:
+                parts.append(word)
+            word = ""
+            end = text.index("]", i)
+            inner = text[i + 1:end]
+            if inner.startswith('"'):
+                parts.append(json.loads(inner))
+            elif inner == "*":
+                parts.append("*")
+            else:
+                parts.append(int(inner))
+            i = end
+        else:
+            word += ch
+        i += 1
+    if word:
+        parts.append(word)
+    return tuple(parts)
+
+
+def path_contains(pattern: tuple[Any, ...], path: tuple[Any, ...]) -> bool:
+    """`PropertyPath.Contains`: `path` is `pattern` or below it; "*" matches any one key or index."""
+    if len(path) < len(pattern):
+        return False
+    return all(p == "*" or p == q for p, q in zip(pattern, path))
+
+
+def changed_paths(old: Any, new: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """The leaf paths at which `old` and `new` differ (a key added or removed is its own path)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new)):
+            if key not in old or key not in new:
+                found.append(prefix + (key,))
+            else:
+                found += changed_paths(old[key], new[key], prefix + (key,))
+        return found
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        found = []
+        for i, (a, b) in enumerate(zip(old, new)):
+            found += changed_paths(a, b, prefix + (i,))
+        return found
+    return [] if old == new else [prefix]
+
+
+def _with_ignored(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str]) -> dict[str, Any]:
+    """`new` with every ignoreChanges path set back to its old value (when the old one has it)."""
+    result = json.loads(json.dumps(new))
+    for text in ignore:
+        path = parse_path(text)
+        source: Any = old
+        for part in path:
+            if isinstance(source, dict) and part in source:
+                source = source[part]
+            elif isinstance(source, list) and isinstance(part, int) and part < len(source):
+                source = source[part]
+            else:
+                break
+        else:
+            target = result
+            for part in path[:-1]:
+                target = target.setdefault(part, {}) if isinstance(target, dict) else target[part]
+            target[path[-1]] = source
+    return result
+
+
+def replace_reasons(old_inputs: Mapping[str, Any], new_inputs: Mapping[str, Any],
+                    provider_keys: Iterable[str], replace_on_changes: Iterable[str]) -> list[str]:
+    """The changed inputs that force a replacement (rule 1); [] means update in place."""
+    changed = changed_paths(dict(old_inputs), dict(new_inputs))
+    top = {p[0] for p in changed}
+    reasons = sorted(k for k in top if k in set(provider_keys))
+    patterns = [parse_path(p) for p in replace_on_changes]
+    for pattern in patterns:
+        # The engine checks the detailed diff's paths and the changed top-level keys.
+        if any(path_contains(pattern, p) for p in changed) or any(path_contains(pattern, (k,)) for k in top):
+            reasons.append(".".join(str(x) for x in pattern))
+    return sorted(set(reasons))
+
+
+# --- URNs and aliases --------------------------------------------------------------------
+
+def _urn_parts(urn: str) -> tuple[str, str, str, str]:
+    """(stack, project, qualified type, name) of `urn:pulumi:<stack>::<project>::<type>::<name>`."""
+    head, project, qualified, name = urn.split("::", 3)
+    return head[len("urn:pulumi:"):], project, qualified, name
+
+
+def _child_urn(parent: str, typ: str, name: str, stack: str, project: str) -> str:
+    """A URN as the mock monitor makes it (`MockMonitor.make_urn`)."""
+    if parent:
+        typ = _urn_parts(parent)[2].split("$")[-1] + "$" + typ
+    return f"urn:pulumi:{stack}::{project}::{typ}::{name}"
+
+
+def resolve_aliases(resources: list[DeclaredResource], known: set[str]) -> dict[str, str]:
+    """{new URN: old URN} for declared resources found in the old state under an alias (rule 7)."""
+    declared = {r.urn for r in resources}
+    by_urn = {r.urn: r for r in resources}
+    aliased: dict[str, str] = {}
+    for r in resources:  # registration order: a parent before its children
+        if r.urn in known:
+            continue
+        stack, project, _, _ = _urn_parts(r.urn)
+        candidates = list(r.aliases)
+        parent_old = aliased.get(r.parent)
+        if parent_old and r.parent in by_urn:
+            parent_name, old_parent_name = by_urn[r.parent].name, _urn_parts(parent_old)[3]
+
+            def inherited(typ: str, name: str) -> str:
+                if name.startswith(parent_name):
+                    name = old_parent_name + name[len(parent_name):]
+                return _child_urn(parent_old, typ, name, stack, project)
+
+            candidates.append(inherited(r.type, r.name))
+            for alias in r.aliases:
+                _, _, qualified, alias_name = _urn_parts(alias)
+                candidates.append(inherited(qualified.split("$")[-1], alias_name))
+        for candidate in candidates:
+            if candidate in known and candidate not in declared and candidate not in aliased.values():
+                aliased[r.urn] = candidate
+                break
+    return aliased
+
+
+# --- what runs --------------------------------------------------------------------------
+
 def _phase_command(entry: Mapping[str, Any], phase: str) -> tuple[str | None, str | None]:
     """(command, stdin) for `phase` of a state entry; CopyToRemote becomes `cat >` with the asset on stdin."""
     inputs = entry["inputs"]
@@ -146,80 +357,9 @@ def _phase_command(entry: Mapping[str, Any], phase: str) -> tuple[str | None, st
         if phase == "delete":
             return None, None  # the provider leaves copied files in place
         return f"cat > {shlex.quote(inputs['remotePath'])}", inputs["source"]["text"]
+    if phase == "update":
+        return inputs.get("update") or inputs.get("create") or None, inputs.get("stdin")
     return inputs.get(phase) or None, inputs.get("stdin")
-
-
-def _check_executable(res: DeclaredResource) -> None:
-    if res.type == COPY_TO_REMOTE:
-        source = res.inputs.get("source") or {}
-        if source.get(ASSET_SIG_KEY) != STRING_ASSET_SIG:
-            raise ExecutorError(f"{res.name}: the lab executor copies StringAsset sources only")
-    bad = [k for k in (res.inputs.get("environment") or {}) if not k.startswith(ACCEPTED_ENV_PREFIX)]
-    if bad:
-        raise ExecutorError(f"{res.name}: environment {', '.join(sorted(bad))} would be refused by sshd "
-                            f"(AcceptEnv {ACCEPTED_ENV_PREFIX}*); prefix the names or put them in the command")
-
-
-def plan(resources: list[DeclaredResource]) -> list[tuple[DeclaredResource, list[str]]]:
-    """Executable resources in registration order, each with the command URNs it must follow.
-
-    Registration order is a valid order only if every dependency and parent was registered
-    earlier; that is checked, not assumed. Dependencies on other resources (keys, components)
-    are followed through to the commands behind them.
-    """
-    position = {r.urn: i for i, r in enumerate(resources)}
-    by_urn = {r.urn: r for r in resources}
-    children: dict[str, list[str]] = {}
-    for r in resources:
-        children.setdefault(r.parent, []).append(r.urn)
-    executable = {r.urn for r in resources if r.type in (COMMAND, COPY_TO_REMOTE)}
-    memo: dict[str, frozenset[str]] = {}
-
-    def behind(urn: str) -> frozenset[str]:
-        """Commands that `urn` stands for when something depends on it."""
-        if urn in executable:
-            return frozenset({urn})
-        if urn not in memo:
-            memo[urn] = frozenset()  # cycle guard; cycles cannot be registered anyway
-            found: set[str] = set()
-            for dep in by_urn[urn].dependencies:
-                found |= behind(dep)
-            for child in children.get(urn, ()):
-                found |= behind(child)
-            memo[urn] = frozenset(found)
-        return memo[urn]
-
-    steps = []
-    for i, r in enumerate(resources):
-        for dep in r.dependencies:
-            if dep not in position:
-                raise ExecutorError(f"{r.name} depends on {dep}, which the program never declared")
-            if position[dep] > i:
-                raise ExecutorError(f"{r.name} is registered before its dependency {by_urn[dep].name}")
-        if r.parent in position and position[r.parent] > i:
-            raise ExecutorError(f"{r.name} is registered before its parent {by_urn[r.parent].name}")
-        if r.urn in executable:
-            _check_executable(r)
-            deps: set[str] = set()
-            for dep in r.dependencies:
-                deps |= behind(dep)
-            if r.parent in executable:
-                deps.add(r.parent)
-            steps.append((r, sorted(deps - {r.urn})))
-    return steps
-
-
-def _delete_order(entries: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Dependants before their dependencies; among free ones, the latest created first."""
-    remaining = dict(entries)
-    order = []
-    while remaining:
-        needed = {d for e in remaining.values() for d in e["deps"]}
-        ready = [u for u in remaining if u not in needed] or list(remaining)
-        urn = max(ready, key=lambda u: remaining[u]["seq"])
-        order.append(urn)
-        del remaining[urn]
-    return order
 
 
 def _secret_strings(entry: Mapping[str, Any]) -> list[str]:
@@ -274,107 +414,363 @@ def _stderr_echo(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def load_state(state_file: Path) -> dict[str, Any]:
-    if not state_file.exists():
-        return {"version": STATE_VERSION, "seq": 0, "resources": {}, "pendingDeletes": []}
-    state = json.loads(state_file.read_text())
-    if state.get("version") != STATE_VERSION:
-        raise ExecutorError(f"{state_file} has state version {state.get('version')}, expected {STATE_VERSION}")
-    return state
+class Handler(Protocol):
+    """What a provider does with one resource type. `provider_replace_keys`: its schema's replaceOnChanges."""
+
+    provider_replace_keys: frozenset[str]
+
+    def check(self, res: DeclaredResource) -> None: ...
+    def create(self, entry: dict[str, Any]) -> dict[str, Any]: ...
+    def update(self, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]: ...
+    def delete(self, entry: dict[str, Any]) -> None: ...
+    def read(self, entry: dict[str, Any]) -> dict[str, Any] | None:
+        """{"inputs", "outputs"} as the provider reads them back; None when the resource is gone."""
 
 
-def apply(resources: list[DeclaredResource], state_file: Path, runner: Runner,
-          echo: Echo = _stderr_echo, log_dir: Path | None = None) -> Report:
-    """Bring the hosts in line with the declared commands; returns what ran.
+class CommandHandler:
+    """pulumi-command's remote Command and CopyToRemote, over a Runner (real SSH in the lab)."""
 
-    State (which holds private keys and stdin, hence 0600) is saved after every step, so a
-    failed run keeps what succeeded and the next run carries on from there.
-    """
-    steps = plan(resources)
-    state = load_state(state_file)
-    report = Report()
+    provider_replace_keys = frozenset({"triggers"})
 
-    def save() -> None:
-        write_private(state_file, json.dumps(state, indent=1, sort_keys=True))
+    def __init__(self, runner: Runner, echo: Echo = _stderr_echo, log_dir: Path | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
+        self.runner = runner
+        self.echo = echo
+        self.log_dir = log_dir
+        self.warn = warn or (lambda message: echo(f"  warning {message}"))
 
-    def run(entry: Mapping[str, Any], phase: str) -> None:
+    def check(self, res: DeclaredResource) -> None:
+        if res.type == COPY_TO_REMOTE:
+            source = res.inputs.get("source") or {}
+            if source.get(ASSET_SIG_KEY) != STRING_ASSET_SIG:
+                raise ExecutorError(f"{res.name}: the lab executor copies StringAsset sources only")
+
+    def create(self, entry):
+        return self._run(entry, "create", previous=None)
+
+    def update(self, old, new):
+        # The new inputs with the old outputs: those are what PULUMI_COMMAND_* would carry.
+        return self._run(new, "update", previous=old.get("outputs") or {})
+
+    def delete(self, entry):
+        self._run(entry, "delete", previous=entry.get("outputs") or {})
+
+    def read(self, entry):
+        # No Read: pulumi-go-provider's default returns the state as it is.
+        return {"inputs": entry["inputs"], "outputs": entry.get("outputs") or {}}
+
+    def _run(self, entry: Mapping[str, Any], phase: str, previous: Mapping[str, str] | None) -> dict[str, Any]:
         command, stdin = _phase_command(entry, phase)
+        outputs = dict(previous or {})
         if command is None:
-            return
-        conn = entry["inputs"]["connection"]
+            return outputs
+        inputs = entry["inputs"]
+        conn = inputs["connection"]
         target = f"{conn.get('user', 'root')}@{conn['host']}:{int(conn.get('port', 22))}"
+        refused = [k for k in sorted(inputs.get("environment") or {}) if k not in ACCEPT_ENV]
+        if refused:
+            raise ExecutorError(
+                f"{phase} {entry['name']} on {target}: could not set environment variable {refused[0]!r}: "
+                "ssh: setenv failed (the server's AcceptEnv does not allow it; a stock sshd accepts none). "
+                "Put the variables in the command instead ('VAR=value command')")
+        if previous and entry["type"] == COMMAND and inputs.get("addPreviousOutputInEnv") is not False:
+            for name, key in zip(PREVIOUS_OUTPUT_ENV, ("stdout", "stderr")):
+                if previous.get(key):
+                    self.warn(f"{entry['name']}: Unable to set '{name}'. This only works if your SSH server is "
+                              "configured to accept these variables via AcceptEnv (the provider sets the "
+                              "previous output on update and delete unless addPreviousOutputInEnv is false)")
         started = time.monotonic()
-        result = runner.run(conn, command, stdin, entry["inputs"].get("environment") or {})
+        result = self.runner.run(conn, command, stdin, {})
         took = time.monotonic() - started
         secrets = _secret_strings(entry)
-        if log_dir is not None:
-            log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.log_dir is not None:
+            self.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             text = f"exit {result.returncode}\n{result.stdout}\n--- stderr ---\n{result.stderr}"
-            write_private(log_dir / f"{entry['name']}.{phase}.log", redact(text, secrets))
+            write_private(self.log_dir / f"{entry['name']}.{phase}.log", redact(text, secrets))
         if result.returncode != 0:
             what = "ssh could not connect or authenticate" if result.returncode == 255 else "failed"
             raise ExecutorError(
                 f"{phase} {entry['name']} on {target} {what} (exit code {result.returncode}, {took:.1f}s)\n"
                 + redact(_tail("stdout", result.stdout) + "\n" + _tail("stderr", result.stderr), secrets),
                 exit_code=result.returncode)
-        echo(f"  {phase:<7} {entry['name']}  {target}  {took:.1f}s")
+        self.echo(f"  {phase:<7} {entry['name']}  {target}  {took:.1f}s")
+        if entry["type"] != COMMAND:
+            return outputs
+        return {"stdout": result.stdout.removesuffix("\n"), "stderr": result.stderr.removesuffix("\n")}
 
-    def record(res: DeclaredResource, deps: list[str], seq: int | None = None) -> None:
-        if seq is None:
-            state["seq"] += 1
-            seq = state["seq"]
-        state["resources"][res.urn] = {
-            "name": res.name, "type": res.type, "inputs": _normal(res.inputs), "deps": deps,
-            "secretPaths": sorted(res.secret_paths), "deleteBeforeReplace": res.delete_before_replace,
-            "seq": seq}
-        save()
 
-    # A create-before-delete replacement whose delete failed last time: the engine retries it first.
-    for old in list(state["pendingDeletes"]):
-        run(old, "delete")
-        state["pendingDeletes"].remove(old)
-        save()
-        report.actions.append(("deleted", old["name"]))
+# --- state --------------------------------------------------------------------------------
 
-    for res, deps in steps:
-        old = state["resources"].get(res.urn)
-        new = {"name": res.name, "type": res.type, "inputs": _normal(res.inputs),
-               "secretPaths": sorted(res.secret_paths)}
-        if old is None:
-            run(new, "create")
-            record(res, deps)
-            report.actions.append(("created", res.name))
-        elif old["inputs"] == new["inputs"]:
-            if old["deps"] != deps:
-                record(res, deps, old["seq"])
-            report.actions.append(("unchanged", res.name))
-        elif any(old["inputs"].get(k) != new["inputs"].get(k) for k in REPLACE_KEYS):
-            if res.delete_before_replace:
-                run(old, "delete")
-                del state["resources"][res.urn]
-                save()
-                run(new, "create")
-                record(res, deps)
-            else:
-                run(new, "create")
-                state["pendingDeletes"].append(old)
-                record(res, deps)
-                run(old, "delete")
-                state["pendingDeletes"].remove(old)
-                save()
-            report.actions.append(("replaced", res.name))
-        else:
-            run(new, "update" if new["inputs"].get("update") else "create")
-            record(res, deps, old["seq"])
-            report.actions.append(("updated", res.name))
-
-    declared = {res.urn for res, _ in steps}
-    gone = {urn: e for urn, e in state["resources"].items() if urn not in declared}
-    for urn in _delete_order(gone):
-        run(gone[urn], "delete")
-        del state["resources"][urn]
-        save()
-        report.actions.append(("deleted", gone[urn]["name"]))
+def load_state(state_file: Path) -> dict[str, Any]:
+    empty = {"version": STATE_VERSION, "resources": {}, "pendingDeletes": [], "known": []}
     if not state_file.exists():
+        return empty
+    state = json.loads(state_file.read_text())
+    if state.get("version") == 1:
+        # Version 1 kept commands only, without outputs or the other declared URNs.
+        for urn, entry in state["resources"].items():
+            entry.update(urn=urn, outputs={})
+        for entry in state["pendingDeletes"]:
+            entry.setdefault("outputs", {})
+        return {**empty, "resources": state["resources"], "pendingDeletes": state["pendingDeletes"],
+                "known": sorted(state["resources"])}
+    if state.get("version") != STATE_VERSION:
+        raise ExecutorError(f"{state_file} has state version {state.get('version')}, expected {STATE_VERSION}")
+    return state
+
+
+def project_refreshes_always(project_file: Path) -> bool:
+    """Whether Pulumi.yaml says `options: refresh: always` (then every `pulumi up` refreshes first)."""
+    from ruamel.yaml import YAML
+
+    project = YAML(typ="safe").load(Path(project_file).read_text()) or {}
+    return (project.get("options") or {}).get("refresh") == "always"
+
+
+def plan(resources: list[DeclaredResource], executable: Iterable[str] = (COMMAND, COPY_TO_REMOTE)
+         ) -> list[tuple[DeclaredResource, list[str]]]:
+    """Executable resources in registration order, each with the executable URNs it must follow.
+
+    Registration order is a valid order only if every dependency and parent was registered
+    earlier; that is checked, not assumed. Dependencies on other resources (keys, components,
+    types not executed) are followed through to the executable resources behind them.
+    """
+    executable_types = set(executable)
+    position = {r.urn: i for i, r in enumerate(resources)}
+    by_urn = {r.urn: r for r in resources}
+    children: dict[str, list[str]] = {}
+    for r in resources:
+        children.setdefault(r.parent, []).append(r.urn)
+    runnable = {r.urn for r in resources if r.type in executable_types}
+    memo: dict[str, frozenset[str]] = {}
+
+    def behind(urn: str) -> frozenset[str]:
+        """Executable resources that `urn` stands for when something depends on it."""
+        if urn in runnable:
+            return frozenset({urn})
+        if urn not in memo:
+            memo[urn] = frozenset()  # cycle guard; cycles cannot be registered anyway
+            found: set[str] = set()
+            for dep in by_urn[urn].dependencies:
+                found |= behind(dep)
+            for child in children.get(urn, ()):
+                found |= behind(child)
+            memo[urn] = frozenset(found)
+        return memo[urn]
+
+    steps = []
+    for i, r in enumerate(resources):
+        for dep in r.dependencies:
+            if dep not in position:
+                raise ExecutorError(f"{r.name} depends on {dep}, which the program never declared")
+            if position[dep] > i:
+                raise ExecutorError(f"{r.name} is registered before its dependency {by_urn[dep].name}")
+        if r.parent in position and position[r.parent] > i:
+            raise ExecutorError(f"{r.name} is registered before its parent {by_urn[r.parent].name}")
+        if r.urn in runnable:
+            deps: set[str] = set()
+            for dep in r.dependencies:
+                deps |= behind(dep)
+            if r.parent in runnable:
+                deps.add(r.parent)
+            steps.append((r, sorted(deps - {r.urn})))
+    return steps
+
+
+def _delete_antichains(entries: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    """Keys of `entries` in rounds: each round holds no entry another remaining one depends on."""
+    urn_of = {key: e.get("urn", key) for key, e in entries.items()}
+    remaining = dict(entries)
+    rounds = []
+    while remaining:
+        needed = {d for e in remaining.values() for d in e.get("deps", [])}
+        ready = sorted(k for k in remaining if urn_of[k] not in needed) or sorted(remaining)
+        rounds.append(ready)
+        for key in ready:
+            del remaining[key]
+    return rounds
+
+
+class _Scheduler:
+    """Runs units of work as their dependencies finish: shuffled with a seed, up to `parallel` at once."""
+
+    def __init__(self, parallel: int, rng: random.Random) -> None:
+        self.parallel = max(1, parallel)
+        self.rng = rng
+
+    def run(self, deps: Mapping[str, Iterable[str]], work: Callable[[str], None]) -> None:
+        waiting = {key: set(d) & set(deps) for key, d in deps.items()}
+        done: set[str] = set()
+        running: dict[Future, str] = {}
+        failure: BaseException | None = None
+        with ThreadPoolExecutor(max_workers=self.parallel) as pool:
+            while True:
+                if failure is None:
+                    ready = [k for k in sorted(waiting) if waiting[k] <= done]
+                    self.rng.shuffle(ready)
+                    for key in ready[: self.parallel - len(running)]:
+                        del waiting[key]
+                        running[pool.submit(work, key)] = key
+                if not running:
+                    break
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in finished:
+                    key = running.pop(future)
+                    if future.exception() is not None:
+                        failure = failure or future.exception()
+                    else:
+                        done.add(key)
+        if failure is not None:
+            raise failure
+
+
+def apply(resources: list[DeclaredResource], state_file: Path, runner: Runner | None = None,
+          echo: Echo = _stderr_echo, log_dir: Path | None = None, *,
+          handlers: Mapping[str, Handler] | None = None, seed: int | None = None,
+          parallel: int = 1, refresh: bool = False) -> Report:
+    """Bring the hosts (and DNS, with a DnsRecord handler) in line with the declared resources.
+
+    `seed` orders independent steps (random when None; the report keeps it). State (which
+    holds private keys and stdin, hence 0600) is saved after every step, so a failed run
+    keeps what succeeded and the next run carries on from there.
+    """
+    if handlers is None:
+        if runner is None:
+            raise ExecutorError("apply needs a runner or handlers")
+        command_handler = CommandHandler(runner, echo, log_dir)
+        handlers = {COMMAND: command_handler, COPY_TO_REMOTE: command_handler}
+    for res in resources:
+        if res.type in handlers:
+            handlers[res.type].check(res)
+    steps = plan(resources, handlers)
+    state = load_state(state_file)
+    report = Report(seed=seed if seed is not None else random.SystemRandom().randrange(2 ** 32))
+    rng = random.Random(report.seed)
+    lock = threading.RLock()
+    scheduler = _Scheduler(parallel, rng)
+
+    def save() -> None:
+        with lock:
+            write_private(state_file, json.dumps(state, indent=1, sort_keys=True))
+
+    def act(action: str, name: str) -> None:
+        with lock:
+            report.actions.append((action, name))
+
+    def warn(message: str) -> None:
+        with lock:
+            report.warnings.append(message)
+        echo(f"  warning {message}")
+
+    for handler in set(handlers.values()):
+        if isinstance(handler, CommandHandler):
+            handler.warn = warn
+
+    # Refresh first (rule 12): what the provider reads back replaces the recorded state.
+    if refresh:
+        for urn, entry in list(state["resources"].items()):
+            handler = handlers.get(entry["type"])
+            if handler is None:
+                continue
+            observed = handler.read(entry)
+            if observed is None:
+                echo(f"  refresh {entry['name']}: gone, dropped from state")
+                del state["resources"][urn]
+            else:
+                entry.update(_normal(observed))
+        save()
+
+    # Aliases (rule 7): the old state of an aliased resource moves to its new URN.
+    known = set(state.get("known", [])) | set(state["resources"])
+    aliased = resolve_aliases(resources, known)
+    for new_urn, old_urn in aliased.items():
+        if old_urn in state["resources"]:
+            entry = state["resources"].pop(old_urn)
+            entry["urn"] = new_urn
+            state["resources"][new_urn] = entry
+    state["known"] = sorted((known - set(aliased.values())) | {r.urn for r in resources})
+    save()
+
+    def entry_of(res: DeclaredResource, deps: list[str], outputs: dict[str, Any]) -> dict[str, Any]:
+        return {"urn": res.urn, "name": res.name, "type": res.type, "inputs": _normal(res.inputs),
+                "outputs": _normal(outputs), "deps": deps, "parent": res.parent,
+                "secretPaths": sorted(res.secret_paths), "deleteBeforeReplace": res.delete_before_replace,
+                "replaceOnChanges": list(res.replace_on_changes), "retainOnDelete": res.retain_on_delete}
+
+    def store(urn: str, entry: dict[str, Any] | None, pending: dict[str, Any] | None = None) -> None:
+        with lock:
+            if entry is None:
+                state["resources"].pop(urn, None)
+            else:
+                state["resources"][urn] = entry
+            if pending is not None:
+                state["pendingDeletes"].append(pending)
+            save()
+
+    by_urn = {res.urn: (res, deps) for res, deps in steps}
+
+    def step(urn: str) -> None:
+        res, deps = by_urn[urn]
+        handler = handlers[res.type]
+        with lock:
+            old = state["resources"].get(urn)
+        new = entry_of(res, deps, {})
+        if old is None:
+            new["outputs"] = _normal(handler.create(new))
+            store(urn, new)
+            act("created", res.name)
+            return
+        compared = _with_ignored(old["inputs"], new["inputs"], res.ignore_changes)
+        new["inputs"] = compared
+        if not changed_paths(old["inputs"], compared):
+            if old.get("deps") != deps or old.get("replaceOnChanges") != new["replaceOnChanges"]:
+                store(urn, {**new, "outputs": old.get("outputs", {})})
+            act("unchanged", res.name)
+            return
+        reasons = replace_reasons(old["inputs"], compared, handler.provider_replace_keys, res.replace_on_changes)
+        if not reasons:
+            new["outputs"] = _normal(handler.update(old, new))
+            store(urn, new)
+            act("updated", res.name)
+        elif res.delete_before_replace:
+            if not old.get("retainOnDelete"):
+                handler.delete(old)
+            store(urn, None)
+            new["outputs"] = _normal(handler.create(new))
+            store(urn, new)
+            act("replaced", res.name)
+        else:
+            new["outputs"] = _normal(handler.create(new))
+            # The old one is deleted with the other deletes, after every create and update.
+            store(urn, new, pending=old)
+            act("replaced", res.name)
+
+    scheduler.run({urn: deps for urn, (_, deps) in by_urn.items()}, step)
+
+    # Deletes last (rules 4 and 6): pending deletes of replacements, then what is no longer declared.
+    declared = set(by_urn)
+    condemned: dict[str, dict[str, Any]] = {}
+    for i, entry in enumerate(state["pendingDeletes"]):
+        condemned[f"pending:{i}"] = entry
+    for urn, entry in state["resources"].items():
+        if urn not in declared and entry["type"] in handlers:
+            condemned[urn] = entry
+
+    def remove(key: str) -> None:
+        entry = condemned[key]
+        if not entry.get("retainOnDelete"):
+            handlers[entry["type"]].delete(entry)
+        with lock:
+            if key.startswith("pending:"):
+                state["pendingDeletes"].remove(entry)
+            else:
+                del state["resources"][key]
+            save()
+        act("deleted", entry["name"])
+
+    for round_ in _delete_antichains(condemned):
+        scheduler.run({key: () for key in round_}, remove)
+    with lock:
+        state["known"] = sorted(set(state["resources"]) | {r.urn for r in resources})
         save()
     return report
