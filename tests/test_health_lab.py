@@ -71,6 +71,11 @@ def wait_for(lab, origin: dict, condition: Callable[[dict[str, dict]], bool]) ->
     return nodes
 
 
+def on_edge(lab, edge: dict, systemd: str, plain: str) -> None:
+    """`systemd` on a systemd machine (daemons belong to their units there), else `plain`."""
+    lab.on_host(edge["netns"], "sh", "-c", f"if [ -d /run/systemd/system ]; then {systemd}; else {plain}; fi")
+
+
 def all_healthy(nodes: dict[str, dict]) -> bool:
     return all(node["status"] == "healthy" for node in nodes.values())
 
@@ -99,7 +104,7 @@ def test_stopped_nginx_makes_only_that_edge_unhealthy_by_https_and_the_page_show
         assert nodes[key]["checks"]["https"]["ok"] is False
         assert nodes[key]["checks"]["ping"]["ok"] is True
     finally:
-        lab_env.on_host(edge["netns"], "nginx")
+        on_edge(lab_env, edge, "systemctl start nginx", "nginx")
     # The page of that sweep: the stopped edge unhealthy by HTTPS, every other node serving.
     assert set(rows) == set(nodes)
     assert rows[key].state == "unhealthy"
@@ -123,12 +128,12 @@ def test_wireguard_down_makes_that_edge_unhealthy_by_ping(lab_env, origin, edge)
     key = f"edge/{edge['name']}"
     outputs = json.loads(Path(lab_env.outputs_file).read_text())
     interface = f"wg-origin-{outputs['origins'][origin['name']]['subnet']}"
-    lab_env.on_host(edge["netns"], "env", *USERSPACE_WG, "wg-quick", "down", interface)
+    on_edge(lab_env, edge, f"systemctl stop wg-quick@{interface}", f"env {' '.join(USERSPACE_WG)} wg-quick down {interface}")
     try:
         nodes = wait_for(lab_env, origin, lambda n: key in unhealthy(n))
         assert key in unhealthy(nodes)
         assert nodes[key]["checks"]["ping"]["ok"] is False
         assert unhealthy(nodes) == {key}
     finally:
-        lab_env.on_host(edge["netns"], "env", *USERSPACE_WG, "wg-quick", "up", interface)
+        on_edge(lab_env, edge, f"systemctl start wg-quick@{interface}", f"env {' '.join(USERSPACE_WG)} wg-quick up {interface}")
     assert all_healthy(wait_for(lab_env, origin, all_healthy))
