@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import pulumi
@@ -13,7 +13,7 @@ import pulumi_random as random
 from pulumi_command import remote
 
 from kokoa_infra.keys import public_key
-from kokoa_infra.model import Edge, Origin as OriginSpec, Ssh, Topology
+from kokoa_infra.model import Edge, Origin as OriginSpec, Ssh, Topology, server_identity
 from kokoa_infra.render import (INSTALL_DIR, EdgePeer, bundle_archive, render_edge_bundle,
                                 render_origin_bundle)
 
@@ -22,15 +22,22 @@ EDGE_TYPE = "kokoa:index:EdgeNode"
 DNS_TTL = 60
 
 
-def _wireguard_secret(name: str, parent: pulumi.Resource) -> pulumi.Output[str]:
-    """32 random bytes kept in state: a private key or PSK that survives later runs."""
-    raw = random.RandomBytes(name, length=32, opts=pulumi.ResourceOptions(parent=parent))
+def _wireguard_secret(name: str, parent: pulumi.Resource, generation: int = 1) -> pulumi.Output[str]:
+    """32 random bytes kept in state: a private key or PSK that survives later runs.
+
+    A `keyGeneration` above 1 is a keeper: raising it replaces the RandomBytes, i.e. new
+    bytes. Generation 1 has no keeper, so a stack deployed before keepers existed keeps
+    its keys.
+    """
+    keepers = {"keyGeneration": str(generation)} if generation > 1 else None
+    raw = random.RandomBytes(name, length=32, keepers=keepers, opts=pulumi.ResourceOptions(parent=parent))
     return pulumi.Output.secret(raw.base64)
 
 
-def _wireguard_key_pair(name: str, parent: pulumi.Resource) -> tuple[pulumi.Output[str], pulumi.Output[str]]:
+def _wireguard_key_pair(name: str, parent: pulumi.Resource,
+                        generation: int = 1) -> tuple[pulumi.Output[str], pulumi.Output[str]]:
     """(secret private key, plain public key) of a node."""
-    private_key = _wireguard_secret(f"{name}-wireguard-key", parent)
+    private_key = _wireguard_secret(f"{name}-wireguard-key", parent, generation)
     # Derived from a secret, so secret by default; a public key is meant to be shown.
     return private_key, pulumi.Output.unsecret(private_key.apply(public_key))
 
@@ -40,14 +47,35 @@ def _connection(ssh: Ssh, private_key: pulumi.Input[str]) -> remote.ConnectionAr
                                  private_key=private_key, host_key=ssh.host_key)
 
 
+def host_trigger(ssh: Ssh) -> str:
+    """What identifies the server a command runs on, for `triggers`.
+
+    pulumi-command replaces a Command only when `triggers` change (provider
+    `common/inputs.go`); any other change, `connection` included, is an update run on the
+    new connection (`remote/commandController.go`). So a rotated key, user, port or host
+    key re-runs the idempotent install where it is, while a node moved to another server
+    is replaced: the old state's uninstall runs on the old server first.
+    """
+    identity = server_identity(ssh)
+    return "server " + (identity if isinstance(identity, str) else f"{identity[0]}:{identity[1]}")
+
+
+def node_aliases(former_names: Sequence[str]) -> list[pulumi.Alias]:
+    """A renamed node is the same resources under a new name (children follow their parent's
+    alias: `inheritedChildAlias` in the engine): updated in place, never deleted from the
+    server it stays on."""
+    return [pulumi.Alias(name=name) for name in former_names]
+
+
 def _push_command(name: str, label: str, ssh: Ssh, ssh_private_key: pulumi.Input[str],
                   files: pulumi.Output[dict[str, str]], parent: pulumi.Resource,
                   depends_on: Sequence[pulumi.Resource] = ()) -> remote.Command:
     """Copy the bundle over SSH (stdin) and run its install.sh; its uninstall.sh on delete.
 
     The bundle's hash is part of `create`, so a changed file is an in-place update that
-    re-runs the idempotent install. A changed connection replaces the command: the old
-    host is cleaned up first (delete_before_replace), then the new one installed.
+    re-runs the idempotent install; so is a changed connection to the same server (a
+    rotated SSH key). A different server changes `triggers`: the command is replaced, the
+    old server cleaned up first (delete_before_replace), then the new one installed.
     """
     archive = files.apply(bundle_archive)
     command = pulumi.Output.unsecret(
@@ -58,6 +86,10 @@ def _push_command(name: str, label: str, ssh: Ssh, ssh_private_key: pulumi.Input
         create=command,
         delete=f"if [ -x {INSTALL_DIR}/uninstall.sh ]; then {_as_root(INSTALL_DIR + '/uninstall.sh')}; fi",
         stdin=pulumi.Output.secret(archive.apply(lambda data: base64.b64encode(data).decode())),
+        triggers=[host_trigger(ssh)],
+        # Otherwise update and delete setenv PULUMI_COMMAND_STDOUT/STDERR: a stock sshd refuses
+        # them (one warning per command), and one that accepts them receives the old output.
+        add_previous_output_in_env=False,
         # Logs may name paths and addresses, never keys; still, keep them out of plain state.
         logging=remote.Logging.STDERR,
         opts=pulumi.ResourceOptions(parent=parent, delete_before_replace=True,
@@ -89,6 +121,7 @@ class EdgeNodeArgs:
     origin_public_key: pulumi.Output[str]
     ssh_private_key: pulumi.Input[str]
     stack: str
+    former_names: tuple[str, ...] = ()
 
 
 class EdgeNode(pulumi.ComponentResource):
@@ -101,10 +134,13 @@ class EdgeNode(pulumi.ComponentResource):
     dns_record: cloudflare.DnsRecord | None
 
     def __init__(self, name: str, args: EdgeNodeArgs, opts: pulumi.ResourceOptions | None = None):
+        opts = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(aliases=node_aliases(args.former_names)))
         super().__init__(EDGE_TYPE, name, {}, opts)
         edge, topology = args.edge, args.topology
-        private_key, self.public_key = _wireguard_key_pair(name, self)
-        self.preshared_key = _wireguard_secret(f"{name}-preshared-key", self)
+        # A new generation replaces the edge's own key and its PSK (both sit on the edge);
+        # its origin only learns the new public key and PSK.
+        private_key, self.public_key = _wireguard_key_pair(name, self, edge.key_generation)
+        self.preshared_key = _wireguard_secret(f"{name}-preshared-key", self, edge.key_generation)
         self.bundle = pulumi.Output.secret(pulumi.Output.all(
             private_key, self.preshared_key, args.origin_public_key,
         ).apply(lambda keys: render_edge_bundle(topology, edge, *keys)))
@@ -135,6 +171,9 @@ class OriginArgs:
     origin: OriginSpec
     ssh_private_key: pulumi.Input[str]
     stack: str
+    former_names: tuple[str, ...] = ()
+    # Former names of its edges: {edge: (old name, ...)}.
+    edge_former_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class Origin(pulumi.ComponentResource):
@@ -147,13 +186,15 @@ class Origin(pulumi.ComponentResource):
     certificate: remote.Command | None
 
     def __init__(self, name: str, args: OriginArgs, opts: pulumi.ResourceOptions | None = None):
+        opts = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(aliases=node_aliases(args.former_names)))
         super().__init__(ORIGIN_TYPE, name, {}, opts)
         spec, topology = args.origin, args.topology
-        private_key, self.public_key = _wireguard_key_pair(name, self)
+        private_key, self.public_key = _wireguard_key_pair(name, self, spec.key_generation)
         self.edges = {
             edge.name: EdgeNode(edge.name, EdgeNodeArgs(
                 topology=topology, edge=edge, origin_public_key=self.public_key,
-                ssh_private_key=args.ssh_private_key, stack=args.stack),
+                ssh_private_key=args.ssh_private_key, stack=args.stack,
+                former_names=args.edge_former_names.get(edge.name, ())),
                 opts=pulumi.ResourceOptions(parent=self))
             for edge in topology.edges_of(spec)
         }
@@ -183,6 +224,7 @@ class Origin(pulumi.ComponentResource):
                 # Naming domain and ACME server in the command re-runs it when they change.
                 create=(f"# kokoa certificate for {spec.domain} from {topology.settings.acme_server}\n"
                         + _as_root(f"{INSTALL_DIR}/certificate.sh")),
+                add_previous_output_in_env=False,
                 opts=pulumi.ResourceOptions(
                     parent=self,
                     depends_on=[self.install, *[n.install for n in serving],

@@ -7,10 +7,10 @@ from typing import Any
 import pulumi
 
 from kokoa_infra.components import Origin, OriginArgs
-from kokoa_infra.model import InvalidConfig, Problem, Topology, keyscan_command, parse_topology
+from kokoa_infra.model import NAME_RE, InvalidConfig, Problem, Topology, keyscan_command, parse_topology
 
 # Config keys read as JSON/YAML values; every other kokoa: key is a string.
-OBJECT_KEYS = ("origins", "edges", "certRefreshInterval", "sshAllowFrom")
+OBJECT_KEYS = ("origins", "edges", "certRefreshInterval", "sshAllowFrom", "formerNames")
 STRING_KEYS = ("acmeEmail", "acmeServer", "acmeCaBundle", "network", "sshUser", "cloudflareZoneId")
 
 
@@ -21,10 +21,49 @@ def read_config(config: pulumi.Config) -> tuple[dict[str, Any], pulumi.Output[st
     return {k: v for k, v in raw.items() if v is not None}, config.get_secret("sshPrivateKey")
 
 
+def former_names(value: Any, topology: Topology) -> dict[str, tuple[str, ...]]:
+    """`kokoa:formerNames` ({node: old name or [old names]}) checked against the topology.
+
+    A renamed node keeps its resources through these aliases: without them the engine
+    creates the new name's resources and then deletes the old ones, whose uninstall would
+    wipe the server the node stays on.
+    """
+    if value is None:
+        return {}
+    where = "kokoa:formerNames"
+    if not isinstance(value, dict):
+        raise InvalidConfig([Problem("kokoa", "formerNames", "must be a mapping {node: former name or [names]}")])
+    nodes = {o.name for o in topology.origins} | {e.name for e in topology.edges}
+    problems, result, claimed = [], {}, {}
+    for node, names in value.items():
+        names = [names] if isinstance(names, str) else names
+        if node not in nodes:
+            problems.append(Problem(where, str(node), "names no origin or edge of this stack"))
+            continue
+        if not isinstance(names, list) or not names:
+            problems.append(Problem(where, node, "must be a former name or a list of them"))
+            continue
+        for name in names:
+            if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+                problems.append(Problem(where, node, f"{name!r} is not a node name"))
+            elif name in nodes:
+                problems.append(Problem(where, node, f"{name} is the name of a node of this stack; "
+                                                     "a former name must be free"))
+            elif name in claimed:
+                problems.append(Problem(where, node, f"{name} is already the former name of {claimed[name]}"))
+            else:
+                claimed[name] = node
+        result[node] = tuple(n for n in names if isinstance(n, str))
+    if problems:
+        raise InvalidConfig(problems)
+    return result
+
+
 def validate(raw: dict[str, Any], ssh_private_key: pulumi.Output[str] | None) -> Topology:
     problems: list[Problem] = []
     try:
         topology = parse_topology(raw)
+        former_names(raw.get("formerNames"), topology)
     except InvalidConfig as exc:
         problems = exc.problems
     if ssh_private_key is None and (raw.get("origins") or raw.get("edges")):
@@ -55,9 +94,12 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
     """Declare every resource; return the stack outputs of CONTRACT.md."""
     if ssh_private_key is not None:
         ssh_private_key = pulumi.Output.secret(ssh_private_key)
+    renamed = former_names(pulumi.Config("kokoa").get_object("formerNames"), topology)
     origins = {
-        spec.name: Origin(spec.name, OriginArgs(topology=topology, origin=spec,
-                                                ssh_private_key=ssh_private_key, stack=stack))
+        spec.name: Origin(spec.name, OriginArgs(
+            topology=topology, origin=spec, ssh_private_key=ssh_private_key, stack=stack,
+            former_names=renamed.get(spec.name, ()),
+            edge_former_names={e.name: renamed[e.name] for e in topology.edges_of(spec) if e.name in renamed}))
         for spec in topology.origins
     }
     warn_about_exposure(topology)

@@ -109,10 +109,10 @@ def test_changed_bundle_changes_create_but_not_connection(config):
     config["kokoa:origins"][0]["rateLimit"] = {"requestsPerSecond": 5}
     after = run_program(config)
     old, new = before.named("edge-tokyo-1-install"), after.named("edge-tokyo-1-install")
-    # An in-place update (create/stdin) rather than a replacement (connection/triggers).
+    # An in-place update (create/stdin) rather than a replacement (triggers).
     assert old.inputs["create"] != new.inputs["create"]
     assert old.inputs["connection"] == new.inputs["connection"]
-    assert "triggers" not in new.inputs
+    assert old.inputs["triggers"] == new.inputs["triggers"] == ["server 198.51.100.7"]
 
 
 def test_dns_records_only_for_undrained_edges(program):

@@ -1,0 +1,154 @@
+"""Rotations under the executor: the program's commands against a fake SSH, as `pulumi up` would run them.
+
+SSH credentials of the same server rotate in place (an update on the new connection);
+a node moved to another server is replaced, its old server cleaned up first; a renamed
+node (kokoa:formerNames) keeps its resources; keyGeneration rotates one node's keys.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from conftest import BASE_CONFIG, SSH_KEY
+from kokoa_infra.lab.executor import apply
+from kokoa_infra.mockrun import ProgramFailed, run_program
+from tests.test_executor import FakeRunner, quiet
+
+OTHER_SSH_KEY = SSH_KEY.replace("AAAAAABAAAAMwAAAAtzc2gtZW", "AAAAAABAAAAMwAAAAtzc2gtZX")
+NEW_HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPmFJZw3PTr9wRB1gZtK62mtbFCt/MZLaLP+n7vZG91q"
+
+
+def deploy(config, state_file, runner=None):
+    runner = runner or FakeRunner()
+    report = apply(run_program(config).resources, state_file, runner, echo=quiet, seed=1, parallel=4)
+    return report, runner
+
+
+@pytest.fixture
+def deployed(tmp_path, config):
+    """A stack deployed once; returns (config to change, state file)."""
+    state = tmp_path / "commands.json"
+    report, _ = deploy(config, state)
+    assert report.counts == {"created": 7}
+    return config, state
+
+
+def uninstalls(runner):
+    return [(host, key) for host, command, _, key in runner.calls if "uninstall.sh" in command]
+
+
+@pytest.mark.parametrize("change", ["key", "user", "port", "hostKey"])
+def test_rotating_ssh_credentials_of_the_same_server_uninstalls_nothing(deployed, change):
+    config, state = deployed
+    edges = config["kokoa:edges"]
+    if change == "key":
+        config["kokoa:sshPrivateKey"] = OTHER_SSH_KEY
+    elif change == "user":
+        config["kokoa:sshUser"] = "admin"
+    elif change == "port":
+        edges[0]["sshPort"] = 2200
+    else:
+        edges[0]["hostKey"] = NEW_HOST_KEY
+    report, runner = deploy(config, state)
+    assert uninstalls(runner) == []
+    assert "replaced" not in report.counts and "deleted" not in report.counts
+    if change == "key":
+        # Every command runs again (idempotent install) over the new key, on its own server.
+        assert report.counts == {"updated": 7}
+        assert {key for _, _, _, key in runner.calls} == {OTHER_SSH_KEY}
+    else:
+        assert ("updated", "edge-tokyo-1-install") in report.actions
+
+
+def test_moving_a_node_to_another_server_uninstalls_the_old_server_first(deployed):
+    config, state = deployed
+    config["kokoa:edges"][0]["host"] = "198.51.100.70"
+    config["kokoa:sshPrivateKey"] = OTHER_SSH_KEY
+    report, runner = deploy(config, state)
+    assert ("replaced", "edge-tokyo-1-install") in report.actions
+    moved = [(host, key, "uninstall.sh" in cmd) for host, cmd, _, key in runner.calls
+             if host in ("198.51.100.7", "198.51.100.70")]
+    # The old state's delete, on the old server with the old key, then the install on the new one.
+    assert moved == [("198.51.100.7", SSH_KEY, True), ("198.51.100.70", OTHER_SSH_KEY, False)]
+
+
+def test_renaming_a_node_with_its_former_name_keeps_its_server(deployed):
+    config, state = deployed
+    renamed = copy.deepcopy(config)
+    renamed["kokoa:edges"][0]["name"] = "edge-kyoto-1"
+    renamed["kokoa:formerNames"] = {"edge-kyoto-1": "edge-tokyo-1"}
+    before = run_program(config)
+    after = run_program(renamed)
+    # Same keys: the RandomBytes follow their parent's alias.
+    assert (after.outputs["edges"]["edge-kyoto-1"]["publicKey"]
+            == before.outputs["edges"]["edge-tokyo-1"]["publicKey"])
+    report, runner = deploy(renamed, state)
+    assert uninstalls(runner) == []
+    assert ("updated", "edge-kyoto-1-install") in report.actions
+    assert "deleted" not in report.counts and "created" not in report.counts
+
+
+def test_renaming_a_node_without_its_former_name_would_wipe_its_server(deployed):
+    """Why formerNames exists: the new name installs, then the old name's uninstall runs on the same server."""
+    config, state = deployed
+    config["kokoa:edges"][0]["name"] = "edge-kyoto-1"
+    _, runner = deploy(config, state)
+    hosts = [host for host, command, _, _ in runner.calls if host == "198.51.100.7"]
+    assert uninstalls(runner) == [("198.51.100.7", SSH_KEY)] and len(hosts) == 2
+    assert "uninstall.sh" in runner.calls[-1][1]  # after the install: the server is left without its edge
+
+
+def test_former_names_are_validated(config):
+    config["kokoa:formerNames"] = {"nope": "x", "edge-tokyo-1": ["edge-osaka-1"], "blog": ["Bad Name"]}
+    with pytest.raises(ProgramFailed) as failed:
+        run_program(config)
+    errors = failed.value.errors
+    assert any("kokoa:formerNames: nope: names no origin or edge" in e for e in errors)
+    assert any("edge-osaka-1 is the name of a node of this stack" in e for e in errors)
+    assert any("'Bad Name' is not a node name" in e for e in errors)
+
+
+# --- keyGeneration ------------------------------------------------------------------------
+
+def keys(run):
+    return ({name: o["publicKey"] for name, o in run.outputs["origins"].items()}
+            | {name: e["publicKey"] for name, e in run.outputs["edges"].items()})
+
+
+def test_raising_an_edges_key_generation_rotates_its_keys_only(config):
+    base = run_program(config)
+    config["kokoa:edges"][0]["keyGeneration"] = 2
+    run = run_program(config)
+    before, after = keys(base), keys(run)
+    assert after["edge-tokyo-1"] != before["edge-tokyo-1"]
+    assert {k: v for k, v in after.items() if k != "edge-tokyo-1"} == \
+           {k: v for k, v in before.items() if k != "edge-tokyo-1"}
+    bundles, old_bundles = run.outputs["bundles"], base.outputs["bundles"]
+    for node in ("origin/shop", "edge/edge-osaka-1", "edge/edge-tokyo-2"):
+        assert bundles[node] == old_bundles[node], node
+    old_psk = old_bundles["edge/edge-tokyo-1"]["wg-origin-0.conf"].split("PresharedKey = ")[1].split()[0]
+    assert old_psk not in bundles["origin/blog"]["wg0.conf"]  # the PSK rotates with the edge
+    keepers = run.named("edge-tokyo-1-wireguard-key").inputs["keepers"]
+    assert keepers == {"keyGeneration": "2"}
+    # Generation 1 has no keeper: stacks deployed before keyGeneration keep their keys.
+    assert "keepers" not in base.named("edge-tokyo-1-wireguard-key").inputs
+
+
+def test_raising_an_origins_key_generation_changes_its_own_key(config):
+    base = run_program(config)
+    config["kokoa:origins"][1]["keyGeneration"] = 3
+    run = run_program(config)
+    before, after = keys(base), keys(run)
+    assert after["shop"] != before["shop"]
+    assert {k: v for k, v in after.items() if k != "shop"} == {k: v for k, v in before.items() if k != "shop"}
+    assert run.outputs["bundles"]["origin/blog"] == base.outputs["bundles"]["origin/blog"]
+
+
+def test_key_rotation_updates_the_two_installs_in_place(deployed):
+    config, state = deployed
+    config["kokoa:edges"][0]["keyGeneration"] = 2
+    report, runner = deploy(config, state)
+    assert sorted(report.changed) == ["updated blog-install", "updated edge-tokyo-1-install"]
+    assert uninstalls(runner) == []
