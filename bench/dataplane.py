@@ -120,16 +120,11 @@ class Bench:
     seconds: float
     rounds: int
     status: dict[str, Any] = field(default_factory=dict)
-    extra_hosts: list[Host] = field(default_factory=list)
     bare_hosts: tuple[Host, Host] | None = None
 
     # --- plumbing -------------------------------------------------------------------
-    def host(self, netns_suffix: str, ip: str) -> Host:
-        host = Host(netns_suffix, "client", ip, f"{self.lab.prefix}{netns_suffix}")
-        self.lab._add_netns(host.netns)  # recorded: `down` removes it
-        self.lab._link(self.topology, host)
-        self.extra_hosts.append(host)
-        return host
+    def host(self, name: str, ip: str, names: dict[str, str] | None = None) -> Host:
+        return self.lab.add_visitor(self.topology, name, ip, names or {})
 
     def hosts_file(self, netns: str, entries: dict[str, str]) -> None:
         """Name → address for one namespace (`ip netns exec` binds /etc/netns/<ns>/hosts)."""
@@ -376,9 +371,7 @@ def main() -> int:
         if args.only != "hops":
             if args.only != "floods":
                 bench.deploy(lifted=False)
-            attackers = [bench.host(f"atk{i}", str(spare[i])) for i in range(20)]
-            for attacker in attackers:
-                bench.hosts_file(attacker.netns, names)
+            attackers = [bench.host(f"atk{i}", str(spare[i]), names) for i in range(20)]
             log(f"floods: the legitimate client sends {args.legit_requests} requests at 10/s per scenario")
             floods["none"] = {"legit": bench.legit(args.legit_requests)}
             floods["one address"] = bench.flood(attackers[:1], 200, args.legit_requests)

@@ -1,0 +1,228 @@
+"""The rendered nftables table on real kernels: it loads, it admits what it should, and the
+edge's flood shield throttles one source while another gets through (throwaway namespaces)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import BASE_CONFIG
+from kokoa_infra.model import parse_topology
+from kokoa_infra.render import EdgePeer, render_edge_bundle, render_origin_bundle
+from kokoa_infra.stackfile import kokoa_config
+
+pytestmark = pytest.mark.netns
+
+KEY = "YAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+SERVER, ATTACKER, VISITOR = "10.9.1.1", "10.9.1.2", "10.9.2.2"
+LIMITS = {"requestsPerSecond": 5, "burst": 5, "connections": 8,
+          "newConnectionsPerSecond": 3, "newConnectionsBurst": 4}
+
+
+def bundles(config: dict) -> dict[str, dict[str, str]]:
+    topology = parse_topology(kokoa_config(config))
+    found = {}
+    for origin in topology.origins:
+        edges = topology.edges_of(origin)
+        found[f"origin/{origin.name}"] = render_origin_bundle(
+            topology, origin, KEY, [EdgePeer(e, KEY, KEY) for e in edges])
+        for edge in edges:
+            found[f"edge/{edge.name}"] = render_edge_bundle(topology, edge, KEY, KEY, KEY)
+    return found
+
+
+def nft(netns: str, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", netns, "nft", *argv], input=stdin,
+                          capture_output=True, text=True, timeout=30)
+
+
+def lab_config() -> dict:
+    from kokoa_infra.lab.cli import STACK_FILE, load_stack
+    config = {k: v for k, v in load_stack(STACK_FILE).items() if not k.startswith("lab:")}
+    for entry in config["kokoa:origins"] + config["kokoa:edges"]:
+        entry["hostKey"] = BASE_CONFIG["kokoa:origins"][0]["hostKey"]
+    return config | {"kokoa:sshPrivateKey": BASE_CONFIG["kokoa:sshPrivateKey"]}
+
+
+@pytest.mark.parametrize("stack", ["example", "lab"])
+def test_every_rendered_table_loads_in_the_kernel(stack, netns):
+    config = BASE_CONFIG if stack == "example" else lab_config()
+    for node, files in bundles(config).items():
+        checked = nft(netns, "-c", "-f", "-", stdin=files["firewall.nft"])
+        assert checked.returncode == 0, f"{node}: {checked.stderr}"
+        applied = nft(netns, "-f", "-", stdin=files["firewall.nft"])
+        assert applied.returncode == 0, f"{node}: {applied.stderr}"
+        # Applying again replaces the table instead of adding a second copy of each rule.
+        assert nft(netns, "-f", "-", stdin=files["firewall.nft"]).returncode == 0
+        listed = nft(netns, "list", "table", "inet", "kokoa").stdout
+        assert listed.count("policy drop") == 1, node
+
+
+def test_nft_refuses_a_broken_table_and_keeps_the_old_one(netns):
+    good = bundles(BASE_CONFIG)["edge/edge-tokyo-1"]["firewall.nft"]
+    assert nft(netns, "-f", "-", stdin=good).returncode == 0
+    broken = good.replace("policy drop;", "policy dorp;")
+    assert nft(netns, "-f", "-", stdin=broken).returncode != 0
+    assert "policy drop" in nft(netns, "list", "table", "inet", "kokoa").stdout
+
+
+def test_shield_numbers_come_from_the_origin_rate_limit():
+    config = copy.deepcopy(BASE_CONFIG)
+    config["kokoa:origins"][0]["rateLimit"] = {"requestsPerSecond": 7, "burst": 9, "connections": 11}
+    table = bundles(config)["edge/edge-tokyo-1"]["firewall.nft"]
+    assert "limit rate over 7/second burst 9 packets } drop" in table
+    assert "ct count over 11 } drop" in table
+    config["kokoa:origins"][0]["rateLimit"] |= {"newConnectionsPerSecond": 3, "newConnectionsBurst": 4}
+    table = bundles(config)["edge/edge-tokyo-1"]["firewall.nft"]
+    assert "limit rate over 3/second burst 4 packets } drop" in table
+
+
+# --- three namespaces: a shielded edge, an attacker and a visitor on separate links -----------
+
+LISTENER = textwrap.dedent("""
+    import socket, sys, threading, time
+    held = []
+    def serve(port):
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port)); s.listen(512)
+        while True:
+            c, _ = s.accept(); held.append(c)
+    for port in map(int, sys.argv[1:]):
+        threading.Thread(target=serve, args=(port,), daemon=True).start()
+    print("ready", flush=True)
+    time.sleep(60)
+""")
+
+CONNECTOR = textwrap.dedent("""
+    import json, select, socket, sys, time
+    host, port, count, pause = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+    opened, held = 0, []
+    if pause < 0:  # all at once: start every connect, then count what completed within 0.5 s
+        socks = [socket.socket() for _ in range(count)]
+        for s in socks:
+            s.setblocking(False); s.connect_ex((host, port))
+        time.sleep(0.5)
+        _, writable, _ = select.select([], socks, [], 0)
+        print(json.dumps(sum(1 for s in writable if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0)))
+        sys.exit(0)
+    for _ in range(count):
+        s = socket.socket(); s.settimeout(0.4)
+        try:
+            s.connect((host, port)); opened += 1; held.append(s)
+        except OSError:
+            s.close()
+        time.sleep(pause)
+    print(json.dumps(opened))
+""")
+
+
+@pytest.fixture
+def shielded_edge(make_netns, tmp_path):
+    """(server, attacker, visitor) namespaces; the server runs an edge's table and listeners."""
+    server, attacker, visitor = make_netns(), make_netns(), make_netns()
+    for peer, (address, subnet) in ((attacker, (ATTACKER, "10.9.1")), (visitor, (VISITOR, "10.9.2"))):
+        link = f"v{subnet.rsplit('.', 1)[1]}"
+        subprocess.run(["ip", "-n", server, "link", "add", link, "type", "veth", "peer", "name", "eth0",
+                        "netns", peer], check=True)
+        subprocess.run(["ip", "-n", server, "addr", "add", f"{subnet}.1/24", "dev", link], check=True)
+        subprocess.run(["ip", "-n", server, "link", "set", link, "up"], check=True)
+        subprocess.run(["ip", "-n", peer, "addr", "add", f"{address}/24", "dev", "eth0"], check=True)
+        subprocess.run(["ip", "-n", peer, "link", "set", "eth0", "up"], check=True)
+        # Both reach the server's one address, as two visitors of one public IP would.
+        subprocess.run(["ip", "-n", peer, "route", "add", "default", "via", f"{subnet}.1"], check=True)
+    config = copy.deepcopy(BASE_CONFIG)
+    config["kokoa:origins"][0]["rateLimit"] = dict(LIMITS)
+    config["kokoa:sshAllowFrom"] = ["10.9.2.0/24"]
+    table = bundles(config)["edge/edge-tokyo-1"]["firewall.nft"]
+    applied = nft(server, "-f", "-", stdin=table)
+    assert applied.returncode == 0, applied.stderr
+    script = tmp_path / "listener.py"
+    script.write_text(LISTENER)
+    listener = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, str(script), "22", "80", "443",
+                                 "8081"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout.readline().strip() == "ready"
+        yield server, attacker, visitor
+    finally:
+        listener.kill()
+        listener.wait(timeout=10)
+
+
+def connect(netns: str, port: int, count: int = 1, pause: float = 0.0, host: str = SERVER) -> int:
+    """How many of `count` TCP connections from `netns` were accepted (each held open).
+
+    One after another with `pause` seconds between them, or all at once with `pause` < 0.
+    """
+    result = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", CONNECTOR, host, str(port),
+                             str(count), str(pause)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_the_shield_throttles_one_source_while_another_gets_through(shielded_edge):
+    server, attacker, visitor = shielded_edge
+    # 40 connections at once: the burst passes, the rest is dropped at the SYN.
+    flood = connect(attacker, 443, count=40, pause=-1)
+    assert 1 <= flood <= LIMITS["newConnectionsBurst"] + 2, flood
+    # Meanwhile another address gets its own full allowance (the burst, on either port).
+    assert connect(visitor, 443, count=2) == 2
+    assert connect(visitor, 80, count=2) == 2
+
+
+def test_the_shield_caps_connections_held_open_by_one_source(shielded_edge):
+    _, attacker, visitor = shielded_edge
+    # Slower than the rate limit, so only the cap on open connections can stop it.
+    opened = connect(attacker, 443, count=14, pause=0.4)
+    assert opened == LIMITS["connections"], opened
+    assert connect(visitor, 443, count=2) == 2
+
+
+def test_only_web_ports_are_public_and_ssh_only_from_the_allow_list(shielded_edge):
+    _, attacker, visitor = shielded_edge
+    assert connect(visitor, 22) == 1  # 10.9.2.0/24 is in kokoa:sshAllowFrom
+    assert connect(attacker, 22) == 0  # 10.9.1.2 is not
+    assert connect(visitor, 8081) == 0 and connect(attacker, 8081) == 0  # nothing else is open
+    ping = subprocess.run(["ip", "netns", "exec", visitor, "ping", "-c1", "-W2", SERVER],
+                          capture_output=True, text=True, timeout=10)
+    assert ping.returncode == 0, ping.stdout  # the health checker's ICMP echo
+
+
+def test_an_origin_admits_wireguard_only_from_its_edges(make_netns, tmp_path):
+    origin, edge, stranger = make_netns(), make_netns(), make_netns()
+    for peer, subnet in ((edge, "10.9.1"), (stranger, "10.9.2")):
+        link = f"v{subnet.rsplit('.', 1)[1]}"
+        subprocess.run(["ip", "-n", origin, "link", "add", link, "type", "veth", "peer", "name", "eth0",
+                        "netns", peer], check=True)
+        subprocess.run(["ip", "-n", origin, "addr", "add", f"{subnet}.1/24", "dev", link], check=True)
+        subprocess.run(["ip", "-n", origin, "link", "set", link, "up"], check=True)
+        subprocess.run(["ip", "-n", peer, "addr", "add", f"{subnet}.2/24", "dev", "eth0"], check=True)
+        subprocess.run(["ip", "-n", peer, "link", "set", "eth0", "up"], check=True)
+    config = copy.deepcopy(BASE_CONFIG)
+    config["kokoa:origins"][0]["host"] = "10.9.1.1"
+    config["kokoa:edges"][0]["publicIp"] = ATTACKER  # the one edge: 10.9.1.2
+    config["kokoa:edges"][1]["publicIp"] = "10.9.3.9"
+    table = bundles(config)["origin/blog"]["firewall.nft"]
+    assert nft(origin, "-f", "-", stdin=table).returncode == 0
+    echo = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 51820)); "
+            "s.settimeout(8)\nwhile True:\n d, a = s.recvfrom(64); s.sendto(d, a)")
+    server = subprocess.Popen(["ip", "netns", "exec", origin, sys.executable, "-c", echo])
+    probe = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)\n"
+             "for _ in range(6):\n s.sendto(b'hi', (sys.argv[1], 51820))\n try: s.recvfrom(64); print('answered'); break\n"
+             " except OSError: pass\nelse: print('silent')")
+    try:
+        answers = {ns: subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", probe,
+                                       "10.9.1.1" if ns == edge else "10.9.2.1"],
+                                      capture_output=True, text=True, timeout=30).stdout.strip()
+                   for ns in (edge, stranger)}
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+    assert answers == {edge: "answered", stranger: "silent"}
+    # The gateway port is for the tunnel only: from the edge's public side it is closed.
+    assert connect(edge, 80, host="10.9.1.1") == 0
