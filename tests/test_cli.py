@@ -205,6 +205,32 @@ def test_scan_refuses_what_could_read_as_an_option(stack_file):
             in result.output)
 
 
+def test_scan_without_ssh_keyscan_or_past_its_time_says_so(stack_file, tmp_path, monkeypatch):
+    from kokoa_infra import host_keys
+
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    result = invoke(*ADD_EDGE, "--scan-host-key")
+    assert result.exit_code == 1
+    assert ("Error: nothing changed: ssh-keyscan is not installed (Debian: apt-get install openssh-client); "
+            "or pass the key with --host-key") in result.output
+    # A scan that hangs is cut off (ssh-keyscan -T bounds each connection, this the whole run).
+    slow = tmp_path / "slow-bin"
+    slow.mkdir()
+    (slow / "ssh-keyscan").write_text("#!/bin/sh\nexec sleep 30\n")
+    (slow / "ssh-keyscan").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{slow}:/usr/bin:/bin")
+    monkeypatch.setattr(host_keys, "PROCESS_TIMEOUT", 1)
+    started = time.monotonic()
+    result = invoke(*ADD_EDGE, "--scan-host-key")
+    assert time.monotonic() - started < 10
+    assert result.exit_code == 1
+    assert ("Error: nothing changed: `ssh-keyscan -T 5 -p 22 -t ed25519,ecdsa 198.51.100.8` did not finish "
+            "within 1 s") in result.output
+    assert stack_file.read_text() == STACK
+
+
 # A real sshd per test server, in a throwaway namespace; ssh-keyscan (run by the kokoa CLI
 # in the same namespace) reaches it on an address of that namespace's loopback device.
 EDGE_IP, ORIGIN_IP, RSA_ONLY_IP = "198.51.100.50", "203.0.113.60", "198.51.100.51"
