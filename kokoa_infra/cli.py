@@ -12,7 +12,7 @@ from kokoa_infra.host_keys import HostKeyScanError, scan_host_key
 from kokoa_infra.lab.cli import lab
 from kokoa_infra.outputs import OutputsError, load_outputs
 from kokoa_infra.render import bundle_archive
-from kokoa_infra.stackfile import StackFileError, append_entry, stack_file
+from kokoa_infra.stackfile import StackFileError, append_entry, remove_edge, set_edge_dns, stack_file
 
 STACK_HELP = "Stack whose config to edit: Pulumi.NAME.yaml in the current directory."
 FILE_HELP = "Edit this stack file instead of Pulumi.<stack>.yaml."
@@ -164,6 +164,48 @@ def bundle(node: str, output: str | None, stack: str | None, outputs_file: str |
     target = Path(output or f"kokoa-{node.replace('/', '-')}.tar.gz")
     write_private(target, bundle_archive(files))
     click.echo(f"wrote {target} ({len(files)} files, mode 0600)")
+
+
+def _edit_edge(stack: str | None, file: str | None, change) -> None:
+    try:
+        path = stack_file(stack, file)
+        result = change(path)
+    except StackFileError as exc:
+        raise click.ClickException(f"nothing changed:\n{exc}") from None
+    click.echo(result.summary)
+    if result.next_up:
+        click.echo("The next `pulumi up`:")
+        for line in result.next_up:
+            click.echo(f"  - {line}")
+
+
+force_option = click.option("--force", is_flag=True, help="Also when it is the origin's last serving edge.")
+
+
+@main.command("drain")
+@stack_file_options
+@force_option
+@click.argument("edge")
+def drain(stack, file, force, edge) -> None:
+    """Take EDGE out of DNS (dns: false); it keeps running until removed."""
+    _edit_edge(stack, file, lambda path: set_edge_dns(path, edge, serving=False, force=force))
+
+
+@main.command("undrain")
+@stack_file_options
+@click.argument("edge")
+def undrain(stack, file, edge) -> None:
+    """Put EDGE back in DNS (drops dns: false)."""
+    _edit_edge(stack, file, lambda path: set_edge_dns(path, edge, serving=True))
+
+
+@main.command("remove-edge")
+@stack_file_options
+@force_option
+@click.argument("edge")
+def remove_edge_command(stack, file, force, edge) -> None:
+    """Delete EDGE's entry: the next `pulumi up` uninstalls it from its server."""
+    _edit_edge(stack, file, lambda path: remove_edge(path, edge, force=force))
 
 
 main.add_command(health)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,139 @@ def _write_document(path: Path, document: Any, yaml: YAML) -> None:
     # Keep the file's own mode; a new stack file is private, as mkstemp made it before.
     mode = path.stat().st_mode & 0o777 if path.exists() else PRIVATE
     write_atomically(path, text.getvalue(), mode)
+
+
+# --- drain, undrain, remove: one edge's entry, for `kokoa drain/undrain/remove-edge` ---------
+
+@dataclass(frozen=True)
+class EdgeChange:
+    """What changed in the stack file, and what the next `pulumi up` will do because of it."""
+
+    path: Path
+    changed: bool
+    summary: str
+    next_up: list[str]
+
+
+def _load_document(path: Path) -> tuple[YAML, Any]:
+    yaml = _yaml()
+    try:
+        document = yaml.load(path.read_text())
+    except OSError as exc:
+        raise StackFileError(f"cannot read {path}: {exc.strerror}") from exc
+    except Exception as exc:  # ruamel raises several parser error types
+        raise StackFileError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
+        raise StackFileError(f"{path} must be a YAML mapping with a `config:` key")
+    return yaml, document
+
+
+def _edge_entry(config: Any, name: str) -> tuple[Any, int]:
+    edges = config.get(PREFIX + "edges")
+    if not isinstance(edges, list):
+        raise StackFileError(f"the stack has no {PREFIX}edges list")
+    for i, entry in enumerate(edges):
+        if isinstance(entry, dict) and entry.get("name") == name:
+            return edges, i
+    known = ", ".join(str(e.get("name")) for e in edges if isinstance(e, dict)) or "none"
+    raise StackFileError(f"no edge is named {name!r} (edges: {known})")
+
+
+def _validated(config: Any) -> Any:
+    """The topology of `config` (a plain copy is checked; the document is not touched)."""
+    try:
+        return parse_topology(kokoa_config(_plain(config)))
+    except InvalidConfig as exc:
+        raise StackFileError("\n".join(str(p) for p in exc.problems)) from exc
+
+
+def _serving(topology: Any, origin: str) -> list[str]:
+    return [e.name for e in topology.edges_of(topology.origin(origin)) if e.dns]
+
+
+def _record_lines(topology: Any, edge: Any, verb: str) -> list[str]:
+    from kokoa_infra.components import DNS_TTL  # the record's TTL has one home
+
+    origin = topology.origin(edge.origin)
+    if topology.zone_for(origin):
+        return [f"{verb} the A record {origin.domain} → {edge.public_ip} (TTL {DNS_TTL} s)"]
+    return [f"manages no A record (no Cloudflare zone for {origin.name}): "
+            + ("add" if verb == "creates" else "remove")
+            + f" it by hand: kokoa-dns {'add' if verb == 'creates' else 'remove'} --ip {edge.public_ip} "
+              f"--name {origin.domain}"]
+
+
+def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> EdgeChange:
+    """Drain (`serving=False`: `dns: false`) or undrain an edge, keeping the file's comments.
+
+    Draining the last serving edge of an origin is refused unless `force`. On any problem
+    the file is left as it was.
+    """
+    yaml, document = _load_document(path)
+    config = document["config"]
+    edges, i = _edge_entry(config, name)
+    before = _validated(config)
+    edge = next(e for e in before.edges if e.name == name)
+    domain = before.origin(edge.origin).domain
+    if edge.dns == serving:
+        return EdgeChange(path, False, f"edge {name} is already {'serving' if serving else 'drained'}; "
+                                       f"{path} is unchanged", [])
+    entry = edges[i]
+    if serving:
+        if "dns" in entry:
+            del entry["dns"]  # the default: serving
+    else:
+        others = [e for e in _serving(before, edge.origin) if e != name]
+        if not others and not force:
+            raise StackFileError(f"{name} is the last serving edge of {edge.origin} ({domain}): draining it "
+                                 "takes the site out of DNS. Add and deploy another edge first, or use --force")
+        keys = list(entry)
+        position = next((k for k, key in enumerate(keys) if key in EDGE_ORDER[EDGE_ORDER.index("dns") + 1:]),
+                        len(keys))
+        entry.insert(position, "dns", False)
+    after = _validated(config)
+    _write_document(path, document, yaml)
+    serving_now = _serving(after, edge.origin)
+    if serving:
+        lines = [*_record_lines(after, edge, "creates"),
+                 f"{domain} is then served by {', '.join(serving_now)}"]
+        return EdgeChange(path, True, f"undrained edge {name} in {path}", lines)
+    lines = [*_record_lines(after, edge, "deletes"), f"keeps {name} running and its tunnel up",
+             (f"{domain} is then served by {', '.join(serving_now)}" if serving_now
+              else f"WARNING: {domain} then has no serving edge: the site is unreachable"),
+             f"then wait out the TTL before `kokoa remove-edge {name}`"]
+    return EdgeChange(path, True, f"drained edge {name} in {path} (dns: false)", lines)
+
+
+def remove_edge(path: Path, name: str, force: bool = False) -> EdgeChange:
+    """Delete an edge's entry, keeping the file's comments.
+
+    Removing an origin's last serving edge is refused unless `force`; drain it first and
+    wait out the TTL. On any problem the file is left as it was.
+    """
+    yaml, document = _load_document(path)
+    config = document["config"]
+    edges, i = _edge_entry(config, name)
+    before = _validated(config)
+    edge = next(e for e in before.edges if e.name == name)
+    origin = before.origin(edge.origin)
+    others = [e for e in _serving(before, edge.origin) if e != name]
+    if edge.dns and not others and not force:
+        raise StackFileError(f"{name} is the last serving edge of {edge.origin} ({origin.domain}): removing it "
+                             "takes the site down. Add and deploy another edge first, or use --force")
+    del edges[i]
+    renames = config.get(PREFIX + "formerNames")
+    if isinstance(renames, dict) and name in renames:
+        del renames[name]
+    after = _validated(config)
+    _write_document(path, document, yaml)
+    host = f"{edge.ssh.user}@{edge.ssh.host}" + (f":{edge.ssh.port}" if edge.ssh.port != 22 else "")
+    lines = [f"runs its uninstall.sh on {host} (nginx stopped, tunnel down, its keys and certificate removed)"]
+    if edge.dns:
+        lines += _record_lines(before, edge, "deletes")
+        lines.append("WARNING: it was still serving; clients that cached its address fail until the TTL passes"
+                     if others else f"WARNING: {origin.domain} then has no serving edge: the site is unreachable")
+    lines += [f"removes its peer from origin {origin.name} and its WireGuard keys from the state"]
+    if not _serving(after, edge.origin) and not edge.dns:
+        lines.append(f"{origin.domain} has no serving edge (it had none before either)")
+    return EdgeChange(path, True, f"removed edge {name} from {path}", lines)
