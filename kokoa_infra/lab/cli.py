@@ -19,7 +19,8 @@ import click
 from ruamel.yaml import YAML
 
 from kokoa_infra.atomic_file import write_private
-from kokoa_infra.lab.executor import ExecutorError, Report, SshRunner, apply
+from kokoa_infra.lab.deployment import apply_resources, lab_dns_config
+from kokoa_infra.lab.executor import ExecutorError, Report
 from kokoa_infra.lab.hosts import (DEFAULT_INIT, INIT_SYSTEMS, LAB_DIR, PREFIX, Lab, LabError, Topology,
                                    lab_unavailable, topology)
 from kokoa_infra.mockrun import PROJECT_DIR, ProgramFailed, run_program
@@ -50,6 +51,7 @@ def lab_status(topo: Topology, lab: Lab) -> dict[str, Any]:
     return {
         "client": topo.one("client").netns,
         "caBundle": str(lab.ca_bundle),
+        "resolver": topo.one("acme").ip if topo.one("acme") else None,
         "origins": [{"name": h.name, "domain": h.domain, "netns": h.netns, "publicIp": h.ip,
                      "init": lab.init_system(h.netns)} for h in topo.of_role("origin")],
         "edges": [{"name": h.name, "origin": h.origin, "netns": h.netns, "publicIp": h.ip,
@@ -67,13 +69,16 @@ class Deployment:
 
 
 def up(lab: Lab, overrides: Mapping[str, Any] | None = None, stack_file: Path = STACK_FILE,
-       echo=click.echo) -> Deployment:
-    """Hosts up, program evaluated, its commands applied over SSH. Safe to repeat and to resume."""
+       echo=click.echo, prune: bool = True) -> Deployment:
+    """Hosts up, program evaluated, its commands applied over SSH. Safe to repeat and to resume.
+
+    `prune=False` keeps the hosts of removed nodes (after their delete commands ran), to look at them.
+    """
     base = {**load_stack(stack_file), **(overrides or {})}
     topo = topology(base, lab.prefix)
     echo(f"hosts ({lab.dir})")
     lab.ensure(topo, echo)
-    config = generated_config(base, topo, lab)
+    config = {**generated_config(base, topo, lab), **lab_dns_config(lab, topo, echo)}
     buffer = io.StringIO()
     YAML().dump({"config": config}, buffer)
     write_private(lab.dir / "Pulumi.lab.yaml", buffer.getvalue())
@@ -86,10 +91,10 @@ def up(lab: Lab, overrides: Mapping[str, Any] | None = None, stack_file: Path = 
     # The A records Cloudflare would hold, served by the lab's DNS for pebble's validation.
     lab.set_dns(topo, program.outputs.get("dnsRecords", {}))
     echo("commands")
-    report = apply(program.resources, lab.dir / "commands.json",
-                   SshRunner(topo.one("client").netns, lab.dir / "tmp"), echo=echo, log_dir=lab.dir / "logs")
+    report = apply_resources(lab, topo, program.resources, echo)
     echo("  " + (", ".join(f"{n} {action}" for action, n in sorted(report.counts.items())) or "no commands"))
-    lab.prune(topo, echo)
+    if prune:
+        lab.prune(topo, echo)
     write_private(lab.dir / "outputs.json", json.dumps(program.outputs, indent=1, sort_keys=True))
     status = lab_status(topo, lab)
     (lab.dir / "status.json").write_text(json.dumps(status, indent=1) + "\n")
@@ -251,3 +256,9 @@ def down_command(lab_dir: str, prefix: str) -> None:
     if left:
         raise click.ClickException("still there after down: " + ", ".join(left))
     click.echo("The lab is down.")
+
+
+# `kokoa lab rotate-ssh-key` (it deploys with `up` above).
+from kokoa_infra.lab.rotation import rotate_ssh_key_command  # noqa: E402
+
+lab.add_command(rotate_ssh_key_command)
