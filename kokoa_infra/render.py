@@ -157,7 +157,7 @@ class Upstream:
     scheme: str
     host: str
     server: str  # host:port, as nginx's `server` takes it
-    path: str  # "" or a prefix ending in "/"
+    path: str  # "" or a prefix without a trailing "/"
 
 
 def _upstream(url: str) -> Upstream:
@@ -166,8 +166,9 @@ def _upstream(url: str) -> Upstream:
     host = server.rsplit(":", 1)[0] if ":" in server.rsplit("]", 1)[-1] else server
     if ":" not in server.rsplit("]", 1)[-1]:
         server += ":443" if scheme == "https" else ":80"
-    # `location /` + `proxy_pass .../app/` maps /x to /app/x; without the slash it would be /appx.
-    prefix = "/" + path.strip("/") + "/" if path.strip("/") else ""
+    # The gateway sends the prefix and then the request URI as the client wrote it: /x
+    # goes to /app/x (a URI part in proxy_pass would be decoded and normalised first).
+    prefix = "/" + path.strip("/") if path.strip("/") else ""
     return Upstream(scheme=scheme, host=host.strip("[]"), server=server, path=prefix)
 
 

@@ -241,7 +241,7 @@ def test_edge_nginx_conf_has_the_protections(bundles):
         assert expected in conf, expected
     gateway = bundles["origin/shop"]["gateway.conf"]
     assert "listen 10.100.1.1:80;" in gateway and "allow 10.100.1.10;" in gateway
-    assert "server localhost:3000;" in gateway and "proxy_pass https://kokoa_application/app/;" in gateway
+    assert "server localhost:3000;" in gateway and "proxy_pass https://kokoa_application/app$uri;" in gateway
 
 
 def test_rendering_is_deterministic_for_the_same_keys():

@@ -1,0 +1,59 @@
+"""gixy (gixy-ng) on every rendered nginx file of the example and the lab stacks: no finding at all."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import BASE_CONFIG
+from test_firewall import bundles, lab_config
+
+GIXY = Path(sys.executable).with_name("gixy")
+
+
+def rendered_nginx_files(tmp_path: Path) -> list[Path]:
+    paths = []
+    for stack, config in (("example", BASE_CONFIG), ("lab", lab_config())):
+        for node, files in bundles(config).items():
+            for name in ("nginx.conf", "gateway.conf"):
+                if name in files:
+                    path = tmp_path / f"{stack}-{node.replace('/', '-')}-{name}"
+                    path.write_text(files[name])
+                    paths.append(path)
+    return paths
+
+
+def gixy(path: Path) -> list[dict]:
+    # No --nginx-version: the checks are about the configuration, not the installed nginx's CVEs.
+    result = subprocess.run([str(GIXY), "--format", "json", str(path)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.strip(), result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def need_gixy():
+    if not GIXY.exists() and shutil.which("gixy") is None:
+        pytest.skip("gixy is not installed (make setup installs it)")
+
+
+def test_every_rendered_nginx_file_has_no_gixy_finding(tmp_path):
+    paths = rendered_nginx_files(tmp_path)
+    assert len(paths) == 10  # 2 + 3 nodes in each stack, one nginx file each
+    findings = {path.name: [f"{f['plugin']}: {f['summary']}" for f in gixy(path)] for path in paths}
+    assert {name: found for name, found in findings.items() if found} == {}
+
+
+def test_gixy_would_report_the_old_return_that_bypassed_the_allow_list(tmp_path):
+    gateway = bundles(BASE_CONFIG)["origin/blog"]["gateway.conf"]
+    broken = gateway.replace("        location / {\n            deny all;\n        }",
+                             "        location / {\n            return 404;\n        }")
+    assert broken != gateway
+    path = tmp_path / "gateway.conf"
+    path.write_text(broken)
+    assert "return_bypasses_allow_deny" in {f["plugin"] for f in gixy(path)}
