@@ -13,7 +13,7 @@ import pytest
 
 from kokoa_infra.lab.cli import STACK_FILE, load_stack, up
 from kokoa_infra.lab.executor import Report
-from kokoa_infra.lab.hosts import Lab, lab_unavailable
+from kokoa_infra.lab.hosts import INIT_SYSTEMS, Lab, lab_unavailable
 
 # Not the CLI's directory and prefix: the tests never touch a lab someone brought up by hand.
 # KOKOA_TEST_LAB_TAG (a few letters) keeps two test runs on one machine apart.
@@ -22,6 +22,11 @@ if not TAG.isalnum() and TAG:
     raise ValueError(f"KOKOA_TEST_LAB_TAG={TAG!r}: letters and digits only")
 TEST_LAB_DIR = Path(f"/var/lib/kokoa-lab-test{TAG}")
 TEST_PREFIX = f"kokoat{TAG}-"
+# How the test lab's origins and edges run: systemd machines, as real servers (the default,
+# and what CI runs), or KOKOA_TEST_LAB_INIT=plain for namespace hosts without systemd.
+INIT = os.environ.get("KOKOA_TEST_LAB_INIT", "systemd")
+if INIT not in INIT_SYSTEMS:
+    raise ValueError(f"KOKOA_TEST_LAB_INIT={INIT!r}: one of {', '.join(INIT_SYSTEMS)}")
 
 
 class LabHandle:
@@ -60,6 +65,18 @@ class LabHandle:
                                  f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
         return proc
 
+    def systemctl(self, netns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`systemctl ARGS` on a systemd machine (its own systemd, as an SSH session there would)."""
+        return self.on_host(netns, "systemctl", *args, check=check)
+
+    def power_off(self, netns: str) -> None:
+        """Power a systemd machine off; its directory (everything installed) stays."""
+        self.lab.power_off(netns)
+
+    def boot(self, netns: str) -> None:
+        """Boot a powered-off machine again from its directory, without deploying anything."""
+        self.lab.boot(netns)
+
     def apply(self, stack_config_overrides: dict[str, Any] | None = None) -> Report:
         """Deploy again (`kokoa lab up`); overrides replace top-level config keys and stay in effect."""
         self.overrides.update(copy.deepcopy(stack_config_overrides or {}))
@@ -93,10 +110,10 @@ class LabHandle:
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[LabHandle]:
-    reason = lab_unavailable(f"{TEST_PREFIX}probe")
+    reason = lab_unavailable(f"{TEST_PREFIX}probe", INIT)
     if reason:
         pytest.skip(reason)
-    handle = LabHandle(Lab(TEST_LAB_DIR, TEST_PREFIX))
+    handle = LabHandle(Lab(TEST_LAB_DIR, TEST_PREFIX, INIT))
     try:
         handle.apply()
     except BaseException:

@@ -10,8 +10,11 @@ import json
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
+
+from tests.lab_fixture import INIT
 
 pytestmark = pytest.mark.lab
 
@@ -180,3 +183,167 @@ def test_a_bundle_whose_nginx_conf_fails_keeps_the_site_up(lab):
         assert served.returncode == 0 and served.stdout.endswith("\n200")
     finally:
         lab.on_host(edge["netns"], "rm", "-rf", "/tmp/kokoa-broken", check=False)
+
+
+# --- systemd machines: the install scripts' systemd branch, as real servers run it ----------
+
+def systemd_only(lab) -> None:
+    if INIT != "systemd":
+        pytest.skip("the lab's servers run without systemd (KOKOA_TEST_LAB_INIT=plain)")
+
+
+def edge_interface(lab, edge: dict) -> str:
+    outputs = json.loads(lab.outputs_file.read_text())
+    return f"wg-origin-{outputs['origins'][edge['origin']]['subnet']}"
+
+
+def origin_of(lab, edge: dict) -> dict:
+    return next(o for o in lab.status["origins"] if o["name"] == edge["origin"])
+
+
+def units_of(lab, host: dict) -> tuple[list[str], list[str]]:
+    """(services, timers) the install script sets up on an origin or an edge."""
+    if "domain" in host:  # an origin
+        return ["wg-quick@wg0.service", "kokoa-gateway.service"], ["kokoa-certificate.timer"]
+    return [f"wg-quick@{edge_interface(lab, host)}.service", "nginx.service"], ["kokoa-cert-refresh.timer"]
+
+
+def unit_of_process(lab, netns: str, pid_command: str) -> str:
+    """The systemd unit a process belongs to (`ps -o unit=`); pid_command prints its pid."""
+    return lab.on_host(netns, "sh", "-c", f"ps -o unit= -p \"$({pid_command})\"").stdout.strip()
+
+
+def assert_units_active_and_enabled(lab, host: dict) -> None:
+    services, timers = units_of(lab, host)
+    units = services + timers
+    active = lab.systemctl(host["netns"], "is-active", *units, check=False).stdout.split()
+    enabled = lab.systemctl(host["netns"], "is-enabled", *units, check=False).stdout.split()
+    assert dict(zip(units, active)) == dict.fromkeys(units, "active"), host["name"]
+    assert dict(zip(units, enabled)) == dict.fromkeys(units, "enabled"), host["name"]
+    listed = lab.systemctl(host["netns"], "list-timers", "--all", "--no-legend", "--plain").stdout
+    assert all(timer in listed for timer in timers), listed
+
+
+def test_status_gives_each_server_its_init(lab):
+    from click.testing import CliRunner
+
+    from kokoa_infra.lab.cli import lab as lab_command
+
+    servers = lab.status["origins"] + lab.status["edges"]
+    assert {s["name"]: s["init"] for s in servers} == {s["name"]: INIT for s in servers}
+    shown = CliRunner().invoke(lab_command, ["status", "--json", "--lab-dir", str(lab.state_dir),
+                                             "--prefix", lab.lab.prefix])
+    assert shown.exit_code == 0, shown.output
+    printed = json.loads(shown.output)
+    assert [s["init"] for s in printed["origins"] + printed["edges"]] == [INIT] * len(servers)
+    # What each server's PID 1 really is.
+    for server in servers:
+        assert lab.on_host(server["netns"], "cat", "/proc/1/comm").stdout.strip() == \
+            {"systemd": "systemd", "plain": "sshd"}[INIT]
+
+
+def test_servers_run_the_install_scripts_units_enabled(lab):
+    """install.sh took its systemd branch: tunnel, nginx and gateway are enabled units, timers listed."""
+    systemd_only(lab)
+    wait_for_certificates(lab, lab.status["edges"])
+    for host in lab.status["origins"] + lab.status["edges"]:
+        assert_units_active_and_enabled(lab, host)
+        assert lab.systemctl(host["netns"], "list-units", "--failed", "--no-legend", "--plain").stdout == ""
+        services, _ = units_of(lab, host)
+        # The daemons are those units' processes, not started beside them.
+        assert unit_of_process(lab, host["netns"], "pgrep -x wireguard-go") == services[0]
+        pidfile = "/run/kokoa-gateway.pid" if "domain" in host else "/run/nginx.pid"
+        assert unit_of_process(lab, host["netns"], f"cat {pidfile}") == services[1]
+        # No kernel module here: the unit runs wireguard-go through install.sh's drop-in.
+        environment = lab.systemctl(host["netns"], "show", "-p", "Environment", services[0]).stdout
+        assert "WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go" in environment
+
+
+def nginx_workers(lab, netns: str, pidfile: str) -> set[str]:
+    return set(lab.on_host(netns, "sh", "-c", f"pgrep -P \"$(cat {pidfile})\"").stdout.split())
+
+
+def test_systemctl_reloads_drop_no_request(lab):
+    """`systemctl reload` of nginx, the gateway and both tunnel ends while requests flow: none fails."""
+    systemd_only(lab)
+    wait_for_certificates(lab, lab.status["edges"])
+    edge = lab.status["edges"][0]
+    origin = origin_of(lab, edge)
+    reloads = [(edge["netns"], "nginx.service"), (origin["netns"], "kokoa-gateway.service"),
+               (edge["netns"], f"wg-quick@{edge_interface(lab, edge)}.service"),
+               (origin["netns"], "wg-quick@wg0.service")]
+    main_pids = {r: lab.systemctl(*r[:1], "show", "-p", "MainPID", "--value", r[1]).stdout for r in reloads}
+    workers = {"edge": nginx_workers(lab, edge["netns"], "/run/nginx.pid"),
+               "gateway": nginx_workers(lab, origin["netns"], "/run/kokoa-gateway.pid")}
+    with RequestLoop(lab, edge, max_seconds=120) as loop:
+        for _ in range(3):
+            for netns, unit in reloads:
+                lab.systemctl(netns, "reload", unit)
+                time.sleep(0.3)
+        time.sleep(1)
+    assert loop.failed == 0, loop.errors[:3]
+    assert loop.ok > 10
+    # Reloaded, not restarted: the same main processes, and nginx's workers are new ones.
+    assert {r: lab.systemctl(*r[:1], "show", "-p", "MainPID", "--value", r[1]).stdout for r in reloads} == main_pids
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (
+            workers["edge"] & nginx_workers(lab, edge["netns"], "/run/nginx.pid")
+            or workers["gateway"] & nginx_workers(lab, origin["netns"], "/run/kokoa-gateway.pid")):
+        time.sleep(0.5)
+    assert not workers["edge"] & nginx_workers(lab, edge["netns"], "/run/nginx.pid")
+    assert not workers["gateway"] & nginx_workers(lab, origin["netns"], "/run/kokoa-gateway.pid")
+
+
+def test_uninstall_on_a_machine_leaves_no_unit_and_the_removed_edge_leaves_no_machine(lab):
+    """uninstall.sh's systemd branch stops and removes every unit; removing the edge removes its machine."""
+    systemd_only(lab)
+    origin = lab.status["origins"][-1]["name"]
+    lab.add_edge(name="edge-gone", origin=origin, host=lab.spare_edge_host())
+    gone = next(e for e in lab.status["edges"] if e["name"] == "edge-gone")
+    interface = edge_interface(lab, gone)
+    assert_units_active_and_enabled(lab, gone)
+    result = lab.on_host(gone["netns"], "bash", "/etc/kokoa/bundle/uninstall.sh")
+    assert "edge edge-gone removed" in result.stdout
+    services, timers = units_of(lab, gone)
+    states = lab.systemctl(gone["netns"], "is-active", *services, *timers, check=False).stdout.split()
+    assert states == ["inactive"] * len(services + timers)
+    assert lab.systemctl(gone["netns"], "is-enabled", "nginx.service", check=False).stdout.strip() == "disabled"
+    # Nothing of Kokoa's is left loaded, enabled or failed in the machine's systemd.
+    loaded = lab.systemctl(gone["netns"], "list-units", "--all", "--no-legend", "--plain",
+                           "kokoa-*", f"wg-quick@{interface}.service").stdout
+    assert loaded == ""
+    assert lab.systemctl(gone["netns"], "list-unit-files", "--no-legend", "kokoa-*", check=False).stdout == ""
+    assert lab.systemctl(gone["netns"], "list-units", "--failed", "--no-legend", "--plain").stdout == ""
+    assert lab.on_host(gone["netns"], "ip", "link", "show", interface, check=False).returncode != 0
+    # Out of the config: its delete finds nothing left to uninstall, and the machine goes.
+    edges = [e for e in lab.config()["kokoa:edges"] if e["name"] != "edge-gone"]
+    report = lab.apply({"kokoa:edges": edges})
+    assert "deleted edge-gone-install" in report.changed
+    assert not any(e["name"] == "edge-gone" for e in lab.status["edges"])
+    assert gone["netns"] not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not (lab.state_dir / "hosts" / gone["netns"]).exists()
+    assert f"{lab.state_dir}/hosts/{gone['netns']}/" not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_a_restarted_edge_serves_again_from_its_own_enabled_units(lab):
+    """Power an edge off and boot it again, deploying nothing: its enabled units bring it back."""
+    systemd_only(lab)
+    wait_for_certificates(lab, lab.status["edges"])
+    edge = lab.status["edges"][1]
+    origin = origin_of(lab, edge)
+    deployed = (lab.state_dir / "commands.json").read_bytes()
+    lab.on_host(edge["netns"], "touch", "/run/kokoa-before-power-off")
+    lab.power_off(edge["netns"])
+    assert https_get(lab, edge, domain_of(lab, edge["origin"])).returncode != 0, "the edge still answers"
+    lab.boot(edge["netns"])
+    # A real boot: /run is new; what install.sh wrote is in the machine's directory.
+    assert lab.on_host(edge["netns"], "test", "-e", "/run/kokoa-before-power-off", check=False).returncode != 0
+    assert_units_active_and_enabled(lab, edge)
+    wait_for_certificates(lab, [edge], deadline_s=60)
+    result = https_get(lab, edge, domain_of(lab, edge["origin"]))
+    assert result.stdout.endswith("\n200") and f"origin {edge['origin']}" in result.stdout
+    outputs = json.loads(lab.outputs_file.read_text())
+    key = outputs["edges"][edge["name"]]["publicKey"]
+    shown = lab.on_host(origin["netns"], "wg", "show", "wg0", "latest-handshakes").stdout
+    assert int(dict(line.split("\t") for line in shown.strip().splitlines())[key]) > time.time() - 60
+    assert (lab.state_dir / "commands.json").read_bytes() == deployed, "a deployment ran"

@@ -559,6 +559,7 @@ class Lab:
         hdir = self.host_dir(host.netns)
         for path in NSPAWN_RUN_DIRS:
             self._machine_dir(path)
+        machines.raise_inotify_limit()
         with self._recording() as rec:
             # Recorded before it is mounted, so `down` unmounts it after a crash.
             rec["hosts"][host.netns]["root"] = str(machines.root(hdir))

@@ -37,6 +37,11 @@ HOST_KEY = "/etc/ssh/ssh_host_ed25519_key"
 # two machines there would share one cgroup tree, and each one's systemd would create and
 # clean up the other's units (a unit fails with status 219/CGROUP).
 CGROUP_PARENT = "kokoa-lab"
+# Every machine's systemd, journald, logind and dbus hold inotify instances, all counted
+# against root's limit, which is shared with the host and every other lab: at Linux's default
+# of 128 a dozen machines exhaust it and units fail (`.path` units first). Raised, never lowered.
+INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
+MIN_INOTIFY_INSTANCES = 8192
 # What `systemctl is-system-running` says once the boot is over.
 BOOTED = ("running", "degraded")
 
@@ -155,6 +160,12 @@ def provision(merged: Path, hostname: str, host_key: Path, authorized_keys: str)
     ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(ssh_dir, 0o700)
     _write(ssh_dir / "authorized_keys", authorized_keys, 0o600)
+
+
+def raise_inotify_limit() -> None:
+    """Make room for many machines' inotify instances (see MIN_INOTIFY_INSTANCES)."""
+    if int(INOTIFY_INSTANCES.read_text()) < MIN_INOTIFY_INSTANCES:
+        INOTIFY_INSTANCES.write_text(f"{MIN_INOTIFY_INSTANCES}\n")
 
 
 def cgroup_hierarchies() -> list[Path]:
