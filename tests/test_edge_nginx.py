@@ -1,0 +1,119 @@
+"""The rendered edge nginx.conf serving for real in a throwaway namespace: TLS policy, HSTS,
+forwarding headers, limits on the ACME relay, and a 429 that ends the connection."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import BASE_CONFIG
+from test_firewall import bundles
+
+pytestmark = pytest.mark.netns
+
+DOMAIN = "blog.example.com"
+# The application behind the tunnel: it answers with what the edge sent it.
+ECHO = """
+pid {dir}/echo.pid;
+error_log {dir}/echo-error.log warn;
+events {{ }}
+http {{
+    access_log off;
+    server {{
+        listen {address}:80;
+        location / {{
+            return 200 "uri=$request_uri xff=[$http_x_forwarded_for] real=[$http_x_real_ip] fwd=[$http_forwarded] host=[$http_x_forwarded_host] port=[$http_x_forwarded_port] proto=[$http_x_forwarded_proto]\\n";
+        }}
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def edge(make_netns, tmp_path):
+    """The edge's nginx in one namespace, an echo application at its origin's tunnel address in another."""
+    netns, origin = make_netns(), make_netns()
+    config = copy.deepcopy(BASE_CONFIG)
+    config["kokoa:origins"][0]["rateLimit"] = {"requestsPerSecond": 1, "burst": 3, "connections": 50}
+    conf = bundles(config)["edge/edge-tokyo-1"]["nginx.conf"]
+    origin_address = "10.100.0.1"
+    subprocess.run(["ip", "-n", netns, "link", "add", "tun0", "type", "veth", "peer", "name", "tun0",
+                    "netns", origin], check=True)
+    subprocess.run(["ip", "-n", origin, "addr", "add", f"{origin_address}/24", "dev", "tun0"], check=True)
+    subprocess.run(["ip", "-n", netns, "addr", "add", "10.100.0.10/24", "dev", "tun0"], check=True)
+    for ns in (netns, origin):
+        subprocess.run(["ip", "-n", ns, "link", "set", "tun0", "up"], check=True)
+    (tmp_path / "echo.conf").write_text(ECHO.format(dir=tmp_path, address=origin_address))
+    live = tmp_path / "letsencrypt" / "live" / DOMAIN
+    live.mkdir(parents=True)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", f"/CN={DOMAIN}", "-addext", f"subjectAltName=DNS:{DOMAIN}",
+                    "-keyout", str(live / "privkey.pem"), "-out", str(live / "fullchain.pem")],
+                   check=True, capture_output=True)
+    (tmp_path / "log" / "nginx").mkdir(parents=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "nginx.conf").write_text(conf)
+    # Private mounts: the edge's paths (/etc/letsencrypt, /var/log, /run) without touching the machine's.
+    script = (f"mkdir -p /etc/letsencrypt && mount --bind {tmp_path / 'letsencrypt'} /etc/letsencrypt && "
+              f"mount --bind {tmp_path / 'log'} /var/log && mount --bind {tmp_path / 'run'} /run && "
+              f"exec nginx -c {tmp_path / 'nginx.conf'}")
+    echo = subprocess.run(["ip", "netns", "exec", origin, "nginx", "-c", str(tmp_path / "echo.conf")],
+                          capture_output=True, text=True, timeout=30)
+    assert echo.returncode == 0, echo.stderr
+    started = subprocess.run(["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
+                              "sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert started.returncode == 0, started.stderr
+    yield netns, live / "fullchain.pem"
+    # make_netns kills every process left in the namespace.
+
+
+def curl(netns: str, ca: Path, *args: str, url: str = f"https://{DOMAIN}/") -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", netns, "curl", "-sS", "--max-time", "5", "--cacert", str(ca),
+                           "--resolve", f"{DOMAIN}:443:127.0.0.1", "--resolve", f"{DOMAIN}:80:127.0.0.1",
+                           *args, url], capture_output=True, text=True, timeout=30)
+
+
+def test_forwarding_headers_carry_only_what_the_edge_saw(edge):
+    netns, ca = edge
+    answer = curl(netns, ca, "-H", "X-Forwarded-For: 6.6.6.6", "-H", "X-Real-IP: 6.6.6.6",
+                  "-H", "Forwarded: for=6.6.6.6", "-H", "X-Forwarded-Host: evil.example",
+                  "-H", "X-Forwarded-Port: 8443", url=f"https://{DOMAIN}/a%2Fb?x=1")
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == ("uri=/a%2Fb?x=1 xff=[127.0.0.1] real=[127.0.0.1] fwd=[] host=[] port=[] "
+                                     "proto=[https]")
+
+
+def test_hsts_and_the_tls_policy(edge):
+    netns, ca = edge
+    head = curl(netns, ca, "-D", "-", "-o", "/dev/null")
+    assert "strict-transport-security: max-age=63072000" in head.stdout.lower()
+    for refused in (["--tlsv1.1", "--tls-max", "1.1"], ["--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-AES128-SHA"],
+                    ["--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-CAMELLIA128-SHA256"]):
+        assert curl(netns, ca, *refused, "-o", "/dev/null").returncode != 0, refused
+    allowed = curl(netns, ca, "--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-AES128-GCM-SHA256", "-o", "/dev/null",
+                   "-w", "%{http_code}")
+    assert allowed.stdout == "200"
+
+
+def test_over_the_limit_the_answer_is_429_and_the_connection_ends(edge):
+    netns, ca = edge
+    # One curl, six requests on one kept-alive connection: 1 r/s with a burst of 3.
+    urls = [f"https://{DOMAIN}/{i}" for i in range(6)]
+    run = subprocess.run(["ip", "netns", "exec", netns, "curl", "-sS", "-v", "--max-time", "10", "--cacert", str(ca),
+                          "--resolve", f"{DOMAIN}:443:127.0.0.1", "-o", "/dev/null", "-o", "/dev/null",
+                          "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null",
+                          "--http1.1", *urls], capture_output=True, text=True, timeout=30)
+    statuses = [line.split()[2] for line in run.stderr.splitlines() if line.startswith("< HTTP/1.1 ")]
+    assert statuses[:4] == ["200"] * 4 and "429" in statuses[4:], statuses
+    assert "< Connection: close" in run.stderr  # the 429 ended the connection
+    assert run.stderr.count("Connected to") >= 2  # so curl had to connect again
+
+
+def test_the_acme_relay_on_port_80_is_limited_too(edge):
+    netns, ca = edge
+    codes = [curl(netns, ca, "-o", "/dev/null", "-w", "%{http_code}",
+                  url=f"http://{DOMAIN}/.well-known/acme-challenge/t{i}").stdout for i in range(8)]
+    assert codes[:4] == ["200"] * 4 and "429" in codes, codes
