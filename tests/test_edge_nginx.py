@@ -117,3 +117,72 @@ def test_the_acme_relay_on_port_80_is_limited_too(edge):
     codes = [curl(netns, ca, "-o", "/dev/null", "-w", "%{http_code}",
                   url=f"http://{DOMAIN}/.well-known/acme-challenge/t{i}").stdout for i in range(8)]
     assert codes[:4] == ["200"] * 4 and "429" in codes, codes
+
+
+# --- the origin's gateway ---------------------------------------------------------------------
+
+GATEWAY_APP = """
+pid {dir}/app.pid;
+error_log {dir}/app-error.log warn;
+events {{ }}
+http {{
+    access_log off;
+    server {{
+        listen 127.0.0.1:8080;
+        location / {{ return 200 "uri=$request_uri host=[$host] real=[$http_x_real_ip]\\n"; }}
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def gateway(netns, tmp_path):
+    """blog's gateway (upstream with a path) in `netns`; its edge's and a stranger's tunnel addresses on lo."""
+    from kokoa_infra.render import CERT_EXPORT_DIR, GATEWAY_USER
+    config = copy.deepcopy(BASE_CONFIG)
+    config["kokoa:origins"][0]["upstream"] = "http://127.0.0.1:8080/app"
+    conf = bundles(config)["origin/blog"]["gateway.conf"]
+    for address in ("10.100.0.1", "10.100.0.10", "10.100.0.99"):
+        subprocess.run(["ip", "-n", netns, "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "fullchain.pem").write_text("CHAIN\n")
+    (export / "privkey.pem").write_text("KEY\n")
+    (tmp_path / "log" / "kokoa").mkdir(parents=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "app.conf").write_text(GATEWAY_APP.format(dir=tmp_path))
+    (tmp_path / "gateway.conf").write_text(conf)
+    passwd, group = tmp_path / "passwd", tmp_path / "group"
+    passwd.write_text(Path("/etc/passwd").read_text() + f"{GATEWAY_USER}:x:0:0::/nonexistent:/usr/sbin/nologin\n")
+    group.write_text(Path("/etc/group").read_text() + f"{GATEWAY_USER}:x:0:\n")
+    script = (f"mkdir -p {CERT_EXPORT_DIR} && mount --bind {export} {CERT_EXPORT_DIR} && "
+              f"mount --bind {passwd} /etc/passwd && mount --bind {group} /etc/group && "
+              f"mount --bind {tmp_path / 'log'} /var/log && mount --bind {tmp_path / 'run'} /run && "
+              f"nginx -c {tmp_path / 'app.conf'} && exec nginx -c {tmp_path / 'gateway.conf'}")
+    started = subprocess.run(["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
+                              "sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert started.returncode == 0, started.stderr
+    return netns
+
+
+def through_tunnel(netns: str, source: str, url: str) -> tuple[str, str]:
+    run = subprocess.run(["ip", "netns", "exec", netns, "curl", "-sS", "--max-time", "5", "--interface", source,
+                          "-H", "Host: blog.example.com", "-H", "X-Real-IP: 192.0.2.44", "-w", " %{http_code}",
+                          url], capture_output=True, text=True, timeout=30)
+    body, _, code = run.stdout.rpartition(" ")
+    return code, body.strip()
+
+
+def test_the_gateway_joins_the_upstream_path_and_keeps_the_uri_as_sent(gateway):
+    assert through_tunnel(gateway, "10.100.0.10", "http://10.100.0.1/x%2Fy/z?q=1") == (
+        "200", "uri=/app/x%2Fy/z?q=1 host=[blog.example.com] real=[192.0.2.44]")
+    assert through_tunnel(gateway, "10.100.0.10", "http://10.100.0.1/")[1].startswith("uri=/app/ ")
+
+
+def test_the_gateway_and_certificate_export_admit_only_this_origins_edges(gateway):
+    assert through_tunnel(gateway, "10.100.0.99", "http://10.100.0.1/x")[0] == "403"
+    assert through_tunnel(gateway, "10.100.0.10", "http://10.100.0.1:9080/privkey.pem") == ("200", "KEY")
+    assert through_tunnel(gateway, "10.100.0.99", "http://10.100.0.1:9080/privkey.pem")[0] == "403"
+    # Anything else on the export is refused to everyone, edges included (no `return` that skips the list).
+    assert through_tunnel(gateway, "10.100.0.99", "http://10.100.0.1:9080/other")[0] == "403"
+    assert through_tunnel(gateway, "10.100.0.10", "http://10.100.0.1:9080/other")[0] == "403"
