@@ -1,4 +1,4 @@
-"""The lab's own pieces: real namespace hosts with sshd, driven by the executor over SSH."""
+"""The lab's own pieces: real hosts (systemd machines and plain namespace hosts) with sshd, driven by the executor over SSH."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kokoa_infra.lab.executor import COMMAND, ExecutorError, SshRunner, apply
-from kokoa_infra.lab.hosts import Host, Lab, Topology, lab_unavailable, namespaces
+from kokoa_infra.lab.hosts import INIT_SYSTEMS, Host, Lab, Topology, lab_unavailable, namespaces
 from kokoa_infra.mockrun import DeclaredResource
 from tests.lab_fixture import TAG
 
@@ -26,11 +26,12 @@ HOSTTEST_PREFIX = f"kokoah{TAG}-"
 
 
 @pytest.mark.netns
-def test_two_hosts_run_commands_over_ssh_from_the_operator_namespace_and_leave_nothing():
-    reason = lab_unavailable(f"{HOSTTEST_PREFIX}probe")
+@pytest.mark.parametrize("init", INIT_SYSTEMS)
+def test_two_hosts_run_commands_over_ssh_from_the_operator_namespace_and_leave_nothing(init):
+    reason = lab_unavailable(f"{HOSTTEST_PREFIX}probe", init)
     if reason:
         pytest.skip(reason)
-    lab = Lab(Path(f"/var/lib/kokoa-lab-hosttest{TAG}"), HOSTTEST_PREFIX)
+    lab = Lab(Path(f"/var/lib/kokoa-lab-hosttest{TAG}"), HOSTTEST_PREFIX, init)
     hosts = (Host("client", "client", "172.31.255.2", f"{HOSTTEST_PREFIX}client"),
              Host("one", "edge", "172.31.255.21", f"{HOSTTEST_PREFIX}one", origin="x"),
              Host("two", "edge", "172.31.255.22", f"{HOSTTEST_PREFIX}two", origin="x"))
@@ -41,7 +42,7 @@ def test_two_hosts_run_commands_over_ssh_from_the_operator_namespace_and_leave_n
         def hello(host: Host, host_key_of: Host | None = None) -> DeclaredResource:
             conn = {"host": host.ip, "port": 22.0, "user": "root", "privateKey": lab.operator_key.read_text(),
                     "hostKey": lab.host_key((host_key_of or host).netns)}
-            create = 'echo "hello from $(hostname)" > /run/kokoa-hello && cat > /etc/kokoa/stdin'
+            create = 'echo "hello from $(hostname)" > /run/kokoa-hello && mkdir -p /etc/kokoa && cat > /etc/kokoa/stdin'
             return DeclaredResource(urn=urn(f"hello-{host.name}"), type=COMMAND, name=f"hello-{host.name}",
                                     inputs={"connection": conn, "create": create, "stdin": f"to {host.name}"},
                                     secret_paths=frozenset({"connection"}), dependencies=(), parent=STACK,
@@ -54,8 +55,10 @@ def test_two_hosts_run_commands_over_ssh_from_the_operator_namespace_and_leave_n
             hello_file = lab.on_host(host.netns, ["cat", "/run/kokoa-hello"], check=True).stdout
             assert hello_file == f"hello from {host.name}\n"
             assert lab.on_host(host.netns, ["cat", "/etc/kokoa/stdin"], check=True).stdout == f"to {host.name}"
-            # Its own pid namespace, with sshd as init.
-            assert lab.on_host(host.netns, ["cat", "/proc/1/comm"], check=True).stdout == "sshd\n"
+            # Its own pid namespace, with the machine's systemd or sshd as init.
+            assert lab.on_host(host.netns, ["cat", "/proc/1/comm"], check=True).stdout == \
+                {"systemd": "systemd\n", "plain": "sshd\n"}[init]
+            assert lab.init_system(host.netns) == init
         assert not Path("/run/kokoa-hello").exists() and not Path("/etc/kokoa/stdin").exists()
 
         # The pinned host key is checked: host one's key does not let us into host two.
