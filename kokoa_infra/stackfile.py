@@ -147,28 +147,55 @@ def _edge_entry(config: Any, name: str) -> tuple[Any, int]:
     raise StackFileError(f"no edge is named {name!r} (edges: {known})")
 
 
-def _validated(config: Any) -> Any:
-    """The topology of `config` (a plain copy is checked; the document is not touched)."""
-    try:
-        return parse_topology(kokoa_config(_plain(config)))
-    except InvalidConfig as exc:
-        raise StackFileError("\n".join(str(p) for p in exc.problems)) from exc
+@dataclass(frozen=True)
+class _EdgeView:
+    """What these commands need of an edge, read from the entries as they are.
+
+    Draining, undraining or removing one edge cannot make the rest of the config invalid,
+    so the whole file is not validated here (the lab's stack file, for one, leaves the
+    host keys to `kokoa lab up`); `pulumi up` validates everything.
+    """
+
+    name: str
+    origin: str
+    public_ip: str
+    dns: bool
+    host: str
+    user: str
+    port: int
+    domain: str
+    zone: bool
 
 
-def _serving(topology: Any, origin: str) -> list[str]:
-    return [e.name for e in topology.edges_of(topology.origin(origin)) if e.dns]
+def _view(config: Any, entry: Any) -> _EdgeView:
+    plain = _plain(config)
+    name = entry.get("name")
+    origins = {o.get("name"): o for o in plain.get(PREFIX + "origins") or [] if isinstance(o, dict)}
+    origin = origins.get(entry.get("origin"))
+    if origin is None:
+        raise StackFileError(f"edge {name}: its origin {entry.get('origin')!r} is not in the stack")
+    if not isinstance(entry.get("publicIp"), str):
+        raise StackFileError(f"edge {name}: no publicIp")
+    return _EdgeView(name=name, origin=origin["name"], public_ip=entry["publicIp"], dns=entry.get("dns", True) is not False,
+                     host=str(entry.get("host", entry["publicIp"])),
+                     user=str(entry.get("sshUser", plain.get(PREFIX + "sshUser", "root"))),
+                     port=int(entry.get("sshPort", 22)), domain=str(origin.get("domain")),
+                     zone=bool(origin.get("zoneId") or plain.get(PREFIX + "cloudflareZoneId")))
 
 
-def _record_lines(topology: Any, edge: Any, verb: str) -> list[str]:
+def _serving(config: Any, origin: str) -> list[str]:
+    return [e.get("name") for e in config.get(PREFIX + "edges") or []
+            if isinstance(e, dict) and e.get("origin") == origin and e.get("dns", True) is not False]
+
+
+def _record_lines(edge: _EdgeView, verb: str) -> list[str]:
     from kokoa_infra.components import DNS_TTL  # the record's TTL has one home
 
-    origin = topology.origin(edge.origin)
-    if topology.zone_for(origin):
-        return [f"{verb} the A record {origin.domain} → {edge.public_ip} (TTL {DNS_TTL} s)"]
-    return [f"manages no A record (no Cloudflare zone for {origin.name}): "
-            + ("add" if verb == "creates" else "remove")
-            + f" it by hand: kokoa-dns {'add' if verb == 'creates' else 'remove'} --ip {edge.public_ip} "
-              f"--name {origin.domain}"]
+    if edge.zone:
+        return [f"{verb} the A record {edge.domain} → {edge.public_ip} (TTL {DNS_TTL} s)"]
+    action = "add" if verb == "creates" else "remove"
+    return [f"manages no A record (no Cloudflare zone for {edge.origin}): {action} it by hand: "
+            f"kokoa-dns {action} --ip {edge.public_ip} --name {edge.domain}"]
 
 
 def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> EdgeChange:
@@ -180,9 +207,8 @@ def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> E
     yaml, document = _load_document(path)
     config = document["config"]
     edges, i = _edge_entry(config, name)
-    before = _validated(config)
-    edge = next(e for e in before.edges if e.name == name)
-    domain = before.origin(edge.origin).domain
+    edge = _view(config, edges[i])
+    domain = edge.domain
     if edge.dns == serving:
         return EdgeChange(path, False, f"edge {name} is already {'serving' if serving else 'drained'}; "
                                        f"{path} is unchanged", [])
@@ -191,7 +217,7 @@ def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> E
         if "dns" in entry:
             del entry["dns"]  # the default: serving
     else:
-        others = [e for e in _serving(before, edge.origin) if e != name]
+        others = [e for e in _serving(config, edge.origin) if e != name]
         if not others and not force:
             raise StackFileError(f"{name} is the last serving edge of {edge.origin} ({domain}): draining it "
                                  "takes the site out of DNS. Add and deploy another edge first, or use --force")
@@ -199,14 +225,13 @@ def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> E
         position = next((k for k, key in enumerate(keys) if key in EDGE_ORDER[EDGE_ORDER.index("dns") + 1:]),
                         len(keys))
         entry.insert(position, "dns", False)
-    after = _validated(config)
     _write_document(path, document, yaml)
-    serving_now = _serving(after, edge.origin)
+    serving_now = _serving(config, edge.origin)
     if serving:
-        lines = [*_record_lines(after, edge, "creates"),
+        lines = [*_record_lines(edge, "creates"),
                  f"{domain} is then served by {', '.join(serving_now)}"]
         return EdgeChange(path, True, f"undrained edge {name} in {path}", lines)
-    lines = [*_record_lines(after, edge, "deletes"), f"keeps {name} running and its tunnel up",
+    lines = [*_record_lines(edge, "deletes"), f"keeps {name} running and its tunnel up",
              (f"{domain} is then served by {', '.join(serving_now)}" if serving_now
               else f"WARNING: {domain} then has no serving edge: the site is unreachable"),
              f"then wait out the TTL before `kokoa remove-edge {name}`"]
@@ -222,26 +247,23 @@ def remove_edge(path: Path, name: str, force: bool = False) -> EdgeChange:
     yaml, document = _load_document(path)
     config = document["config"]
     edges, i = _edge_entry(config, name)
-    before = _validated(config)
-    edge = next(e for e in before.edges if e.name == name)
-    origin = before.origin(edge.origin)
-    others = [e for e in _serving(before, edge.origin) if e != name]
+    edge = _view(config, edges[i])
+    others = [e for e in _serving(config, edge.origin) if e != name]
     if edge.dns and not others and not force:
-        raise StackFileError(f"{name} is the last serving edge of {edge.origin} ({origin.domain}): removing it "
+        raise StackFileError(f"{name} is the last serving edge of {edge.origin} ({edge.domain}): removing it "
                              "takes the site down. Add and deploy another edge first, or use --force")
     del edges[i]
     renames = config.get(PREFIX + "formerNames")
     if isinstance(renames, dict) and name in renames:
         del renames[name]
-    after = _validated(config)
     _write_document(path, document, yaml)
-    host = f"{edge.ssh.user}@{edge.ssh.host}" + (f":{edge.ssh.port}" if edge.ssh.port != 22 else "")
+    host = f"{edge.user}@{edge.host}" + (f":{edge.port}" if edge.port != 22 else "")
     lines = [f"runs its uninstall.sh on {host} (nginx stopped, tunnel down, its keys and certificate removed)"]
     if edge.dns:
-        lines += _record_lines(before, edge, "deletes")
+        lines += _record_lines(edge, "deletes")
         lines.append("WARNING: it was still serving; clients that cached its address fail until the TTL passes"
-                     if others else f"WARNING: {origin.domain} then has no serving edge: the site is unreachable")
-    lines += [f"removes its peer from origin {origin.name} and its WireGuard keys from the state"]
-    if not _serving(after, edge.origin) and not edge.dns:
-        lines.append(f"{origin.domain} has no serving edge (it had none before either)")
+                     if others else f"WARNING: {edge.domain} then has no serving edge: the site is unreachable")
+    lines += [f"removes its peer from origin {edge.origin} and its WireGuard keys from the state"]
+    if not _serving(config, edge.origin) and not edge.dns:
+        lines.append(f"{edge.domain} has no serving edge (it had none before either)")
     return EdgeChange(path, True, f"removed edge {name} from {path}", lines)

@@ -118,11 +118,14 @@ def test_remove_edge_refuses_the_last_serving_edge_and_warns_about_a_serving_one
 def test_problems_change_nothing(stack_file):
     unknown = invoke("drain", "--stack", "prod", "edge-9")
     assert unknown.exit_code == 1 and "no edge is named 'edge-9' (edges: edge-1, edge-2)" in unknown.output
-    stack_file.write_text(STACK.replace("index: 11", "index: 10"))  # invalid already
+    stack_file.write_text(STACK.replace("origin: blog\n      publicIp: 198.51.100.8", "origin: nope\n      publicIp: 198.51.100.8"))
     broken = stack_file.read_text()
     result = invoke("drain", "--stack", "prod", "edge-2")
-    assert result.exit_code == 1 and "index" in result.output
+    assert result.exit_code == 1 and "its origin 'nope' is not in the stack" in result.output
     assert stack_file.read_text() == broken
+    stack_file.write_text("config: [")
+    assert invoke("drain", "--stack", "prod", "edge-2").exit_code == 1
+    assert stack_file.read_text() == "config: ["
     missing = invoke("drain", "--stack", "nope", "edge-2")
     assert missing.exit_code == 1 and "cannot read" in missing.output
 
@@ -131,3 +134,15 @@ def test_without_a_zone_the_record_is_named_for_kokoa_dns(stack_file):
     stack_file.write_text(STACK.replace("  kokoa:cloudflareZoneId: 023e105f4ecef8ad9ca31a8372d0c353\n", ""))
     result = invoke("drain", "--stack", "prod", "edge-2")
     assert "kokoa-dns remove --ip 198.51.100.8 --name blog.example.com" in result.output
+
+
+def test_the_lab_stack_file_can_be_drained_without_host_keys(tmp_path):
+    """The lab's stack file leaves hostKey to `kokoa lab up`: one edge's edit does not need them."""
+    from kokoa_infra.mockrun import PROJECT_DIR
+
+    path = tmp_path / "Pulumi.lab.yaml"
+    path.write_text((PROJECT_DIR / "stacks" / "Pulumi.lab.yaml").read_text())
+    result = invoke("drain", "edge-blog-2", "--file", str(path))
+    assert result.exit_code == 0, result.output
+    assert edges(path)["edge-blog-2"]["dns"] is False
+    assert "# the internet user" in path.read_text()
