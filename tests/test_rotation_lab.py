@@ -172,6 +172,7 @@ def test_rotating_the_operator_ssh_key_reinstalls_nothing_and_fails_no_request(l
 
 
 def test_rotating_an_edges_wireguard_key_drained_first_fails_no_request(lab, tmp_path):
+    wait_for_certificates(lab, lab.status["edges"])
     domain = domain_of(lab, BLOG)
     path = stack_copy(lab, tmp_path)
     keys_before = {n: e["publicKey"] for n, e in json.loads(lab.outputs_file.read_text())["edges"].items()}
@@ -180,9 +181,12 @@ def test_rotating_an_edges_wireguard_key_drained_first_fails_no_request(lab, tmp
         cli("drain", "edge-blog-2", "--file", str(path))
         lab.apply({"kokoa:edges": edges_in(path)})
         time.sleep(2)  # the client caches nothing: what was resolved before the drain has been served
-        edges = edges_in(path)
-        next(e for e in edges if e["name"] == "edge-blog-2")["keyGeneration"] = 2
-        report = lab.apply({"kokoa:edges": edges})
+        yaml = YAML()
+        document = yaml.load(path.read_text())
+        next(e for e in document["config"]["kokoa:edges"] if e["name"] == "edge-blog-2")["keyGeneration"] = 2
+        with open(path, "w") as out:
+            yaml.dump(document, out)
+        report = lab.apply({"kokoa:edges": edges_in(path)})
         assert sorted(report.changed) == ["updated blog-install", "updated edge-blog-2-install"]
         wait_for_certificates(lab, [edge(lab, "edge-blog-2")], deadline_s=60)  # serves through the new tunnel
         cli("undrain", "edge-blog-2", "--file", str(path))
@@ -197,6 +201,7 @@ def test_rotating_an_edges_wireguard_key_drained_first_fails_no_request(lab, tmp
 
 def test_replacing_an_edge_end_to_end_fails_no_request_and_leaves_the_old_server_clean(lab, tmp_path):
     """The rotation runbook (docs/operations.md): add, wait until it serves, drain, wait out the TTL, remove."""
+    wait_for_certificates(lab, lab.status["edges"])
     domain = domain_of(lab, BLOG)
     old = edge(lab, "edge-blog-2")
     spare = lab.spare_edge_host()
