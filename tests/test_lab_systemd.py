@@ -65,6 +65,8 @@ def test_a_server_is_a_booted_systemd_machine_with_sshd_as_a_unit(machine_lab):
         assert lab.on_host(server.netns, ["cat", "/etc/machine-id"]).stdout != Path("/etc/machine-id").read_text()
         seen = lab.on_host(server.netns, ["ps", "-eo", "args"]).stdout
         assert "pytest" not in seen and "process_api" not in seen
+        # Inside, relative paths and the working directory are the machine's, not the host's.
+        assert lab.on_host(server.netns, ["sh", "-c", "pwd; cat etc/hostname"]).stdout == f"/\n{server.name}\n"
         # The install scripts' test for systemd.
         assert lab.on_host(server.netns, ["test", "-d", "/run/systemd/system"]).returncode == 0
     # The key of one machine does not open the other.

@@ -256,8 +256,13 @@ def init_of(launcher: int) -> int | None:
 
 
 def enter_argv(init: int, argv: list[str]) -> list[str]:
-    """argv run inside the machine: its mounts, hostname, IPC, network and pids, from its root."""
-    return ["nsenter", f"--target={init}", "--mount", "--uts", "--ipc", "--net", "--pid", "--wd=/", "--", *argv]
+    """argv run inside the machine: its mounts, hostname, IPC, network and pids, from its root.
+
+    `--root --wd` take systemd's root and working directory. (`--wd=/` would open `/` before
+    entering: the host's root, outside the machine, where relative paths would then resolve.)
+    """
+    return ["nsenter", f"--target={init}", "--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd",
+            "--", *argv]
 
 
 def system_state(init: int) -> str:
