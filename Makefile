@@ -45,8 +45,12 @@ lab: setup
 lab-down: venv
 	$(VENV)/bin/kokoa lab down
 
+# The data plane per hop, against a bare reference and under floods (bench/results/dataplane.json),
+# then the health sweep and the program's evaluation. Each prints ratios within its own run.
 bench: setup
+	$(VENV)/bin/python bench/dataplane.py
 	$(VENV)/bin/python bench/health_sweep.py
+	$(VENV)/bin/python bench/program_eval.py
 
 # docs/status-page.png: the sample status page in headless Chromium (in a loopback-only namespace).
 .PHONY: status-page

@@ -19,13 +19,16 @@ from kokoa_infra.mockrun import run_program  # noqa: E402
 
 ORIGINS, EDGES_PER_ORIGIN = 50, 10
 SSH_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----\n"
+# A pinned ed25519 host key (one for every host is fine here: nothing connects).
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ"
 
 
 def stack_config() -> dict:
     origins = [{"name": f"site-{o}", "domain": f"site-{o}.example.com", "subnet": o,
-                "host": f"10.200.{o}.1", "upstream": "http://127.0.0.1:8080"} for o in range(ORIGINS)]
+                "host": f"10.200.{o}.1", "upstream": "http://127.0.0.1:8080", "hostKey": HOST_KEY}
+               for o in range(ORIGINS)]
     edges = [{"name": f"edge-{o}-{e}", "origin": f"site-{o}", "publicIp": f"10.201.{o}.{e + 1}",
-              "index": 10 + e} for o in range(ORIGINS) for e in range(EDGES_PER_ORIGIN)]
+              "index": 10 + e, "hostKey": HOST_KEY} for o in range(ORIGINS) for e in range(EDGES_PER_ORIGIN)]
     return {"kokoa:acmeEmail": "ops@example.com", "kokoa:sshPrivateKey": SSH_KEY,
             "kokoa:cloudflareZoneId": "0" * 32, "cloudflare:apiToken": "t",
             "kokoa:origins": origins, "kokoa:edges": edges}
