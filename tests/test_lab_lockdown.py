@@ -192,3 +192,18 @@ def test_an_edge_that_leaves_takes_no_usable_key_with_it(lab):
     while served_key() != after and time.monotonic() < deadline:
         time.sleep(2)
     assert served_key() == after
+
+
+def test_an_application_running_as_www_data_cannot_read_the_exported_tls_key(lab):
+    origin = next(o for o in lab.status["origins"] if o["name"] == "blog")
+    export = "/var/lib/kokoa/cert-export"
+    listing = lab.on_host(origin["netns"], "stat", "-c", "%n %U:%G %a", export, f"{export}/privkey.pem").stdout
+    assert listing.split("\n")[:2] == [f"{export} root:kokoa-gateway 750",
+                                       f"{export}/privkey.pem root:kokoa-gateway 640"]
+    as_app = lab.on_host(origin["netns"], "runuser", "-u", "www-data", "--", "cat", f"{export}/privkey.pem",
+                         check=False)
+    assert as_app.returncode != 0 and "Permission denied" in as_app.stderr
+    # The gateway's own workers can, which is what serves the edges.
+    as_gateway = lab.on_host(origin["netns"], "runuser", "-u", "kokoa-gateway", "--", "head", "-c", "5",
+                             f"{export}/privkey.pem", check=False)
+    assert as_gateway.stdout == "-----"
