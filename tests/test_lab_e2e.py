@@ -136,6 +136,14 @@ def test_running_install_again_on_a_host_changes_nothing(lab):
     edge = lab.status["edges"][0]
     origin = next(o for o in lab.status["origins"] if o["name"] == edge["origin"])
     snapshot = ("stat -c '%n %i %.9Y %a' /etc/nginx/nginx.conf /etc/wireguard/*.conf /etc/kokoa/bundle/*; "
+                # On a systemd machine, the units and drop-ins install.sh writes, and when the
+                # units it starts last started.
+                "stat -c '%n %i %.9Y %a' /etc/systemd/system/kokoa-gateway.service "
+                "/etc/systemd/system/kokoa-firewall.service "
+                "/etc/systemd/system/kokoa-cert*.service /etc/systemd/system/kokoa-cert*.timer "
+                "/etc/systemd/system/wg-quick@*.service.d/* 2>/dev/null; "
+                "systemctl show -p Id,ActiveEnterTimestampMonotonic nginx kokoa-gateway 'wg-quick@*' "
+                "'kokoa-cert*.timer' 2>/dev/null; "
                 "cat /run/nginx.pid 2>/dev/null; cat /run/kokoa-gateway.pid 2>/dev/null; "
                 "pgrep -x wireguard-go")
     hosts = (edge["netns"], origin["netns"])
@@ -301,6 +309,9 @@ def test_uninstall_on_a_machine_leaves_no_unit_and_the_removed_edge_leaves_no_ma
     lab.add_edge(name="edge-gone", origin=origin, host=lab.spare_edge_host())
     gone = next(e for e in lab.status["edges"] if e["name"] == "edge-gone")
     interface = edge_interface(lab, gone)
+    # Booted once since its install, as a server that has run a while: every enabled unit active.
+    lab.power_off(gone["netns"])
+    lab.boot(gone["netns"])
     assert_units_active_and_enabled(lab, gone)
     result = lab.on_host(gone["netns"], "bash", "/etc/kokoa/bundle/uninstall.sh")
     assert "edge edge-gone removed" in result.stdout
