@@ -16,20 +16,17 @@ pytestmark = pytest.mark.netns
 
 DOMAIN = "blog.example.com"
 # The application behind the tunnel: it answers with what the edge sent it.
-ECHO = """
-pid {dir}/echo.pid;
-error_log {dir}/echo-error.log warn;
-events {{ }}
-http {{
-    access_log off;
-    server {{
-        listen {address}:80;
-        location / {{
-            return 200 "uri=$request_uri xff=[$http_x_forwarded_for] real=[$http_x_real_ip] fwd=[$http_forwarded] host=[$http_x_forwarded_host] port=[$http_x_forwarded_port] proto=[$http_x_forwarded_proto]\\n";
-        }}
-    }}
-}}
-"""
+ECHO = ('uri=$request_uri xff=[$http_x_forwarded_for] real=[$http_x_real_ip] fwd=[$http_forwarded] '
+        'host=[$http_x_forwarded_host] port=[$http_x_forwarded_port] proto=[$http_x_forwarded_proto]')
+
+
+def echo_app(directory: Path, listen: str, body: str) -> Path:
+    """An nginx config that answers every request with `body` (nginx variables expanded)."""
+    conf = directory / f"echo-{listen.replace(':', '-')}.conf"
+    conf.write_text(f"pid {conf}.pid;\nerror_log {conf}.error.log warn;\nevents {{ }}\n"
+                    f"http {{ access_log off; server {{ listen {listen};\n"
+                    f'    location / {{ return 200 "{body}\\n"; }} }} }}\n')
+    return conf
 
 
 @pytest.fixture
@@ -46,7 +43,7 @@ def edge(make_netns, tmp_path):
     subprocess.run(["ip", "-n", netns, "addr", "add", "10.100.0.10/24", "dev", "tun0"], check=True)
     for ns in (netns, origin):
         subprocess.run(["ip", "-n", ns, "link", "set", "tun0", "up"], check=True)
-    (tmp_path / "echo.conf").write_text(ECHO.format(dir=tmp_path, address=origin_address))
+    echo = echo_app(tmp_path, f"{origin_address}:80", ECHO)
     live = tmp_path / "letsencrypt" / "live" / DOMAIN
     live.mkdir(parents=True)
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -60,9 +57,9 @@ def edge(make_netns, tmp_path):
     script = (f"mkdir -p /etc/letsencrypt && mount --bind {tmp_path / 'letsencrypt'} /etc/letsencrypt && "
               f"mount --bind {tmp_path / 'log'} /var/log && mount --bind {tmp_path / 'run'} /run && "
               f"exec nginx -c {tmp_path / 'nginx.conf'}")
-    echo = subprocess.run(["ip", "netns", "exec", origin, "nginx", "-c", str(tmp_path / "echo.conf")],
-                          capture_output=True, text=True, timeout=30)
-    assert echo.returncode == 0, echo.stderr
+    started_echo = subprocess.run(["ip", "netns", "exec", origin, "nginx", "-c", str(echo)],
+                                  capture_output=True, text=True, timeout=30)
+    assert started_echo.returncode == 0, started_echo.stderr
     started = subprocess.run(["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
                               "sh", "-c", script], capture_output=True, text=True, timeout=30)
     assert started.returncode == 0, started.stderr
@@ -121,18 +118,6 @@ def test_the_acme_relay_on_port_80_is_limited_too(edge):
 
 # --- the origin's gateway ---------------------------------------------------------------------
 
-GATEWAY_APP = """
-pid {dir}/app.pid;
-error_log {dir}/app-error.log warn;
-events {{ }}
-http {{
-    access_log off;
-    server {{
-        listen 127.0.0.1:8080;
-        location / {{ return 200 "uri=$request_uri host=[$host] real=[$http_x_real_ip]\\n"; }}
-    }}
-}}
-"""
 
 
 @pytest.fixture
@@ -150,7 +135,7 @@ def gateway(netns, tmp_path):
     (export / "privkey.pem").write_text("KEY\n")
     (tmp_path / "log" / "kokoa").mkdir(parents=True)
     (tmp_path / "run").mkdir()
-    (tmp_path / "app.conf").write_text(GATEWAY_APP.format(dir=tmp_path))
+    app = echo_app(tmp_path, "127.0.0.1:8080", "uri=$request_uri host=[$host] real=[$http_x_real_ip]")
     (tmp_path / "gateway.conf").write_text(conf)
     passwd, group = tmp_path / "passwd", tmp_path / "group"
     passwd.write_text(Path("/etc/passwd").read_text() + f"{GATEWAY_USER}:x:0:0::/nonexistent:/usr/sbin/nologin\n")
@@ -158,7 +143,7 @@ def gateway(netns, tmp_path):
     script = (f"mkdir -p {CERT_EXPORT_DIR} && mount --bind {export} {CERT_EXPORT_DIR} && "
               f"mount --bind {passwd} /etc/passwd && mount --bind {group} /etc/group && "
               f"mount --bind {tmp_path / 'log'} /var/log && mount --bind {tmp_path / 'run'} /run && "
-              f"nginx -c {tmp_path / 'app.conf'} && exec nginx -c {tmp_path / 'gateway.conf'}")
+              f"nginx -c {app} && exec nginx -c {tmp_path / 'gateway.conf'}")
     started = subprocess.run(["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
                               "sh", "-c", script], capture_output=True, text=True, timeout=30)
     assert started.returncode == 0, started.stderr

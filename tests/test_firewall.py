@@ -122,20 +122,25 @@ CONNECTOR = textwrap.dedent("""
 """)
 
 
+def link(server: str, peer: str, subnet: str, default_route: bool = False) -> None:
+    """A veth between two namespaces: `<subnet>.1` on the server's side, `<subnet>.2` on the peer's."""
+    name = f"v{subnet.rsplit('.', 1)[1]}"
+    subprocess.run(["ip", "-n", server, "link", "add", name, "type", "veth", "peer", "name", "eth0",
+                    "netns", peer], check=True)
+    for ns, dev, host in ((server, name, 1), (peer, "eth0", 2)):
+        subprocess.run(["ip", "-n", ns, "addr", "add", f"{subnet}.{host}/24", "dev", dev], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+    if default_route:
+        subprocess.run(["ip", "-n", peer, "route", "add", "default", "via", f"{subnet}.1"], check=True)
+
+
 @pytest.fixture
 def shielded_edge(make_netns, tmp_path):
     """(server, attacker, visitor) namespaces; the server runs an edge's table and listeners."""
     server, attacker, visitor = make_netns(), make_netns(), make_netns()
-    for peer, (address, subnet) in ((attacker, (ATTACKER, "10.9.1")), (visitor, (VISITOR, "10.9.2"))):
-        link = f"v{subnet.rsplit('.', 1)[1]}"
-        subprocess.run(["ip", "-n", server, "link", "add", link, "type", "veth", "peer", "name", "eth0",
-                        "netns", peer], check=True)
-        subprocess.run(["ip", "-n", server, "addr", "add", f"{subnet}.1/24", "dev", link], check=True)
-        subprocess.run(["ip", "-n", server, "link", "set", link, "up"], check=True)
-        subprocess.run(["ip", "-n", peer, "addr", "add", f"{address}/24", "dev", "eth0"], check=True)
-        subprocess.run(["ip", "-n", peer, "link", "set", "eth0", "up"], check=True)
-        # Both reach the server's one address, as two visitors of one public IP would.
-        subprocess.run(["ip", "-n", peer, "route", "add", "default", "via", f"{subnet}.1"], check=True)
+    # Both reach the server's one address, as two visitors of one public IP would.
+    link(server, attacker, "10.9.1", default_route=True)
+    link(server, visitor, "10.9.2", default_route=True)
     config = copy.deepcopy(BASE_CONFIG)
     config["kokoa:origins"][0]["rateLimit"] = dict(LIMITS)
     config["kokoa:sshAllowFrom"] = ["10.9.2.0/24"]
@@ -195,14 +200,8 @@ def test_only_web_ports_are_public_and_ssh_only_from_the_allow_list(shielded_edg
 
 def test_an_origin_admits_wireguard_only_from_its_edges(make_netns, tmp_path):
     origin, edge, stranger = make_netns(), make_netns(), make_netns()
-    for peer, subnet in ((edge, "10.9.1"), (stranger, "10.9.2")):
-        link = f"v{subnet.rsplit('.', 1)[1]}"
-        subprocess.run(["ip", "-n", origin, "link", "add", link, "type", "veth", "peer", "name", "eth0",
-                        "netns", peer], check=True)
-        subprocess.run(["ip", "-n", origin, "addr", "add", f"{subnet}.1/24", "dev", link], check=True)
-        subprocess.run(["ip", "-n", origin, "link", "set", link, "up"], check=True)
-        subprocess.run(["ip", "-n", peer, "addr", "add", f"{subnet}.2/24", "dev", "eth0"], check=True)
-        subprocess.run(["ip", "-n", peer, "link", "set", "eth0", "up"], check=True)
+    link(origin, edge, "10.9.1")
+    link(origin, stranger, "10.9.2")
     config = copy.deepcopy(BASE_CONFIG)
     config["kokoa:origins"][0]["host"] = "10.9.1.1"
     config["kokoa:edges"][0]["publicIp"] = ATTACKER  # the one edge: 10.9.1.2
