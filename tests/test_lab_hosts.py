@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -86,3 +89,34 @@ def test_a_second_up_or_down_on_the_same_lab_is_refused_while_one_runs(tmp_path)
             pass
     finally:
         lock_path(lab_dir).unlink(missing_ok=True)
+
+
+def test_a_lab_of_the_other_init_mode_is_rebuilt_and_the_cli_takes_the_mode():
+    from click.testing import CliRunner
+
+    from kokoa_infra.lab.cli import lab as lab_command
+
+    topo = Topology(ipaddress.ip_network("172.31.255.0/24"),
+                    (Host("one", "edge", "172.31.255.21", "kokoa-unused-one", origin="x"),))
+    # A lab directory may not be under /tmp (servers have their own); only its record is written.
+    recorded = Lab(Path(f"/var/lib/kokoa-lab-modetest{TAG}"), "kokoa-unused-")
+    if os.geteuid() != 0:
+        pytest.skip("writes a lab record under /var/lib")
+    recorded.dir.mkdir(exist_ok=True)
+    try:
+        check_modes(recorded, topo)
+    finally:
+        shutil.rmtree(recorded.dir)
+    refused = CliRunner().invoke(lab_command, ["up", "--init", "docker"])
+    assert refused.exit_code == 2 and "'systemd', 'plain'" in refused.output
+
+
+def check_modes(recorded: Lab, topo: Topology) -> None:
+    recorded.record_file.write_text(json.dumps({
+        "prefix": "kokoa-unused-", "namespaces": [], "processes": {},
+        "hosts": {"kokoa-unused-one": {"role": "edge", "mode": "plain", "ready": True,
+                                       "host": {"name": "one", "role": "edge", "ip": "172.31.255.21",
+                                                "netns": "kokoa-unused-one", "origin": "x"}}}}))
+    assert "kokoa-unused-one runs plain, not systemd" in Lab(recorded.dir, "kokoa-unused-", "systemd").problems(topo)
+    assert not any("runs" in p for p in Lab(recorded.dir, "kokoa-unused-", "plain").problems(topo))
+    assert recorded.init_system("kokoa-unused-one") == "plain"
