@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 
 from kokoa_infra.lab import machines
-from kokoa_infra.lab.hosts import Host, Lab, Topology, alive, lab_unavailable, namespaces
+from kokoa_infra.lab.hosts import Host, Lab, LabError, Topology, alive, lab_unavailable, namespaces
 from tests.lab_fixture import TAG
 
 pytestmark = pytest.mark.netns
@@ -94,13 +94,15 @@ def test_power_off_and_boot_keep_the_machines_files_and_nothing_else(machine_lab
     assert not alive(init) and not alive(launcher)
     assert not machines.mounted_under(lab.host_dir(edge.netns))
     assert not machines.cgroup_processes(edge.netns)
-    with pytest.raises(Exception, match="not running"):
+    with pytest.raises(LabError, match="not running"):
         lab.host_argv(edge.netns, ["true"])
     lab.boot(edge.netns)
     assert lab.record()["hosts"][edge.netns]["init"] != init
     assert lab.on_host(edge.netns, ["cat", "/etc/kokoa-kept"]).stdout == "kept\n"
     assert lab.on_host(edge.netns, ["test", "-e", "/run/kokoa-gone"]).returncode != 0
     assert ssh(lab, topo, edge, "hostname").stdout == "edge\n"
+    with pytest.raises(LabError, match="is running"):
+        lab.boot(edge.netns)  # never a second systemd on the same root
     # The other machine was not touched.
     assert lab.on_host(topo.one("origin").netns, ["systemctl", "is-system-running"]).stdout == "running\n"
 

@@ -804,8 +804,11 @@ class Lab:
 
     def boot(self, netns: str) -> None:
         """Boot a powered-off systemd machine again from its directory; nothing is deployed."""
-        if self.record()["hosts"].get(netns, {}).get("mode") != "systemd":
+        entry = self.record()["hosts"].get(netns, {})
+        if entry.get("mode") != "systemd":
             raise LabError(f"{netns} is not a systemd machine")
+        if _machine_pid(entry, "init") or _machine_pid(entry, "launcher"):
+            raise LabError(f"machine {netns} is running; power it off first")
         try:
             machines.mount_root(self.host_dir(netns))
         except machines.MachineError as exc:

@@ -311,6 +311,8 @@ def halt(init: int | None, launcher: int | None, alive: Callable[[int | None], b
             time.sleep(0.05)
         return not alive(pid)
 
+    if not init and launcher and alive(launcher):
+        init = init_of(launcher)  # still booting when its pid was last recorded
     if init and alive(init):
         os.kill(init, signal.SIGRTMIN + 3)
         if not wait(init, seconds):
