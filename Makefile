@@ -28,9 +28,11 @@ system-packages:
 	  [ $$status -eq 0 ] || { tail -20 /tmp/kokoa-apt.log; exit 1; }; \
 	fi
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+# The runtime pins (requirements.txt) and the test tools (requirements-test.txt includes
+# requirements.txt), then this project, editable, with its console scripts.
+$(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q -r requirements-test.txt
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 

@@ -19,6 +19,7 @@ FILE_HELP = "Edit this stack file instead of Pulumi.<stack>.yaml."
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kokoa-proxy", prog_name="kokoa")
 def main() -> None:
     """Kokoa Proxy: web origins behind disposable WireGuard-tunnelled edges.
 

@@ -15,7 +15,8 @@ import jinja2
 
 from kokoa_infra.model import Edge, Origin, Topology
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+# Shipped inside the package (package-data), so an installed `kokoa` finds them from any directory.
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 INSTALL_DIR = "/etc/kokoa/bundle"
 ACME_WEBROOT = "/var/lib/kokoa/acme-webroot"
 CERT_EXPORT_DIR = "/var/lib/kokoa/cert-export"
