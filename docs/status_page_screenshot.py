@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from kokoa_infra.health_html_preview import sample_page, screenshot
+from kokoa_infra.health.html_preview import sample_page, screenshot
 
 WINDOW_HEIGHT = 2400
 BOTTOM_MARGIN = 16

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from kokoa_infra.atomic_file import write_private
-from kokoa_infra.health import health
+from kokoa_infra.health.command import health
 from kokoa_infra.host_keys import HostKeyScanError, scan_host_key
 from kokoa_infra.lab.cli import lab
 from kokoa_infra.outputs import OutputsError, load_outputs

@@ -23,16 +23,16 @@ import ping3
 import pytest
 from click.testing import CliRunner
 
-from kokoa_infra import health as health_cli
+from kokoa_infra.health import command as health_cli
 from kokoa_infra.atomic_file import write_atomically
-from kokoa_infra import health_probes
-from kokoa_infra.health import Reporter, health, parse_checks, run_interval
-from kokoa_infra.health_probes import SweepOptions, fit_file_descriptors, probe_https, run_sweep
-from kokoa_infra.health_report import (
-    HttpsResult, NodeResult, PingResult, Sweep, exit_code, render_prometheus,
-    render_summary_line, render_table, statuses, statuses_from_document, summarize,
+from kokoa_infra.health import probes as health_probes
+from kokoa_infra.health.command import Reporter, health, parse_checks, run_interval
+from kokoa_infra.health.probes import SweepOptions, fit_file_descriptors, probe_https, run_sweep
+from kokoa_infra.health.report import (
+    render_prometheus, render_summary_line, render_table, statuses, statuses_from_document,
     sweep_document, transitions)
-from kokoa_infra.health_targets import (
+from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep, exit_code, summarize
+from kokoa_infra.health.targets import (
     LocalNetwork, Target, TargetsError, parse_local_network, parse_targets, ping_address,
     wireguard_routable)
 
@@ -660,9 +660,9 @@ def test_ctrl_c_ends_the_loop_cleanly_with_0():
 
 # Runs the real command in a child process with the network replaced by an empty sweep.
 FAKE_NETWORK_RUN = """
-import datetime, kokoa_infra.health as cli, kokoa_infra.health_report as report
+import datetime, kokoa_infra.health.command as cli, kokoa_infra.health.results as results
 cli.check_ping_permission = lambda: None
-cli.run_sweep = lambda targets, options, local: report.Sweep(
+cli.run_sweep = lambda targets, options, local: results.Sweep(
     datetime.datetime.now(datetime.timezone.utc), 0.0, options.checks, [])
 cli.health(prog_name="kokoa health")
 """

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kokoa_infra.health_html_preview import PageRow, page_rows, parse_html
+from kokoa_infra.health.html_preview import PageRow, page_rows, parse_html
 
 pytestmark = pytest.mark.lab
 

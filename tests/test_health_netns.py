@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kokoa_infra.health_html_preview import page_rows, parse_html
-from kokoa_infra.health_netns import TargetNetwork, target_network
+from kokoa_infra.health.html_preview import page_rows, parse_html
+from kokoa_infra.health.netns import TargetNetwork, target_network
 
 pytestmark = pytest.mark.netns
 

@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kokoa_infra import health as health_cli
-from kokoa_infra.health import Reporter, health, run_interval
-from kokoa_infra.health_html import (
+from kokoa_infra.health import command as health_cli
+from kokoa_infra.health.command import Reporter, health, run_interval
+from kokoa_infra.health.html import (
     DRAINED, SERVING, UNHEALTHY, History, StatusPage, history_document, measured_interval,
     node_state, parse_history, render_page, update_history)
-from kokoa_infra.health_html_preview import (
+from kokoa_infra.health.html_preview import (
     SAMPLE_END, SAMPLE_INTERVAL_S, page_rows, parse_html, sample_history, sample_sweep,
     sample_targets)
-from kokoa_infra.health_probes import SweepOptions
-from kokoa_infra.health_report import HttpsResult, NodeResult, PingResult, Sweep
-from kokoa_infra.health_targets import LocalNetwork, Target, parse_targets
+from kokoa_infra.health.probes import SweepOptions
+from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep
+from kokoa_infra.health.targets import LocalNetwork, Target, parse_targets
 
 REPO = Path(__file__).resolve().parent.parent
 STATE_WORDS = {SERVING: "\u2713 serving", DRAINED: "\u2013 drained", UNHEALTHY: "\u2717 unhealthy"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kokoa_infra.health_html_preview import sample_page
+from kokoa_infra.health.html_preview import sample_page
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "health.md"

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from kokoa_infra.atomic_file import write_atomically
-from kokoa_infra.health_report import NodeResult, Sweep, timestamp
+from kokoa_infra.health.report import timestamp
+from kokoa_infra.health.results import NodeResult, Sweep
 
 SERVING, DRAINED, UNHEALTHY = "serving", "drained", "unhealthy"
 STATE_LETTERS = {SERVING: "s", DRAINED: "d", UNHEALTHY: "u"}

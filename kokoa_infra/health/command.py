@@ -1,4 +1,4 @@
-"""`kokoa health`: ping every node and probe HTTPS through every edge, once or every N seconds."""
+"""The `kokoa health` command: ping every node and probe HTTPS through every edge, once or every N seconds."""
 
 from __future__ import annotations
 
@@ -14,15 +14,16 @@ from typing import TextIO
 
 import click
 
-from kokoa_infra.health_probes import (
+from kokoa_infra.atomic_file import write_atomically
+from kokoa_infra.health.html import DEFAULT_HISTORY, MAX_HISTORY, StatusPage
+from kokoa_infra.health.probes import (
     CHECKS, PingPermissionError, SweepOptions, check_ping_permission, fit_file_descriptors,
     run_sweep)
-from kokoa_infra.atomic_file import write_atomically
-from kokoa_infra.health_html import DEFAULT_HISTORY, MAX_HISTORY, StatusPage
-from kokoa_infra.health_report import (
-    Sweep, dumps, exit_code, render_prometheus, render_summary_line, render_table,
-    statuses, statuses_from_document, sweep_document, transitions)
-from kokoa_infra.health_targets import (
+from kokoa_infra.health.report import (
+    dumps, render_prometheus, render_summary_line, render_table, statuses, statuses_from_document,
+    sweep_document, transitions)
+from kokoa_infra.health.results import Sweep, exit_code
+from kokoa_infra.health.targets import (
     LocalNetwork, Target, TargetsError, parse_targets, read_local_network)
 from kokoa_infra.outputs import OutputsError, load_outputs
 
@@ -274,6 +275,3 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
 
     sys.exit(run_interval(sweep_once, report, interval, threading.Event()))
 
-
-if __name__ == "__main__":
-    health(prog_name="kokoa health")

@@ -15,9 +15,9 @@ from html.parser import HTMLParser
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from kokoa_infra.health_html import DEFAULT_HISTORY, History, render_page, update_history
-from kokoa_infra.health_report import HttpsResult, NodeResult, PingResult, Sweep
-from kokoa_infra.health_targets import Target
+from kokoa_infra.health.html import DEFAULT_HISTORY, History, render_page, update_history
+from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep
+from kokoa_infra.health.targets import Target
 
 # No background traffic of the browser's own: no sync, component updates, field trials, QUIC.
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

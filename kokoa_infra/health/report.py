@@ -1,91 +1,13 @@
-"""Results of a health sweep and everything made from them: JSON, table, Prometheus text, transitions, files."""
+"""Everything made from a sweep's results: JSON, table, Prometheus text, transitions."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from kokoa_infra.health_targets import Target
-
-HEALTHY, UNHEALTHY = "healthy", "unhealthy"
-
-
-@dataclass(frozen=True)
-class PingResult:
-    """ICMP echo to one node: `via` says whether its WireGuard or public address was used."""
-
-    ok: bool
-    address: str
-    via: str
-    rtt_ms: float | None
-    sent: int
-    received: int
-    error: str | None
-
-
-@dataclass(frozen=True)
-class HttpsResult:
-    """GET https://<domain>/ through one edge."""
-
-    ok: bool
-    code: int | None
-    latency_ms: float | None
-    cert_days_left: int | None
-    error: str | None
-
-
-@dataclass(frozen=True)
-class NodeResult:
-    """One node's checks; a check left out of the sweep is None."""
-
-    target: Target
-    ping: PingResult | None
-    https: HttpsResult | None
-
-    @property
-    def healthy(self) -> bool:
-        return all(check.ok for check in (self.ping, self.https) if check is not None)
-
-    @property
-    def status(self) -> str:
-        return HEALTHY if self.healthy else UNHEALTHY
-
-    @property
-    def key(self) -> str:
-        # Origin and edge names are unique only within their role.
-        return f"{self.target.role}/{self.target.name}"
-
-    def problem(self) -> str:
-        """Why the node is unhealthy ("" when it is not)."""
-        reasons = []
-        if self.ping is not None and not self.ping.ok:
-            reasons.append(f"ping {self.ping.address}: {self.ping.error or 'no reply'}")
-        if self.https is not None and not self.https.ok:
-            reasons.append(f"https: {self.https.error or 'failed'}")
-        return "; ".join(reasons)
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """Every node checked once."""
-
-    checked_at: datetime
-    duration_s: float
-    checks: tuple[str, ...]
-    nodes: list[NodeResult]
-
-
-def summarize(nodes: list[NodeResult]) -> dict[str, int]:
-    healthy = sum(node.healthy for node in nodes)
-    return {"total": len(nodes), "healthy": healthy, "unhealthy": len(nodes) - healthy}
-
-
-def exit_code(sweep: Sweep) -> int:
-    """0 when every node is healthy, 1 when some are not."""
-    return 0 if all(node.healthy for node in sweep.nodes) else 1
+from kokoa_infra.health.results import HEALTHY, UNHEALTHY, NodeResult, Sweep, summarize
 
 
 def timestamp(moment: datetime) -> str:

@@ -19,8 +19,8 @@ from datetime import datetime, timezone
 
 import ping3
 
-from kokoa_infra.health_report import HttpsResult, NodeResult, PingResult, Sweep
-from kokoa_infra.health_targets import LocalNetwork, PingVia, Target, ping_address
+from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep
+from kokoa_infra.health.targets import LocalNetwork, PingVia, Target, ping_address
 
 CHECKS = ("ping", "https")
 PING_PAYLOAD_BYTES = 56
