@@ -39,7 +39,9 @@ sys.path.insert(0, str(REPO))
 
 from kokoa_infra.lab.cli import STACK_FILE, load_stack, up, verify_sites  # noqa: E402
 from kokoa_infra.model import RATE_LIMIT_KEYS  # noqa: E402
-from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, Host, Lab, LabError, lab_unavailable, run, topology  # noqa: E402
+from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, Host, topology  # noqa: E402
+from kokoa_infra.lab.lab import Lab, lab_unavailable  # noqa: E402
+from kokoa_infra.lab.processes import LabError, run  # noqa: E402
 
 LAB_DIR = Path("/var/lib/kokoa-lab-bench")
 PREFIX = "kokoab-"

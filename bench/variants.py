@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.dataplane import BARE_SITE, LAB_DIR, PREFIX, SITE, parse_wrk, wrk_argv  # noqa: E402
-from kokoa_infra.lab.hosts import Lab, LabError, run  # noqa: E402
+from kokoa_infra.lab.lab import Lab  # noqa: E402
+from kokoa_infra.lab.processes import LabError, run  # noqa: E402
 
 EDGE_CONF = "/etc/nginx/nginx.conf"
 GATEWAY_CONF = "/etc/kokoa/gateway.conf"

@@ -13,7 +13,8 @@ import pytest
 
 from kokoa_infra.lab.cli import STACK_FILE, load_stack, up
 from kokoa_infra.lab.executor import Report
-from kokoa_infra.lab.hosts import INIT_SYSTEMS, Lab, lab_unavailable
+from kokoa_infra.lab.hosts import INIT_SYSTEMS
+from kokoa_infra.lab.lab import Lab, lab_unavailable
 
 # Not the CLI's directory and prefix: the tests never touch a lab someone brought up by hand.
 # KOKOA_TEST_LAB_TAG (a few letters) keeps two test runs on one machine apart.

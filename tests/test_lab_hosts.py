@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from kokoa_infra.lab.executor import COMMAND, ExecutorError, SshRunner, apply
-from kokoa_infra.lab.hosts import INIT_SYSTEMS, Host, Lab, Topology, lab_unavailable, namespaces
+from kokoa_infra.lab.hosts import INIT_SYSTEMS, Host, Topology
+from kokoa_infra.lab.lab import Lab, lab_unavailable
+from kokoa_infra.lab.processes import namespaces
 from kokoa_infra.mockrun import DeclaredResource
 from tests.lab_fixture import TAG
 

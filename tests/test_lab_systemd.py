@@ -12,7 +12,9 @@ from typing import Iterator
 import pytest
 
 from kokoa_infra.lab import machines
-from kokoa_infra.lab.hosts import Host, Lab, LabError, Topology, alive, lab_unavailable, namespaces
+from kokoa_infra.lab.hosts import Host, Topology
+from kokoa_infra.lab.lab import Lab, lab_unavailable
+from kokoa_infra.lab.processes import LabError, alive, namespaces
 from tests.lab_fixture import TAG
 
 pytestmark = pytest.mark.netns

@@ -21,8 +21,9 @@ from ruamel.yaml import YAML
 from kokoa_infra.atomic_file import write_private
 from kokoa_infra.lab.deployment import apply_resources, lab_dns_config
 from kokoa_infra.lab.executor import ExecutorError, Report
-from kokoa_infra.lab.hosts import (DEFAULT_INIT, INIT_SYSTEMS, LAB_DIR, PREFIX, Lab, LabError, Topology,
-                                   lab_unavailable, topology)
+from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, PREFIX, Topology, topology
+from kokoa_infra.lab.lab import LAB_DIR, Lab, lab_unavailable
+from kokoa_infra.lab.processes import LabError
 from kokoa_infra.mockrun import PROJECT_DIR, ProgramFailed, run_program
 
 STACK_FILE = PROJECT_DIR / "stacks" / "Pulumi.lab.yaml"

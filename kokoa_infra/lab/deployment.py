@@ -8,7 +8,8 @@ from typing import Any
 from kokoa_infra.lab.dns import LabDns
 from kokoa_infra.lab.executor import (COMMAND, COPY_TO_REMOTE, DEFAULT_PARALLEL, DNS_RECORD, CommandHandler, Report,
                                       SshRunner, apply, project_refreshes_always)
-from kokoa_infra.lab.hosts import Lab, Topology
+from kokoa_infra.lab.hosts import Topology
+from kokoa_infra.lab.lab import Lab
 from kokoa_infra.mockrun import PROJECT_DIR, DeclaredResource
 
 # Set it to replay the order of an earlier `up` (each `up` prints the seed it used).

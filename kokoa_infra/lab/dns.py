@@ -21,7 +21,9 @@ import requests
 
 from kokoa_infra.atomic_file import write_private
 from kokoa_infra.lab.executor import DNS_RECORD, ExecutorError
-from kokoa_infra.lab.hosts import Lab, LabError, Topology, alive
+from kokoa_infra.lab.hosts import Topology
+from kokoa_infra.lab.lab import Lab
+from kokoa_infra.lab.processes import LabError, alive
 from kokoa_infra.mockrun import DeclaredResource
 
 # The lab zone's id: any 32 hex digits ("kokoa lab zone.." in hex).
@@ -152,21 +154,21 @@ class LabDns:
         if not alive(processes.get("cloudflare")):
             self.url_file.unlink(missing_ok=True)
             echo(f"  cloudflare stand-in  127.0.0.1  (zone {zone_name(topo)})")
-            child = self.lab._spawn([sys.executable, "-m", "kokoa_infra.lab.cloudflare_standin", "--port", "0",
+            child = self.lab.spawn([sys.executable, "-m", "kokoa_infra.lab.cloudflare_standin", "--port", "0",
                                      "--token-file", str(self.token_file), "--zone", LAB_ZONE_ID,
                                      "--zone-name", zone_name(topo), "--state-file", str(self.records_file),
                                      "--url-file", str(self.url_file)], self.dir / "standin.log")
-            with self.lab._recording() as rec:
+            with self.lab.recording() as rec:
                 rec["processes"]["cloudflare"] = child.pid
             self._wait("the Cloudflare stand-in", lambda: self.url_file.exists() and child.poll() is None)
         acme = topo.one("acme")
         if acme is not None and not alive(processes.get("resolver")):
             echo(f"  resolver  {acme.ip}:{RESOLVER_PORT}  ({acme.netns})")
-            child = self.lab._spawn(["ip", "netns", "exec", acme.netns, sys.executable, "-m",
+            child = self.lab.spawn(["ip", "netns", "exec", acme.netns, sys.executable, "-m",
                                      "kokoa_infra.lab.resolver", "serve", "--address", acme.ip,
                                      "--port", str(RESOLVER_PORT), "--records", str(self.records_file)],
                                     self.dir / "resolver.log")
-            with self.lab._recording() as rec:
+            with self.lab.recording() as rec:
                 rec["processes"]["resolver"] = child.pid
             self._wait("the lab resolver", lambda: child.poll() is None and self._answers(acme.netns, acme.ip))
 

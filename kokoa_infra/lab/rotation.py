@@ -21,7 +21,9 @@ from typing import Any, Mapping
 import click
 
 from kokoa_infra.lab.executor import Completed, SshRunner
-from kokoa_infra.lab.hosts import Lab, LabError, topology
+from kokoa_infra.lab.hosts import topology
+from kokoa_infra.lab.lab import Lab
+from kokoa_infra.lab.processes import LabError
 
 
 def _public_line(key: Path) -> str:
