@@ -95,25 +95,42 @@ def test_hsts_and_the_tls_policy(edge):
     assert allowed.stdout == "200"
 
 
-def test_over_the_limit_the_answer_is_429_and_the_connection_ends(edge):
-    netns, ca = edge
-    # One curl, six requests on one kept-alive connection: 1 r/s with a burst of 3.
-    urls = [f"https://{DOMAIN}/{i}" for i in range(6)]
+def burst(netns: str, ca: Path, urls: list[str]) -> tuple[list[tuple[str, float]], str]:
+    """All `urls` at once, one connection each: sorted (status, seconds), and curl's verbose log."""
     run = subprocess.run(["ip", "netns", "exec", netns, "curl", "-sS", "-v", "--max-time", "10", "--cacert", str(ca),
-                          "--resolve", f"{DOMAIN}:443:127.0.0.1", "-o", "/dev/null", "-o", "/dev/null",
-                          "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null",
-                          "--http1.1", *urls], capture_output=True, text=True, timeout=30)
-    statuses = [line.split()[2] for line in run.stderr.splitlines() if line.startswith("< HTTP/1.1 ")]
-    assert statuses[:4] == ["200"] * 4 and "429" in statuses[4:], statuses
-    assert "< Connection: close" in run.stderr  # the 429 ended the connection
-    assert run.stderr.count("Connected to") >= 2  # so curl had to connect again
+                          "--resolve", f"{DOMAIN}:443:127.0.0.1", "--resolve", f"{DOMAIN}:80:127.0.0.1",
+                          "--http1.1", "--parallel", "--parallel-max", str(len(urls)),
+                          "-w", "%{http_code} %{time_total}\\n", *[a for u in urls for a in ("-o", "/dev/null", u)]],
+                         capture_output=True, text=True, timeout=30)
+    return sorted((line.split()[0], float(line.split()[1])) for line in run.stdout.splitlines()), run.stderr
+
+
+def test_over_the_limit_requests_wait_then_a_429_ends_the_connection(edge):
+    netns, ca = edge
+    # 1 r/s with a burst of 3: at once, 2 are served, 2 wait their turn (about a second
+    # each), and the rest get a 429 that closes its connection.
+    answers, log = burst(netns, ca, [f"https://{DOMAIN}/{i}" for i in range(8)])
+    served = [t for code, t in answers if code == "200"]
+    assert [code for code, _ in answers] == ["200"] * 4 + ["429"] * 4, answers
+    assert sum(1 for t in served if t > 0.8) == 2, served  # the two that waited
+    assert log.count("< Connection: close") == 4  # every 429 ended its connection
+
+
+def test_a_redirect_to_https_ends_its_connection(edge):
+    netns, ca = edge
+    # `return 301` comes before limit_req, so the connection is what a flood must pay for.
+    run = subprocess.run(["ip", "netns", "exec", netns, "curl", "-sS", "-v", "--max-time", "5",
+                          "--resolve", f"{DOMAIN}:80:127.0.0.1", "-o", "/dev/null", "-o", "/dev/null",
+                          f"http://{DOMAIN}/a", f"http://{DOMAIN}/b"], capture_output=True, text=True, timeout=30)
+    assert run.stderr.count("< HTTP/1.1 301") == 2
+    assert run.stderr.count("< Connection: close") == 2
 
 
 def test_the_acme_relay_on_port_80_is_limited_too(edge):
     netns, ca = edge
-    codes = [curl(netns, ca, "-o", "/dev/null", "-w", "%{http_code}",
-                  url=f"http://{DOMAIN}/.well-known/acme-challenge/t{i}").stdout for i in range(8)]
-    assert codes[:4] == ["200"] * 4 and "429" in codes, codes
+    answers, _ = burst(netns, ca, [f"http://{DOMAIN}/.well-known/acme-challenge/t{i}" for i in range(8)])
+    assert [code for code, _ in answers] == ["200"] * 4 + ["429"] * 4, answers
+
 
 
 # --- the origin's gateway ---------------------------------------------------------------------

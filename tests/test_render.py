@@ -234,7 +234,7 @@ def test_edge_nginx_conf_has_the_protections(bundles):
     conf = bundles["edge/edge-tokyo-2"]["nginx.conf"]
     for expected in ("server_name shop.example.com;", "return 301 https://$host$request_uri;",
                      "ssl_certificate /etc/letsencrypt/live/shop.example.com/fullchain.pem;",
-                     "server 10.100.1.1:80;", "keepalive 128;", "rate=50r/s;", "burst=100 nodelay;",
+                     "server 10.100.1.1:80;", "keepalive 128;", "rate=50r/s;", "burst=100 delay=50;",
                      "limit_conn kokoa_connections 100;", "server_tokens off;",
                      "location /.well-known/acme-challenge/", "proxy_set_header X-Forwarded-For",
                      "client_header_timeout 10s;", "listen 443 ssl http2;"):
