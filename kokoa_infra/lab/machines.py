@@ -155,7 +155,7 @@ def provision(merged: Path, hostname: str, host_key: Path, authorized_keys: str)
         "# Kokoa lab: this host's key (the stack's hostKey pins it); root logs in with the",
         "# operator's key only; the executor sends the install's KOKOA_* variables.",
         f"HostKey {HOST_KEY}", "PermitRootLogin prohibit-password", "PubkeyAuthentication yes",
-        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "AcceptEnv KOKOA_*", ""]))
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no", ""]))
     ssh_dir = merged / "root/.ssh"
     ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(ssh_dir, 0o700)

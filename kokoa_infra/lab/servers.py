@@ -155,7 +155,7 @@ def _start_plain(lab: Lab, host: Host) -> None:
         f"AuthorizedKeysFile {authorized}", "PermitRootLogin prohibit-password",
         "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
         # PAM's session modules expect a systemd host; key-only root login needs none of it.
-        "UsePAM no", "AcceptEnv KOKOA_*", "PrintMotd no",
+        "UsePAM no", "PrintMotd no",
         "Subsystem sftp /usr/lib/openssh/sftp-server", ""]))
     binds = "".join(f"mount --bind {shlex.quote(str(root / p.lstrip('/')))} {p}; " for p in PRIVATE_DIRS)
     script = (f"set -e; {binds}hostname {shlex.quote(host.name)}; "
