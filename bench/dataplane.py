@@ -37,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kokoa_infra.lab.cli import STACK_FILE, load_stack, up, verify_sites  # noqa: E402
+from kokoa_infra.lab.deploy import STACK_FILE, load_stack, up, verify_sites  # noqa: E402
 from kokoa_infra.model import RATE_LIMIT_KEYS  # noqa: E402
 from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, Host, topology  # noqa: E402
 from kokoa_infra.lab.lab import Lab, lab_unavailable  # noqa: E402

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kokoa_infra.mockrun import run_program  # noqa: E402
+from kokoa_infra.mocked_program import run_program  # noqa: E402
 
 ORIGINS, EDGES_PER_ORIGIN = 50, 10
 SSH_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----\n"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from kokoa_infra import dns_cli
 from kokoa_infra.atomic_file import write_private
 from kokoa_infra.health.command import health
 from kokoa_infra.host_keys import HostKeyScanError, scan_host_key
@@ -211,6 +212,7 @@ def remove_edge_command(stack, file, force, edge) -> None:
 
 main.add_command(health)
 main.add_command(lab)
+main.add_command(dns_cli.cli, "dns")
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Run the Kokoa Pulumi program under Pulumi's mocks and record everything it declares.
+"""The Kokoa Pulumi program evaluated under Pulumi's mocks, with everything it declares recorded.
 
 No Pulumi CLI or provider plugin is needed: the SDK's mock monitor stands in for the
 engine. The tests assert on the recorded resources and outputs; the lab executes the
@@ -21,7 +21,8 @@ import pulumi
 from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import rpc, settings as pulumi_settings
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+from kokoa_infra.project import PROJECT_DIR
+
 RANDOM_BYTES = "random:index/randomBytes:RandomBytes"
 
 
@@ -236,7 +237,7 @@ def run_program(stack_config: Mapping[str, Any], *, stack: str = "test",
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        logger = logging.getLogger(f"kokoa.mockrun.{id(run)}")
+        logger = logging.getLogger(f"kokoa.mocked_program.{id(run)}")
         logger.propagate = False
         logger.setLevel(logging.DEBUG)
         logger.addHandler(_LogRecorder(run))

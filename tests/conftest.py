@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from kokoa_infra.mockrun import ProgramRun, run_program
+from kokoa_infra.mocked_program import ProgramRun, run_program
 
 # The session-wide `lab` fixture (the whole lab, up once, always torn down).
 pytest_plugins = ["tests.lab_fixture"]

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from kokoa_infra.lab.cli import STACK_FILE, load_stack, up
+from kokoa_infra.lab.deploy import STACK_FILE, load_stack, up
 from kokoa_infra.lab.executor import Report
 from kokoa_infra.lab.hosts import INIT_SYSTEMS
 from kokoa_infra.lab.lab import Lab, lab_unavailable

@@ -138,7 +138,7 @@ def test_without_a_zone_the_record_is_named_for_kokoa_dns(stack_file):
 
 def test_the_lab_stack_file_can_be_drained_without_host_keys(tmp_path):
     """The lab's stack file leaves hostKey to `kokoa lab up`: one edge's edit does not need them."""
-    from kokoa_infra.mockrun import PROJECT_DIR
+    from kokoa_infra.project import PROJECT_DIR
 
     path = tmp_path / "Pulumi.lab.yaml"
     path.write_text((PROJECT_DIR / "stacks" / "Pulumi.lab.yaml").read_text())

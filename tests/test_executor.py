@@ -20,7 +20,7 @@ import pytest
 from kokoa_infra.lab import executor
 from kokoa_infra.lab.executor import (COMMAND, COPY_TO_REMOTE, Completed, ExecutorError, SshRunner, apply,
                                       path_contains, parse_path, replace_reasons)
-from kokoa_infra.mockrun import DeclaredResource
+from kokoa_infra.mocked_program import DeclaredResource
 
 STACK = "urn:pulumi:lab::kokoa::pulumi:pulumi:Stack::kokoa-lab"
 KEY = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n"

@@ -43,7 +43,7 @@ def nft(netns: str, *argv: str, stdin: str | None = None) -> subprocess.Complete
 
 
 def lab_config() -> dict:
-    from kokoa_infra.lab.cli import STACK_FILE, load_stack
+    from kokoa_infra.lab.deploy import STACK_FILE, load_stack
     config = {k: v for k, v in load_stack(STACK_FILE).items() if not k.startswith("lab:")}
     for entry in config["kokoa:origins"] + config["kokoa:edges"]:
         entry["hostKey"] = BASE_CONFIG["kokoa:origins"][0]["hostKey"]

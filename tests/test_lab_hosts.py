@@ -14,7 +14,7 @@ from kokoa_infra.lab.executor import COMMAND, ExecutorError, SshRunner, apply
 from kokoa_infra.lab.hosts import INIT_SYSTEMS, Host, Topology
 from kokoa_infra.lab.lab import Lab, lab_unavailable
 from kokoa_infra.lab.processes import namespaces
-from kokoa_infra.mockrun import DeclaredResource
+from kokoa_infra.mocked_program import DeclaredResource
 from tests.lab_fixture import TAG
 
 STACK = "urn:pulumi:lab::kokoa::pulumi:pulumi:Stack::kokoa-lab"

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import BASE_CONFIG, OTHER_ZONE, SSH_KEY, ZONE
 from kokoa_infra.keys import public_key
-from kokoa_infra.mockrun import ProgramFailed, run_program
+from kokoa_infra.mocked_program import ProgramFailed, run_program
 
 COMMAND = "command:remote:Command"
 DNS_RECORD = "cloudflare:index/dnsRecord:DnsRecord"
@@ -232,7 +232,7 @@ def _stack_config(path):
 
 @pytest.mark.parametrize("name", ["Pulumi.dev.yaml", "stacks/reference.yaml"])
 def test_shipped_stack_files_are_valid(name):
-    from kokoa_infra.mockrun import PROJECT_DIR
+    from kokoa_infra.project import PROJECT_DIR
 
     run = run_program(_stack_config(PROJECT_DIR / name))
     assert run.outputs["origins"]
@@ -244,7 +244,7 @@ def test_shipped_stack_files_are_valid(name):
 def test_pulumi_project_is_kokoa_in_python():
     from ruamel.yaml import YAML
 
-    from kokoa_infra.mockrun import PROJECT_DIR
+    from kokoa_infra.project import PROJECT_DIR
 
     project = YAML(typ="safe").load((PROJECT_DIR / "Pulumi.yaml").read_text())
     runtime = project["runtime"]

@@ -22,7 +22,7 @@ from ruamel.yaml import YAML
 
 from kokoa_infra.cli import main as kokoa
 from kokoa_infra.dns_cli import cli as kokoa_dns
-from kokoa_infra.lab.cli import up
+from kokoa_infra.lab.deploy import up
 from kokoa_infra.lab.dns import LabDns
 from kokoa_infra.lab.executor import SshRunner
 from kokoa_infra.lab.rotation import rotate_ssh_key

@@ -1,145 +1,30 @@
-"""`kokoa lab up | status | down`: the whole system on this machine, deployed by the program's own SSH commands."""
+"""`kokoa lab up | status | down | rotate-ssh-key`: the whole system on this machine.
+
+Deploying (`up`) imports the program and Pulumi's SDK; they are imported when a command
+runs, so that `kokoa --help` and `kokoa health` never load them.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import hashlib
-import io
 import json
 import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
 
 import click
-from ruamel.yaml import YAML
 
-from kokoa_infra.atomic_file import write_private
-from kokoa_infra.lab.deployment import apply_resources, lab_dns_config
-from kokoa_infra.lab.executor import ExecutorError, Report
-from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, PREFIX, Topology, topology
+from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, PREFIX
 from kokoa_infra.lab.lab import LAB_DIR, Lab, lab_unavailable
 from kokoa_infra.lab.processes import LabError
-from kokoa_infra.mockrun import PROJECT_DIR, ProgramFailed, run_program
+from kokoa_infra.project import PROJECT_DIR
 
+# Also deploy.STACK_FILE (that module imports Pulumi; this one is read for --help).
 STACK_FILE = PROJECT_DIR / "stacks" / "Pulumi.lab.yaml"
-
-
-def load_stack(path: Path = STACK_FILE) -> dict[str, Any]:
-    """The `config:` mapping of a stack file, as plain Python values."""
-    data = YAML(typ="safe").load(Path(path).read_text()) or {}
-    return dict(data.get("config") or {})
-
-
-def generated_config(base: Mapping[str, Any], topo: Topology, lab: Lab) -> dict[str, Any]:
-    """The stack config with what only exists once the hosts do: the SSH key, host keys, the ACME CA."""
-    config = {k: copy.deepcopy(v) for k, v in base.items() if not k.startswith("lab:")}
-    config["kokoa:sshPrivateKey"] = lab.operator_key.read_text()
-    if topo.one("acme") is not None:
-        config["kokoa:acmeCaBundle"] = lab.acme_cert.read_text()
-    for key, role in (("kokoa:origins", "origin"), ("kokoa:edges", "edge")):
-        for entry in config.get(key, []):
-            entry["hostKey"] = lab.host_key(topo.server(role, entry["name"]).netns)
-    return config
-
-
-def lab_status(topo: Topology, lab: Lab) -> dict[str, Any]:
-    """What `kokoa lab status --json` prints, and what tests use to reach the lab."""
-    return {
-        "client": topo.one("client").netns,
-        "caBundle": str(lab.ca_bundle),
-        "resolver": topo.one("acme").ip if topo.one("acme") else None,
-        "origins": [{"name": h.name, "domain": h.domain, "netns": h.netns, "publicIp": h.ip,
-                     "init": lab.init_system(h.netns)} for h in topo.of_role("origin")],
-        "edges": [{"name": h.name, "origin": h.origin, "netns": h.netns, "publicIp": h.ip,
-                   "init": lab.init_system(h.netns)} for h in topo.of_role("edge")],
-    }
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """The outcome of one `up`: the lab status, what the executor ran, the stack outputs."""
-
-    status: dict[str, Any]
-    report: Report
-    outputs: dict[str, Any]
-
-
-def up(lab: Lab, overrides: Mapping[str, Any] | None = None, stack_file: Path = STACK_FILE,
-       echo=click.echo, prune: bool = True) -> Deployment:
-    """Hosts up, program evaluated, its commands applied over SSH. Safe to repeat and to resume.
-
-    `prune=False` keeps the hosts of removed nodes (after their delete commands ran), to look at them.
-    """
-    base = {**load_stack(stack_file), **(overrides or {})}
-    topo = topology(base, lab.prefix)
-    echo(f"hosts ({lab.dir})")
-    lab.ensure(topo, echo)
-    config = {**generated_config(base, topo, lab), **lab_dns_config(lab, topo, echo)}
-    buffer = io.StringIO()
-    YAML().dump({"config": config}, buffer)
-    write_private(lab.dir / "Pulumi.lab.yaml", buffer.getvalue())
-    echo("program")
-    try:
-        program = run_program(config, stack="lab", seed=lab.seed())
-    except ProgramFailed as exc:
-        details = "".join(f"\n  {error}" for error in exc.errors)
-        raise LabError(f"the program failed on {lab.dir / 'Pulumi.lab.yaml'}: {exc}{details}") from exc
-    # The A records Cloudflare would hold, served by the lab's DNS for pebble's validation.
-    lab.set_dns(topo, program.outputs.get("dnsRecords", {}))
-    echo("commands")
-    report = apply_resources(lab, topo, program.resources, echo)
-    echo("  " + (", ".join(f"{n} {action}" for action, n in sorted(report.counts.items())) or "no commands"))
-    if prune:
-        lab.prune(topo, echo)
-    write_private(lab.dir / "outputs.json", json.dumps(program.outputs, indent=1, sort_keys=True))
-    status = lab_status(topo, lab)
-    (lab.dir / "status.json").write_text(json.dumps(status, indent=1) + "\n")
-    return Deployment(status, report, program.outputs)
-
-
-def how_to_reach(status: Mapping[str, Any]) -> str:
-    lines = [f"From the client namespace ({status['client']}), through each edge:"]
-    domains = {o["name"]: o["domain"] for o in status["origins"]}
-    for edge in status["edges"]:
-        domain = domains[edge["origin"]]
-        lines.append(f"  ip netns exec {status['client']} curl --cacert {status['caBundle']} "
-                     f"--resolve {domain}:443:{edge['publicIp']} https://{domain}/")
-    return "\n".join(lines)
-
-
-def verify_sites(lab: Lab, status: Mapping[str, Any], seconds: int = 90) -> dict[str, str]:
-    """Wait (bounded) until every edge serves its site with a certificate the lab CA verifies.
-
-    Edges serve a placeholder until their refresh job fetches the origin's certificate,
-    so right after the deployment this may take one refresh interval. Returns
-    {edge: first line of the body, or the last error}.
-    """
-    domains = {o["name"]: o["domain"] for o in status["origins"]}
-    results: dict[str, str] = {}
-    pending = list(status["edges"])
-    deadline = time.monotonic() + seconds
-    while pending:
-        for edge in list(pending):
-            domain = domains[edge["origin"]]
-            proc = lab.on_host(status["client"], [
-                "curl", "-sS", "--max-time", "5", "--cacert", status["caBundle"],
-                "--resolve", f"{domain}:443:{edge['publicIp']}", f"https://{domain}/"])
-            body = (proc.stdout or "").strip().splitlines()
-            results[edge["name"]] = body[0] if proc.returncode == 0 and body else (proc.stderr or "").strip()
-            if proc.returncode == 0:
-                pending.remove(edge)
-        if not pending or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    if pending:
-        failed = ", ".join(f"{e['name']} ({results[e['name']]})" for e in pending)
-        raise LabError(f"no verified HTTPS after {seconds}s through {failed}")
-    return results
 
 
 def lock_path(lab_dir: Path) -> Path:
@@ -194,6 +79,9 @@ def lab() -> None:
                    "A lab running the other way is rebuilt.")
 def up_command(stack_file: str, lab_dir: str, prefix: str, init: str) -> None:
     """Bring the lab up (or bring it back in line): hosts, then the program's commands over SSH."""
+    from kokoa_infra.lab.deploy import how_to_reach, up, verify_sites
+    from kokoa_infra.lab.executor import ExecutorError
+
     started = time.monotonic()
     the_lab = _lab(lab_dir, prefix, init)
     reason = lab_unavailable(f"{prefix}probe", init)
@@ -221,6 +109,8 @@ def up_command(stack_file: str, lab_dir: str, prefix: str, init: str) -> None:
 @prefix_option
 def status_command(as_json: bool, lab_dir: str, prefix: str) -> None:
     """Show the lab's hosts and whether each namespace and sshd is alive."""
+    from kokoa_infra.lab.deploy import how_to_reach
+
     the_lab = _lab(lab_dir, prefix)
     status_file = the_lab.dir / "status.json"
     if not status_file.exists():
@@ -259,7 +149,28 @@ def down_command(lab_dir: str, prefix: str) -> None:
     click.echo("The lab is down.")
 
 
-# `kokoa lab rotate-ssh-key` (it deploys with `up` above).
-from kokoa_infra.lab.rotation import rotate_ssh_key_command  # noqa: E402
+@lab.command("rotate-ssh-key")
+@click.option("--stack-file", type=click.Path(exists=True, dir_okay=False), default=str(STACK_FILE),
+              show_default=True, help="Lab stack config (topology).")
+@lab_dir_option
+@prefix_option
+def rotate_ssh_key_command(stack_file: str, lab_dir: str, prefix: str) -> None:
+    """New operator SSH key: authorize it on every server, deploy with it, revoke the old one."""
+    from kokoa_infra.lab.rotation import rotate_ssh_key
 
-lab.add_command(rotate_ssh_key_command)
+    started = time.monotonic()
+    the_lab = _lab(lab_dir, prefix)
+    if not (the_lab.dir / "status.json").exists():
+        raise click.ClickException(f"no lab in {the_lab.dir}: run `kokoa lab up` first")
+    # Deploy the servers the way they already run (a lab running the other way would be rebuilt).
+    modes = {h.get("mode", "plain") for h in the_lab.record()["hosts"].values() if h["role"] in ("origin", "edge")}
+    if len(modes) == 1:
+        the_lab.init = modes.pop()
+    if shutil.which("ssh-keygen") is None:
+        raise click.ClickException("ssh-keygen is missing (`make setup` installs it)")
+    try:
+        with exclusive(the_lab.dir):
+            rotate_ssh_key(the_lab, stack_file=Path(stack_file))
+    except LabError as exc:
+        raise click.ClickException(f"{exc}\n`kokoa lab rotate-ssh-key` again carries on") from exc
+    click.echo(f"The operator key is rotated ({time.monotonic() - started:.0f}s); the old one is revoked.")

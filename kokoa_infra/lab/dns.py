@@ -14,7 +14,6 @@ import json
 import secrets
 import sys
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 import requests
@@ -24,7 +23,7 @@ from kokoa_infra.lab.executor import DNS_RECORD, ExecutorError
 from kokoa_infra.lab.hosts import Topology
 from kokoa_infra.lab.lab import Lab
 from kokoa_infra.lab.processes import LabError, alive
-from kokoa_infra.mockrun import DeclaredResource
+from kokoa_infra.mocked_program import DeclaredResource
 
 # The lab zone's id: any 32 hex digits ("kokoa lab zone.." in hex).
 LAB_ZONE_ID = "6b6f6b6f61206c6162207a6f6e652e2e"

@@ -1,7 +1,7 @@
 """Stand-in for the Pulumi engine and the pulumi-command provider: applies the program's recorded resources for real.
 
 No Pulumi CLI or provider plugin can be had on the lab machine, so `kokoa lab up` evaluates
-the program under mocks (`kokoa_infra.mockrun`) and this module does with the declared
+the program under mocks (`kokoa_infra.mocked_program`) and this module does with the declared
 resources what `pulumi up` would: `command:remote:Command` (and StringAsset
 `CopyToRemote`) over real SSH, and, when given a handler for it,
 `cloudflare:index/dnsRecord:DnsRecord` against a Cloudflare API (the lab's stand-in).
@@ -89,10 +89,12 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol
 
 from kokoa_infra.atomic_file import write_private
-from kokoa_infra.mockrun import DeclaredResource
+
+if TYPE_CHECKING:  # the resources come from an evaluation; this module needs no Pulumi
+    from kokoa_infra.mocked_program import DeclaredResource
 
 COMMAND = "command:remote:Command"
 COPY_TO_REMOTE = "command:remote:CopyToRemote"

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import click
 
+from kokoa_infra.lab.deploy import STACK_FILE, load_stack, up
 from kokoa_infra.lab.executor import Completed, SshRunner
 from kokoa_infra.lab.hosts import topology
 from kokoa_infra.lab.lab import Lab
@@ -69,12 +67,10 @@ def revoke(lab: Lab, servers, runner: SshRunner, key: Path, public: str, echo) -
 
 
 def rotate_ssh_key(lab: Lab, overrides: Mapping[str, Any] | None = None, stack_file: Path | None = None,
-                   echo=click.echo):
+                   echo=print):
     """Rotate the lab's operator key with the lab up; returns the deployment made with the new key."""
-    from kokoa_infra.lab import cli as lab_cli  # its `up` deploys; it also registers this command
-
-    stack_file = Path(stack_file or lab_cli.STACK_FILE)
-    base = {**lab_cli.load_stack(stack_file), **(overrides or {})}
+    stack_file = Path(stack_file or STACK_FILE)
+    base = {**load_stack(stack_file), **(overrides or {})}
     topo = topology(base, lab.prefix)
     servers = [h for h in topo.hosts if h.is_server]
     runner = SshRunner(topo.one("client").netns, lab.dir / "tmp")
@@ -92,36 +88,9 @@ def rotate_ssh_key(lab: Lab, overrides: Mapping[str, Any] | None = None, stack_f
         os.replace(f"{new}.pub", f"{current}.pub")
         os.replace(new, current)
     echo("deploy with the new key")
-    deployment = lab_cli.up(lab, overrides, stack_file, echo=echo)
+    deployment = up(lab, overrides, stack_file, echo=echo)
     echo("revoke the old key (over SSH with the new key)")
     revoke(lab, servers, runner, current, _public_line(old), echo)
     for suffix in ("", ".pub"):
         Path(f"{old}{suffix}").unlink(missing_ok=True)
     return deployment
-
-
-@click.command("rotate-ssh-key")
-@click.option("--stack-file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Lab stack config (default: stacks/Pulumi.lab.yaml).")
-@click.option("--lab-dir", default=None, help="The lab's directory (default: /var/lib/kokoa-lab).")
-@click.option("--prefix", default=None, help="Name prefix of the lab's network namespaces (default: kokoa-).")
-def rotate_ssh_key_command(stack_file: str | None, lab_dir: str | None, prefix: str | None) -> None:
-    """New operator SSH key: authorize it on every server, deploy with it, revoke the old one."""
-    from kokoa_infra.lab import cli as lab_cli
-
-    started = time.monotonic()
-    the_lab = lab_cli._lab(lab_dir or str(lab_cli.LAB_DIR), prefix or lab_cli.PREFIX)
-    if not (the_lab.dir / "status.json").exists():
-        raise click.ClickException(f"no lab in {the_lab.dir}: run `kokoa lab up` first")
-    # Deploy the servers the way they already run (a lab running the other way would be rebuilt).
-    modes = {h.get("mode", "plain") for h in the_lab.record()["hosts"].values() if h["role"] in ("origin", "edge")}
-    if len(modes) == 1:
-        the_lab.init = modes.pop()
-    if shutil.which("ssh-keygen") is None:
-        raise click.ClickException("ssh-keygen is missing (`make setup` installs it)")
-    try:
-        with lab_cli.exclusive(the_lab.dir):
-            rotate_ssh_key(the_lab, stack_file=Path(stack_file) if stack_file else None)
-    except LabError as exc:
-        raise click.ClickException(f"{exc}\n`kokoa lab rotate-ssh-key` again carries on") from exc
-    click.echo(f"The operator key is rotated ({time.monotonic() - started:.0f}s); the old one is revoked.")
