@@ -1,4 +1,8 @@
-"""The `kokoa` command: edit the stack config, write node bundles, check health, run the lab."""
+"""The `kokoa` command: edit the stack config, write node bundles, check health, run the lab.
+
+Each command imports what it needs when it runs: `kokoa --help` and `kokoa health` load
+neither Pulumi nor the template engine.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,8 @@ from pathlib import Path
 import click
 
 from kokoa_infra import dns_cli
-from kokoa_infra.atomic_file import write_private
 from kokoa_infra.health.command import health
-from kokoa_infra.host_keys import HostKeyScanError, scan_host_key
 from kokoa_infra.lab.cli import lab
-from kokoa_infra.outputs import OutputsError, load_outputs
-from kokoa_infra.render import bundle_archive
-from kokoa_infra.stackfile import StackFileError, append_entry, remove_edge, set_edge_dns, stack_file
 
 STACK_HELP = "Stack whose config to edit: Pulumi.NAME.yaml in the current directory."
 FILE_HELP = "Edit this stack file instead of Pulumi.<stack>.yaml."
@@ -35,6 +34,8 @@ def stack_file_options(command):
 
 
 def _append(stack: str | None, file: str | None, list_key: str, entry: dict) -> None:
+    from kokoa_infra.stackfile import StackFileError, append_entry, stack_file
+
     try:
         path = stack_file(stack, file)
         written = append_entry(path, list_key, entry)
@@ -75,6 +76,8 @@ def _host_key_entry(host: str, port: int | None, host_key: str | None, scan: boo
         return {"insecureAnyHostKey": True}
     if not scan:
         return {"hostKey": host_key}
+    from kokoa_infra.host_keys import HostKeyScanError, scan_host_key
+
     try:
         scanned = scan_host_key(host, port or 22)
     except HostKeyScanError as exc:
@@ -149,6 +152,10 @@ def bundle(node: str, output: str | None, stack: str | None, outputs_file: str |
     The archive holds the node's private key: it is written with mode 0600.
     Unpack it on the host and run `sudo ./install.sh`.
     """
+    from kokoa_infra.atomic_file import write_private
+    from kokoa_infra.outputs import OutputsError, load_outputs
+    from kokoa_infra.render import bundle_archive
+
     try:
         outputs = load_outputs(stack, outputs_file, show_secrets=True)
     except OutputsError as exc:
@@ -169,6 +176,8 @@ def bundle(node: str, output: str | None, stack: str | None, outputs_file: str |
 
 
 def _edit_edge(stack: str | None, file: str | None, change) -> None:
+    from kokoa_infra.stackfile import StackFileError, stack_file
+
     try:
         path = stack_file(stack, file)
         result = change(path)
@@ -190,6 +199,8 @@ force_option = click.option("--force", is_flag=True, help="Also when it is the o
 @click.argument("edge")
 def drain(stack, file, force, edge) -> None:
     """Take EDGE out of DNS (dns: false); it keeps running until removed."""
+    from kokoa_infra.stackfile import set_edge_dns
+
     _edit_edge(stack, file, lambda path: set_edge_dns(path, edge, serving=False, force=force))
 
 
@@ -198,6 +209,8 @@ def drain(stack, file, force, edge) -> None:
 @click.argument("edge")
 def undrain(stack, file, edge) -> None:
     """Put EDGE back in DNS (drops dns: false)."""
+    from kokoa_infra.stackfile import set_edge_dns
+
     _edit_edge(stack, file, lambda path: set_edge_dns(path, edge, serving=True))
 
 
@@ -207,6 +220,8 @@ def undrain(stack, file, edge) -> None:
 @click.argument("edge")
 def remove_edge_command(stack, file, force, edge) -> None:
     """Delete EDGE's entry: the next `pulumi up` uninstalls it from its server."""
+    from kokoa_infra.stackfile import remove_edge
+
     _edit_edge(stack, file, lambda path: remove_edge(path, edge, force=force))
 
 

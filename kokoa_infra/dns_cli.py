@@ -10,12 +10,13 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import click
-import requests
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+if TYPE_CHECKING:  # imported when a request is made: `--help` and usage errors stay fast
+    import requests
 
 DEFAULT_API_BASE_URL = "https://api.cloudflare.com/client/v4"
 RECORD_TTL_SECONDS = 60
@@ -162,6 +163,8 @@ class CloudflareDns:
                  session: requests.Session | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.settings = settings
+        import requests
+
         self.policy = policy
         self.session = session or requests.Session()
         self.sleep = sleep
@@ -229,6 +232,8 @@ class CloudflareDns:
               body: dict[str, Any] | None) -> tuple[requests.Response, str]:
         """Send with retries: the last response, and why retrying stopped if it is a
         retryable failure (" (gave up after 4 attempts)"), else ''."""
+        import requests
+
         # Only GET and DELETE may be repeated after the server might have acted on them:
         # a second POST could add the record twice or fail with "already exists".
         repeatable = method in ("GET", "DELETE")
@@ -306,6 +311,9 @@ def _retry_after_seconds(header: str | None) -> float | None:
 
 def _never_reached_server(exc: requests.RequestException) -> bool:
     """True when the request cannot have been acted on: the connection never opened."""
+    import requests
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
     if isinstance(exc, requests.ConnectTimeout):
         return True
     reason = getattr(exc.args[0], "reason", None) if exc.args else None
@@ -313,12 +321,16 @@ def _never_reached_server(exc: requests.RequestException) -> bool:
 
 
 def _is_transient(exc: requests.RequestException) -> bool:
+    import requests
+
     # A TLS failure (bad certificate) stays bad however often it is retried.
     return isinstance(exc, (requests.ConnectionError, requests.Timeout)) and not isinstance(
         exc, requests.exceptions.SSLError)
 
 
 def _describe_transport_error(exc: requests.RequestException, policy: RetryPolicy) -> str:
+    import requests
+
     if isinstance(exc, requests.ConnectTimeout):
         return f"could not connect within {policy.timeout_seconds:g} s"
     if isinstance(exc, requests.Timeout):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ BIN = Path(sys.executable).parent
 PULUMI_PACKAGES = ("pulumi", "pulumi_cloudflare", "pulumi_command", "pulumi_random")
 
 
-def imported_modules(script: str, *args: str, cwd: Path | None = None) -> tuple[subprocess.CompletedProcess, set[str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDFLARE_")}
+def imported_modules(script: str, *args: str, cwd: Path | None = None,
+                     env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, set[str]]:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLOUDFLARE_")}, **(env or {})}
     proc = subprocess.run([sys.executable, "-X", "importtime", str(BIN / script), *args], capture_output=True,
                           text=True, timeout=60, cwd=cwd, env=env)
     modules = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
@@ -54,9 +56,15 @@ def test_a_health_sweep_imports_no_pulumi(tmp_path):
 
 
 def test_kokoa_dns_imports_no_pulumi():
-    # No CLOUDFLARE_* variables: a configuration error (exit 2) after everything is imported.
-    proc, modules = imported_modules("kokoa-dns", "list")
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    # A request to a closed port on loopback: everything a real call needs is imported, then it fails (1).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"CLOUDFLARE_API_TOKEN": "t0ken", "CLOUDFLARE_ZONE_ID": "0" * 32,
+           "CLOUDFLARE_API_BASE_URL": f"http://127.0.0.1:{port}/client/v4"}
+    proc, modules = imported_modules("kokoa-dns", "list", "--attempts", "1", "--timeout", "2", env=env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "could not connect" in proc.stderr
     assert "requests" in modules
     assert not pulumi_modules(modules)
 
