@@ -13,13 +13,12 @@ import pulumi_random as random
 from pulumi_command import remote
 
 from kokoa_infra.keys import public_key
-from kokoa_infra.model import Edge, Origin as OriginSpec, Ssh, Topology, server_identity
+from kokoa_infra.model import DNS_TTL, Edge, Origin as OriginSpec, Ssh, Topology, server_identity
 from kokoa_infra.render import (INSTALL_DIR, EdgePeer, bundle_archive, render_edge_bundle,
                                 render_origin_bundle)
 
 ORIGIN_TYPE = "kokoa:index:Origin"
 EDGE_TYPE = "kokoa:index:EdgeNode"
-DNS_TTL = 60
 
 
 def _wireguard_secret(name: str, parent: pulumi.Resource, generation: int = 1) -> pulumi.Output[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -15,11 +14,13 @@ from urllib.parse import urlsplit
 
 import click
 
+from kokoa_infra.model import DNS_TTL, DOMAIN_RE, ZONE_ID_RE, ipv4_problem, parse_ipv4 as canonical_ipv4_address
+from kokoa_infra.tables import format_table
+
 if TYPE_CHECKING:  # imported when a request is made: `--help` and usage errors stay fast
     import requests
 
 DEFAULT_API_BASE_URL = "https://api.cloudflare.com/client/v4"
-RECORD_TTL_SECONDS = 60
 RECORD_COMMENT = "managed by kokoa-dns"
 # Cloudflare's default page size; bigger pages risk server-side timeouts (its API docs,
 # "Pagination"). We follow result_info.total_pages whatever size the server grants.
@@ -30,10 +31,8 @@ MAX_PAGES = 10_000
 # nobody, so a longer Retry-After (or backoff) ends the attempt with the wait in the message.
 MAX_WAIT_SECONDS = 30.0
 RECORD_NOT_FOUND = 81044
-ZONE_ID = re.compile(r"[0-9a-f]{32}")
 # RFC 6750 b64token: anything else (a space, a line break) would corrupt the header.
 API_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 ENVIRONMENT_HELP = """\b
 Environment:
@@ -107,7 +106,7 @@ def read_settings(environ: Mapping[str, str]) -> ApiSettings:
     if token and not API_TOKEN.fullmatch(token):
         # Never echo the token: it is a secret.
         problems.append("CLOUDFLARE_API_TOKEN has characters no API token has (a space or line break?)")
-    if zone_id and not ZONE_ID.fullmatch(zone_id):
+    if zone_id and not ZONE_ID_RE.fullmatch(zone_id):
         problems.append(f"CLOUDFLARE_ZONE_ID must be the zone's id, 32 lower-case hex digits "
                         f"(not the domain name), got {zone_id!r}")
     if not _is_http_url(base_url):
@@ -130,11 +129,11 @@ def _is_http_url(text: str) -> bool:
 
 
 def parse_ipv4(ctx: click.Context | None, param: click.Parameter | None, value: str) -> str:
-    """Click callback: a dotted-quad IPv4 address, normalised."""
-    try:
-        return str(ipaddress.IPv4Address(value.strip()))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not an IPv4 address (like 198.51.100.7)") from None
+    """Click callback: an IPv4 address in canonical dotted-quad form (the model's rule)."""
+    address = canonical_ipv4_address(value.strip())
+    if address is None:
+        raise click.BadParameter(ipv4_problem(value.strip()))
+    return str(address)
 
 
 # Cloudflare's name for the zone's own domain in a record.
@@ -143,13 +142,12 @@ ZONE_APEX = "@"
 
 def parse_fqdn(ctx: click.Context | None, param: click.Parameter | None,
                value: str | None) -> str | None:
-    """Click callback: a fully qualified domain name, lower-cased, without the final dot."""
+    """Click callback: a fully qualified domain name (the model's rule for an origin's domain),
+    lower-cased, without the final dot."""
     if value is None:
         return None
     name = value.strip().lower().removesuffix(".")
-    labels = name.split(".")
-    if (len(name) > 253 or len(labels) < 2 or labels[-1].isdigit()
-            or not all(DNS_LABEL.fullmatch(label) for label in labels)):
+    if not DOMAIN_RE.fullmatch(name):
         raise click.BadParameter(
             f"{value!r} is not a fully qualified domain name (like blog.example.com: "
             "letters, digits and inner hyphens, dot-separated)")
@@ -196,7 +194,7 @@ class CloudflareDns:
         return list(records.values())
 
     def create_a_record(self, name: str, ip: str) -> dict[str, Any]:
-        body = {"type": "A", "name": name, "content": ip, "ttl": RECORD_TTL_SECONDS,
+        body = {"type": "A", "name": name, "content": ip, "ttl": DNS_TTL,
                 "proxied": False, "comment": RECORD_COMMENT}
         record = self._call("POST", self.records_path, body=body).get("result")
         if not isinstance(record, dict):
@@ -355,14 +353,10 @@ def _ttl_text(ttl: Any) -> str:
 
 def render_table(records: list[dict[str, Any]]) -> str:
     """Records as aligned columns: name, content, proxied, ttl, id, comment."""
-    header = ("NAME", "CONTENT", "PROXIED", "TTL", "ID", "COMMENT")
-    rows = [header] + [
+    return format_table(("NAME", "CONTENT", "PROXIED", "TTL", "ID", "COMMENT"), [
         (str(r.get("name", "")), str(r.get("content", "")), "yes" if r.get("proxied") else "no",
          _ttl_text(r.get("ttl")), str(r.get("id", "")), str(r.get("comment") or ""))
-        for r in records]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-                     for row in rows)
+        for r in records])
 
 
 def transport_options(command: Callable[..., Any]) -> Callable[..., Any]:

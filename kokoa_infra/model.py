@@ -9,12 +9,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from kokoa_infra.addressing import (EDGE_INDEX_RANGE, NETWORK_MAX_PREFIX, ORIGIN_HOST, SUBNET_RANGE, edge_interface,
+                                    tunnel_address)
+
 # Every pattern is applied with `fullmatch` (never `match` with `$`, which also accepts a
 # trailing newline: "blog.example.com\n" would reach nginx.conf and the shell scripts).
 NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
-# Lower-case FQDN: at least two labels, letters/digits/hyphens, no leading/trailing hyphen.
+# Lower-case FQDN: at least two labels, letters/digits/hyphens, no leading/trailing hyphen,
+# and a top-level label that is not all digits (so "203.0.113.10" is an address, not a domain).
+# Also kokoa-dns's rule for a record name.
 LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
-DOMAIN_RE = re.compile(rf"(?=.{{1,253}}\Z){LABEL}(\.{LABEL})+")
+DOMAIN_RE = re.compile(rf"(?=.{{1,253}}\Z){LABEL}(\.{LABEL})*\.(?![0-9]+\Z){LABEL}")
 HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}\Z){LABEL}(\.{LABEL})*")
 # A host made only of digits and dots is an IPv4 address, never a host name: resolvers
 # (inet_aton) read "203.000.113.010" as 203.0.113.8, and string comparisons miss that it
@@ -46,8 +51,6 @@ EVERYONE = "0.0.0.0/0"
 # Mozilla's recommendation: two years. 0 = no Strict-Transport-Security header.
 DEFAULT_HSTS_MAX_AGE = 63072000
 HSTS_MAX_AGE_RANGE = (0, 2 * DEFAULT_HSTS_MAX_AGE)
-EDGE_INDEX_RANGE = (10, 254)
-SUBNET_RANGE = (0, 255)
 PORT_RANGE = (1, 65535)
 # What the consuming tools accept (tests/test_model.py checks each bound with them).
 # nginx: rate=0r/s and burst=0 are "invalid"; limit_conn "must be less 65536". The upper
@@ -61,13 +64,21 @@ NEW_CONNECTIONS_PER_SECOND_RANGE = (1, 1000000)
 NEW_CONNECTIONS_BURST_RANGE = (1, 1000000)
 THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
 
-ORIGIN_KEYS = {"name", "domain", "subnet", "host", "endpoint", "listenPort", "upstream",
-               "sshPort", "sshUser", "hostKey", "insecureAnyHostKey", "rateLimit", "zoneId",
-               "hstsMaxAge", "keyGeneration"}
-EDGE_KEYS = {"name", "origin", "publicIp", "index", "host", "sshPort", "sshUser", "hostKey",
-             "insecureAnyHostKey", "dns", "keyGeneration"}
-RATE_LIMIT_KEYS = {"requestsPerSecond", "burst", "connections", "newConnectionsPerSecond",
-                   "newConnectionsBurst"}
+# Every `kokoa:` config key, in one place. Top level: read as strings, or as JSON/YAML values
+# (`config.get_object`); the secret one is read apart. Entries: in the order an added entry
+# is written (`kokoa add-origin/add-edge`), as stacks/reference.yaml shows them.
+STRING_KEYS = ("acmeEmail", "acmeServer", "acmeCaBundle", "network", "sshUser", "cloudflareZoneId")
+OBJECT_KEYS = ("origins", "edges", "certRefreshInterval", "sshAllowFrom", "formerNames")
+SECRET_KEYS = ("sshPrivateKey",)
+ORIGIN_KEYS = ("name", "domain", "subnet", "host", "endpoint", "listenPort", "upstream", "sshPort",
+               "sshUser", "hostKey", "insecureAnyHostKey", "rateLimit", "hstsMaxAge", "zoneId",
+               "keyGeneration")
+EDGE_KEYS = ("name", "origin", "publicIp", "index", "host", "sshPort", "sshUser", "hostKey",
+             "insecureAnyHostKey", "dns", "keyGeneration")
+RATE_LIMIT_KEYS = ("requestsPerSecond", "burst", "connections", "newConnectionsPerSecond",
+                   "newConnectionsBurst")
+# A Cloudflare A record's TTL, whoever writes it (the program's DnsRecords, kokoa-dns).
+DNS_TTL = 60
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,11 @@ class Origin:
 
     interface = "wg0"
 
+    @property
+    def edge_interface(self) -> str:
+        """The WireGuard interface each of its edges has to it."""
+        return edge_interface(self.subnet)
+
 
 @dataclass(frozen=True)
 class Edge:
@@ -136,8 +152,6 @@ class Edge:
     dns: bool
     key_generation: int = 1
 
-    def interface(self, origin: Origin) -> str:
-        return f"wg-origin-{origin.subnet}"
 
 
 @dataclass(frozen=True)
@@ -415,8 +429,8 @@ class _Checker:
             return None
         return value
 
-    def keys(self, entry: str, raw: Mapping[str, Any], allowed: set[str]) -> None:
-        for key in sorted(set(raw) - allowed):
+    def keys(self, entry: str, raw: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+        for key in sorted(set(raw) - set(allowed)):
             self.fail(entry, key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
     def unique(self, items: list[tuple[str, Any, str]], key: str, what: str,
@@ -506,8 +520,8 @@ def _settings(c: _Checker, config: Mapping[str, Any], needs_acme: bool) -> Setti
         candidate = ipaddress.IPv4Network(raw_network) if isinstance(raw_network, str) else None
     except ValueError:
         candidate = None
-    if candidate is None or not candidate.is_private or candidate.prefixlen > 16:
-        c.fail(entry, "network", f"{raw_network!r} is not a private IPv4 network of /16 or larger "
+    if candidate is None or not candidate.is_private or candidate.prefixlen > NETWORK_MAX_PREFIX:
+        c.fail(entry, "network", f"{raw_network!r} is not a private IPv4 network of /{NETWORK_MAX_PREFIX} or larger "
                                  "(origin X gets <net>.X.1), e.g. 10.100.0.0/16")
     else:
         network = candidate
@@ -614,10 +628,6 @@ def _upstream(c: _Checker, entry: str, raw: Mapping[str, Any]) -> str | None:
     return value
 
 
-def _address(network: ipaddress.IPv4Network, subnet: int, host: int) -> str:
-    return str(network.network_address + subnet * 256 + host)
-
-
 def parse_topology(config: Mapping[str, Any]) -> Topology:
     """Validate the `kokoa:` config (keys without the `kokoa:` prefix) and allocate addresses.
 
@@ -657,7 +667,7 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
             continue
         origin_labels.append(entry)
         origins.append(Origin(name=name, domain=domain, subnet=subnet,
-                              wireguard_ip=_address(settings.network, subnet, 1),
+                              wireguard_ip=tunnel_address(settings.network, subnet, ORIGIN_HOST),
                               endpoint=endpoint, listen_port=listen_port, upstream=upstream,
                               ssh=ssh, rate_limit=rate_limit, zone_id=zone_id,
                               hsts_max_age=hsts_max_age, key_generation=key_generation))
@@ -709,7 +719,7 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
         if raw.get("host") is None:
             defaulted_host.add(entry)
         edges.append(Edge(name=name, origin=origin_name, public_ip=public_ip, index=index,
-                          wireguard_ip=_address(settings.network, origin.subnet, index),
+                          wireguard_ip=tunnel_address(settings.network, origin.subnet, index),
                           ssh=ssh, dns=dns, key_generation=key_generation))
 
     numbered = [(edge_labels[i], e) for i, e in enumerate(edges)]

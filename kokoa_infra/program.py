@@ -7,18 +7,16 @@ from typing import Any
 import pulumi
 
 from kokoa_infra.components import Origin, OriginArgs
-from kokoa_infra.model import NAME_RE, InvalidConfig, Problem, Topology, keyscan_command, parse_topology
-
-# Config keys read as JSON/YAML values; every other kokoa: key is a string.
-OBJECT_KEYS = ("origins", "edges", "certRefreshInterval", "sshAllowFrom", "formerNames")
-STRING_KEYS = ("acmeEmail", "acmeServer", "acmeCaBundle", "network", "sshUser", "cloudflareZoneId")
+from kokoa_infra.model import (NAME_RE, OBJECT_KEYS, SECRET_KEYS, STRING_KEYS, InvalidConfig, Problem, Topology, keyscan_command,
+                               parse_topology)
 
 
 def read_config(config: pulumi.Config) -> tuple[dict[str, Any], pulumi.Output[str] | None]:
     """The `kokoa:` keys as plain values, and the SSH key as a secret Output."""
     raw: dict[str, Any] = {key: config.get(key) for key in STRING_KEYS}
     raw |= {key: config.get_object(key) for key in OBJECT_KEYS}
-    return {k: v for k, v in raw.items() if v is not None}, config.get_secret("sshPrivateKey")
+    secret, = SECRET_KEYS
+    return {k: v for k, v in raw.items() if v is not None}, config.get_secret(secret)
 
 
 def former_names(value: Any, topology: Topology) -> dict[str, tuple[str, ...]]:

@@ -13,6 +13,7 @@ from typing import Iterable, Mapping
 
 import jinja2
 
+from kokoa_infra.addressing import TUNNEL_PREFIX
 from kokoa_infra.model import Edge, Origin, Topology
 
 # Shipped inside the package (package-data), so an installed `kokoa` finds them from any directory.
@@ -70,7 +71,7 @@ def _common(topology: Topology, origin: Origin) -> dict:
         "cert_port": CERT_PORT,
         "gateway_port": GATEWAY_PORT,
         "gateway_user": GATEWAY_USER,
-        "tunnel_prefix": 24,
+        "tunnel_prefix": TUNNEL_PREFIX,
         "ssh_allow_from": topology.settings.ssh_allow_from,
     }
 
@@ -108,7 +109,7 @@ def render_edge_bundle(topology: Topology, edge: Edge, private_key: str, preshar
                        origin_public_key: str) -> BundleFiles:
     """Files an edge host needs: tunnel to its origin, nginx, certificate refresh."""
     origin = topology.origin(edge.origin)
-    interface = edge.interface(origin)
+    interface = origin.edge_interface
     ctx = _common(topology, origin) | {
         "edge": edge,
         "interface": interface,

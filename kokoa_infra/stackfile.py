@@ -11,15 +11,9 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from kokoa_infra.atomic_file import PRIVATE, write_atomically
-from kokoa_infra.model import InvalidConfig, next_index, next_subnet, parse_topology
+from kokoa_infra.model import DNS_TTL, EDGE_KEYS, ORIGIN_KEYS, InvalidConfig, next_index, next_subnet, parse_topology
 
 PREFIX = "kokoa:"
-# Keys in the order CONTRACT.md shows them, so added entries read like hand-written ones.
-ORIGIN_ORDER = ["name", "domain", "subnet", "host", "endpoint", "listenPort", "upstream", "sshPort",
-                "sshUser", "hostKey", "insecureAnyHostKey", "rateLimit", "hstsMaxAge", "zoneId",
-                "keyGeneration"]
-EDGE_ORDER = ["name", "origin", "publicIp", "index", "host", "sshPort", "sshUser", "hostKey",
-              "insecureAnyHostKey", "dns", "keyGeneration"]
 
 
 class StackFileError(Exception):
@@ -97,7 +91,7 @@ def append_entry(path: Path, list_key: str, entry: dict[str, Any]) -> dict[str, 
     except InvalidConfig as exc:
         raise StackFileError("\n".join(str(p) for p in exc.problems)) from exc
 
-    order = ORIGIN_ORDER if list_key == "origins" else EDGE_ORDER
+    order = ORIGIN_KEYS if list_key == "origins" else EDGE_KEYS
     entries.append(CommentedMap(sorted(entry.items(), key=lambda item: order.index(item[0]))))
     _write_document(path, document, yaml)
     return entry
@@ -189,8 +183,6 @@ def _serving(config: Any, origin: str) -> list[str]:
 
 
 def _record_lines(edge: _EdgeView, verb: str) -> list[str]:
-    from kokoa_infra.components import DNS_TTL  # the record's TTL has one home
-
     if edge.zone:
         return [f"{verb} the A record {edge.domain} → {edge.public_ip} (TTL {DNS_TTL} s)"]
     action = "add" if verb == "creates" else "remove"
@@ -222,7 +214,7 @@ def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> E
             raise StackFileError(f"{name} is the last serving edge of {edge.origin} ({domain}): draining it "
                                  "takes the site out of DNS. Add and deploy another edge first, or use --force")
         keys = list(entry)
-        position = next((k for k, key in enumerate(keys) if key in EDGE_ORDER[EDGE_ORDER.index("dns") + 1:]),
+        position = next((k for k, key in enumerate(keys) if key in EDGE_KEYS[EDGE_KEYS.index("dns") + 1:]),
                         len(keys))
         entry.insert(position, "dns", False)
     _write_document(path, document, yaml)

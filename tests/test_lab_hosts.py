@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kokoa_infra.lab.executor import COMMAND, ExecutorError, SshRunner, apply
-from kokoa_infra.lab.hosts import INIT_SYSTEMS, Host, Topology
+from kokoa_infra.lab.hosts import INIT_SYSTEMS, Host, LabTopology
 from kokoa_infra.lab.lab import Lab, lab_unavailable
 from kokoa_infra.lab.processes import namespaces
 from kokoa_infra.mocked_program import DeclaredResource
@@ -40,7 +40,7 @@ def test_two_hosts_run_commands_over_ssh_from_the_operator_namespace_and_leave_n
     hosts = (Host("client", "client", "172.31.255.2", f"{HOSTTEST_PREFIX}client"),
              Host("one", "edge", "172.31.255.21", f"{HOSTTEST_PREFIX}one", origin="x"),
              Host("two", "edge", "172.31.255.22", f"{HOSTTEST_PREFIX}two", origin="x"))
-    topo = Topology(ipaddress.ip_network("172.31.255.0/24"), hosts)
+    topo = LabTopology(ipaddress.ip_network("172.31.255.0/24"), hosts)
     try:
         lab.ensure(topo, echo=lambda _: None)
 
@@ -98,7 +98,7 @@ def test_a_lab_of_the_other_init_mode_is_rebuilt_and_the_cli_takes_the_mode():
 
     from kokoa_infra.lab.cli import lab as lab_command
 
-    topo = Topology(ipaddress.ip_network("172.31.255.0/24"),
+    topo = LabTopology(ipaddress.ip_network("172.31.255.0/24"),
                     (Host("one", "edge", "172.31.255.21", "kokoa-unused-one", origin="x"),))
     # A lab directory may not be under /tmp (servers have their own); only its record is written.
     recorded = Lab(Path(f"/var/lib/kokoa-lab-modetest{TAG}"), "kokoa-unused-")
@@ -113,7 +113,7 @@ def test_a_lab_of_the_other_init_mode_is_rebuilt_and_the_cli_takes_the_mode():
     assert refused.exit_code == 2 and "'systemd', 'plain'" in refused.output
 
 
-def check_modes(recorded: Lab, topo: Topology) -> None:
+def check_modes(recorded: Lab, topo: LabTopology) -> None:
     recorded.record_file.write_text(json.dumps({
         "prefix": "kokoa-unused-", "namespaces": [], "processes": {},
         "hosts": {"kokoa-unused-one": {"role": "edge", "mode": "plain", "ready": True,

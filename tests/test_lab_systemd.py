@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 
 from kokoa_infra.lab import machines
-from kokoa_infra.lab.hosts import Host, Topology
+from kokoa_infra.lab.hosts import Host, LabTopology
 from kokoa_infra.lab.lab import Lab, lab_unavailable
 from kokoa_infra.lab.processes import LabError, alive, namespaces
 from tests.lab_fixture import TAG
@@ -23,13 +23,13 @@ PREFIX = f"kokoam{TAG}-"
 
 
 @pytest.fixture
-def machine_lab() -> Iterator[tuple[Lab, Topology]]:
+def machine_lab() -> Iterator[tuple[Lab, LabTopology]]:
     """A client, an origin and an edge, the servers as systemd machines; always taken down."""
     reason = lab_unavailable(f"{PREFIX}probe", "systemd")
     if reason:
         pytest.skip(reason)
     lab = Lab(Path(f"/var/lib/kokoa-lab-machines{TAG}"), PREFIX, "systemd")
-    topo = Topology(ipaddress.ip_network("172.31.255.0/24"), (
+    topo = LabTopology(ipaddress.ip_network("172.31.255.0/24"), (
         Host("client", "client", "172.31.255.2", f"{PREFIX}client"),
         Host("web", "origin", "172.31.255.11", f"{PREFIX}web", domain="web.kokoa.test",
              upstream="http://127.0.0.1:8080"),
@@ -41,7 +41,7 @@ def machine_lab() -> Iterator[tuple[Lab, Topology]]:
         lab.down(echo=lambda _: None)
 
 
-def ssh(lab: Lab, topo: Topology, server: Host, command: str) -> subprocess.CompletedProcess:
+def ssh(lab: Lab, topo: LabTopology, server: Host, command: str) -> subprocess.CompletedProcess:
     """The operator's SSH from the client namespace, host key pinned, as the executor connects."""
     known = lab.dir / "known_hosts"
     known.write_text(f"{server.ip} {lab.host_key(server.netns)}\n")

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from kokoa_infra.health.results import HEALTHY, UNHEALTHY, NodeResult, Sweep, summarize
+from kokoa_infra.tables import format_table
 
 
 def timestamp(moment: datetime) -> str:
@@ -61,11 +62,8 @@ def render_table(sweep: Sweep) -> str:
     header = ["NAME", "ROLE", "ORIGIN", "STATUS", "PING ADDRESS", "RTT", "HTTPS", "LATENCY",
               "CERT", "PROBLEM"]
     ordered = sorted(sweep.nodes, key=lambda node: node.healthy)   # stable: keeps output order
-    rows = [header] + [_table_row(node) for node in ordered]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in rows]
-    return "\n".join(lines + ["", render_summary_line(sweep)]) + "\n"
+    table = format_table(header, [_table_row(node) for node in ordered])
+    return "\n".join([table, "", render_summary_line(sweep)]) + "\n"
 
 
 def render_summary_line(sweep: Sweep) -> str:

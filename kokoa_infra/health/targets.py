@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Literal
+
+from kokoa_infra.addressing import tunnel_network
 
 ROLES = ("origin", "edge")
 PingVia = Literal["auto", "wireguard", "public"]
@@ -147,7 +148,7 @@ def wireguard_routable(wireguard_ip: IPv4Address, local: LocalNetwork) -> bool:
         return True
     tunnel_interfaces = {
         interface for address, interface in local.addresses.items()
-        if wireguard_ip in ipaddress.ip_network(f"{address}/24", strict=False)}
+        if wireguard_ip in tunnel_network(address)}
     if not tunnel_interfaces:
         return False
     route = _longest_match(wireguard_ip, local.routes)

@@ -22,6 +22,7 @@ from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, PREFIX
 from kokoa_infra.lab.lab import LAB_DIR, Lab, lab_unavailable
 from kokoa_infra.lab.processes import LabError
 from kokoa_infra.project import PROJECT_DIR
+from kokoa_infra.tables import format_table
 
 # Also deploy.STACK_FILE (that module imports Pulumi; this one is read for --help).
 STACK_FILE = PROJECT_DIR / "stacks" / "Pulumi.lab.yaml"
@@ -121,15 +122,13 @@ def status_command(as_json: bool, lab_dir: str, prefix: str) -> None:
         return
     live = the_lab.liveness()
     word = {True: "up", False: "DOWN"}
-    rows = [("ROLE", "NAME", "NETNS", "ADDRESS", "INIT", "NAMESPACE", "SSHD")]
+    rows = []
     roles = ("client", "acme", "origin", "edge")
     for netns, host in sorted(live.items(), key=lambda item: (roles.index(item[1]["role"]), item[0])):
         sshd = word[host["sshd"]] if "sshd" in host else "-"
         rows.append((host["role"], host["name"], netns, host["ip"], host.get("init", "plain"),
                      word[host["netns"]], sshd))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    click.echo(format_table(("ROLE", "NAME", "NETNS", "ADDRESS", "INIT", "NAMESPACE", "SSHD"), rows))
     problems = the_lab.problems()
     click.echo("health: " + ("ok" if not problems else "; ".join(problems) + " (run `kokoa lab up`)"))
     click.echo(f"CA bundle: {status['caBundle']}")

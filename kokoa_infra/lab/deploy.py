@@ -19,7 +19,7 @@ from kokoa_infra.atomic_file import write_private
 from kokoa_infra.lab.dns import LabDns
 from kokoa_infra.lab.executor import (COMMAND, COPY_TO_REMOTE, DEFAULT_PARALLEL, DNS_RECORD, CommandHandler, Report,
                                       SshRunner, apply, project_refreshes_always)
-from kokoa_infra.lab.hosts import Topology, topology
+from kokoa_infra.lab.hosts import LabTopology, topology
 from kokoa_infra.lab.lab import Lab
 from kokoa_infra.lab.processes import LabError
 from kokoa_infra.mocked_program import DeclaredResource, ProgramFailed, run_program
@@ -35,7 +35,7 @@ def load_stack(path: Path = STACK_FILE) -> dict[str, Any]:
     return dict(data.get("config") or {})
 
 
-def generated_config(base: Mapping[str, Any], topo: Topology, lab: Lab) -> dict[str, Any]:
+def generated_config(base: Mapping[str, Any], topo: LabTopology, lab: Lab) -> dict[str, Any]:
     """The stack config with what only exists once the hosts do: the SSH key, host keys, the ACME CA."""
     config = {k: copy.deepcopy(v) for k, v in base.items() if not k.startswith("lab:")}
     config["kokoa:sshPrivateKey"] = lab.operator_key.read_text()
@@ -47,7 +47,7 @@ def generated_config(base: Mapping[str, Any], topo: Topology, lab: Lab) -> dict[
     return config
 
 
-def lab_status(topo: Topology, lab: Lab) -> dict[str, Any]:
+def lab_status(topo: LabTopology, lab: Lab) -> dict[str, Any]:
     """What `kokoa lab status --json` prints, and what tests use to reach the lab."""
     return {
         "client": topo.one("client").netns,
@@ -142,14 +142,14 @@ def verify_sites(lab: Lab, status: Mapping[str, Any], seconds: int = 90) -> dict
     return results
 
 
-def lab_dns_config(lab: Lab, topo: Topology, echo=print) -> dict[str, Any]:
+def lab_dns_config(lab: Lab, topo: LabTopology, echo=print) -> dict[str, Any]:
     """Start the stand-in and resolver if needed; the config keys that point the program at them."""
     dns = LabDns(lab)
     dns.ensure(topo, echo)
     return dns.stack_config()
 
 
-def apply_resources(lab: Lab, topo: Topology, resources: list[DeclaredResource], echo=print) -> Report:
+def apply_resources(lab: Lab, topo: LabTopology, resources: list[DeclaredResource], echo=print) -> Report:
     """What `pulumi up` would do with the declared resources, against the lab's hosts and stand-in."""
     commands = CommandHandler(SshRunner(topo.one("client").netns, lab.dir / "tmp"), echo, lab.dir / "logs")
     handlers = {COMMAND: commands, COPY_TO_REMOTE: commands, DNS_RECORD: LabDns(lab).handler(echo)}

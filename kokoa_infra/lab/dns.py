@@ -20,7 +20,7 @@ import requests
 
 from kokoa_infra.atomic_file import write_private
 from kokoa_infra.lab.executor import DNS_RECORD, ExecutorError
-from kokoa_infra.lab.hosts import Topology
+from kokoa_infra.lab.hosts import LabTopology
 from kokoa_infra.lab.lab import Lab
 from kokoa_infra.lab.processes import LabError, alive
 from kokoa_infra.mocked_program import DeclaredResource
@@ -116,7 +116,7 @@ class DnsRecordHandler:
         return {"inputs": observed, "outputs": entry["outputs"]}
 
 
-def zone_name(topo: Topology) -> str:
+def zone_name(topo: LabTopology) -> str:
     """The zone the lab domains live in: the parent of the first origin's domain (kokoa.test)."""
     domains = [h.domain for h in topo.of_role("origin")]
     return domains[0].split(".", 1)[1] if domains and "." in domains[0] else "kokoa.test"
@@ -140,11 +140,11 @@ class LabDns:
     def base_url(self) -> str:
         return self.url_file.read_text().strip()
 
-    def resolver_ip(self, topo: Topology) -> str | None:
+    def resolver_ip(self, topo: LabTopology) -> str | None:
         acme = topo.one("acme")
         return acme.ip if acme else None
 
-    def ensure(self, topo: Topology, echo=print) -> None:
+    def ensure(self, topo: LabTopology, echo=print) -> None:
         """Start the stand-in (root namespace, 127.0.0.1) and the resolver (ACME namespace) unless running."""
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not self.token_file.exists():

@@ -8,6 +8,8 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from kokoa_infra.lab.processes import LabError
+from kokoa_infra.model import InvalidConfig, parse_topology
+from kokoa_infra.stackfile import kokoa_config
 
 PREFIX = "kokoa-"
 DEFAULT_NETWORK = "172.31.255.0/24"
@@ -36,8 +38,8 @@ class Host:
 
 
 @dataclass(frozen=True)
-class Topology:
-    """Every host of the lab, read from a lab stack config."""
+class LabTopology:
+    """Every host of the lab: its origins and edges as the program's model has them, its client and ACME host."""
 
     network: ipaddress.IPv4Network
     hosts: tuple[Host, ...]
@@ -53,26 +55,46 @@ class Topology:
         return next(h for h in self.hosts if h.role == role and h.name == name)
 
 
-def topology(config: Mapping[str, Any], prefix: str = PREFIX) -> Topology:
-    """The hosts a lab stack config describes: client, ACME host (from `kokoa:acmeServer`), origins, edges."""
+def model_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The `kokoa:` keys as `parse_topology` reads them, for a lab stack config without host keys.
+
+    `kokoa lab up` pins each server's own key once the server exists; until then an entry
+    without one is read as `insecureAnyHostKey: true`, which only the host-key checks see.
+    """
+    kokoa = kokoa_config(dict(config))
+    for key in ("origins", "edges"):
+        entries = kokoa.get(key)
+        if isinstance(entries, list):
+            kokoa[key] = [{**entry, "insecureAnyHostKey": True}
+                          if isinstance(entry, dict) and "hostKey" not in entry and "insecureAnyHostKey" not in entry
+                          else entry for entry in entries]
+    return kokoa
+
+
+def topology(config: Mapping[str, Any], prefix: str = PREFIX) -> LabTopology:
+    """The hosts a lab stack config describes: its origins and edges from the program's own model
+    (`parse_topology`: the same validation, defaults and addresses as `pulumi up`), one namespace
+    each, at their one address; the client (`lab:clientIp`) and the ACME host (`kokoa:acmeServer`)."""
+    try:
+        model = parse_topology(model_config(config))
+    except InvalidConfig as exc:
+        raise LabError("invalid lab stack config:\n  " + "\n  ".join(map(str, exc.problems))) from None
     problems: list[str] = []
     network = ipaddress.ip_network(config.get("lab:network", DEFAULT_NETWORK))
-    origins = {o["name"]: o for o in config.get("kokoa:origins", [])}
     hosts = [Host("client", "client", str(config.get("lab:clientIp", "")), f"{prefix}client")]
-    acme = urlsplit(str(config.get("kokoa:acmeServer", ""))).hostname
+    # An ACME host when the stack names its own ACME server (the lab's pebble), not the default.
+    acme = urlsplit(model.settings.acme_server).hostname if "kokoa:acmeServer" in config else None
     if acme:
         hosts.append(Host("acme", "acme", acme, f"{prefix}acme"))
-    for o in origins.values():
-        if o.get("endpoint", o.get("host")) != o.get("host"):
-            problems.append(f"origin {o['name']}: a lab origin has one address; drop endpoint or make it equal to host")
-        hosts.append(Host(o["name"], "origin", str(o.get("host", "")), f"{prefix}{o['name']}",
-                          domain=o.get("domain", ""), upstream=o.get("upstream", "")))
-    for e in config.get("kokoa:edges", []):
-        if e.get("host", e.get("publicIp")) != e.get("publicIp"):
-            problems.append(f"edge {e['name']}: a lab edge has one address; drop host or make it equal to publicIp")
-        domain = origins.get(e.get("origin"), {}).get("domain", "")
-        hosts.append(Host(e["name"], "edge", str(e.get("publicIp", "")), f"{prefix}{e['name']}",
-                          origin=e.get("origin", ""), domain=domain))
+    for o in model.origins:
+        if o.endpoint != o.ssh.host:
+            problems.append(f"origin {o.name}: a lab origin has one address; drop endpoint or make it equal to host")
+        hosts.append(Host(o.name, "origin", o.ssh.host, f"{prefix}{o.name}", domain=o.domain, upstream=o.upstream))
+    for e in model.edges:
+        if e.ssh.host != e.public_ip:
+            problems.append(f"edge {e.name}: a lab edge has one address; drop host or make it equal to publicIp")
+        hosts.append(Host(e.name, "edge", e.public_ip, f"{prefix}{e.name}", origin=e.origin,
+                          domain=model.origin(e.origin).domain))
     seen_ip: dict[str, str] = {}
     seen_ns: set[str] = set()
     for h in hosts:
@@ -94,5 +116,5 @@ def topology(config: Mapping[str, Any], prefix: str = PREFIX) -> Topology:
         seen_ns.add(h.netns)
     if problems:
         raise LabError("invalid lab topology:\n  " + "\n  ".join(problems))
-    return Topology(network, tuple(hosts))
+    return LabTopology(network, tuple(hosts))
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from kokoa_infra.atomic_file import write_private
 from kokoa_infra.lab import machines, servers, services
-from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, PREFIX, RESERVED, Host, Topology
+from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, PREFIX, RESERVED, Host, LabTopology
 from kokoa_infra.lab.processes import LabError, alive, kill, namespaces, netns_pids, reap, recorded_pid, run
 
 LAB_DIR = Path("/var/lib/kokoa-lab")
@@ -137,7 +137,7 @@ class Lab:
     def infra_namespaces(self) -> list[str]:
         return [f"{self.prefix}{name}" for name in RESERVED if name != "probe"]
 
-    def problems(self, topo: Topology | None = None) -> list[str]:
+    def problems(self, topo: LabTopology | None = None) -> list[str]:
         """Why the existing lab cannot be reused as it is ([] when healthy or when there is none)."""
         rec = self.record()
         present = namespaces()
@@ -183,7 +183,7 @@ class Lab:
         return result
 
     # --- bring-up ---------------------------------------------------------------------
-    def ensure(self, topo: Topology, echo: Echo = print) -> None:
+    def ensure(self, topo: LabTopology, echo: Echo = print) -> None:
         """Make every host of `topo` exist and run; a broken lab is torn down and rebuilt whole."""
         broken = self.problems(topo)
         if broken:
@@ -240,7 +240,7 @@ class Lab:
             run(["ip", "netns", "add", netns])
         run(["ip", "-n", netns, "link", "set", "lo", "up"])
 
-    def _link(self, topo: Topology, host: Host) -> None:
+    def _link(self, topo: LabTopology, host: Host) -> None:
         bridge = f"{self.prefix}net"
         port = f"h{int(ipaddress.ip_address(host.ip)) - int(topo.network.network_address)}"
         # The MAC follows the address, so a re-created host is reachable at once through
@@ -253,7 +253,7 @@ class Lab:
         run(["ip", "-n", host.netns, "addr", "add", f"{host.ip}/{topo.network.prefixlen}", "dev", "eth0"])
         run(["ip", "-n", host.netns, "link", "set", "eth0", "up"])
 
-    def add_visitor(self, topo: Topology, name: str, ip: str, names: Mapping[str, str] = {}) -> Host:
+    def add_visitor(self, topo: LabTopology, name: str, ip: str, names: Mapping[str, str] = {}) -> Host:
         """A bare namespace on the lab network (a benchmark's attacker, a test's outsider).
 
         Recorded, so `down` removes it; `names` (name → address) become its /etc/hosts.
@@ -277,12 +277,12 @@ class Lab:
         """Requests the origin's demo application has answered since it started."""
         return services.demo_requests(self, netns)
 
-    def set_dns(self, topo: Topology, records: Mapping[str, list[str]]) -> None:
+    def set_dns(self, topo: LabTopology, records: Mapping[str, list[str]]) -> None:
         """Make the lab's DNS answer each origin domain with exactly `records`."""
         services.set_dns(self, topo, records)
 
     # --- tear-down ---------------------------------------------------------------------
-    def prune(self, topo: Topology, echo: Echo = print) -> None:
+    def prune(self, topo: LabTopology, echo: Echo = print) -> None:
         """Remove servers that are no longer in `topo` (after their delete commands have run)."""
         wanted = {h.netns for h in topo.hosts}
         for netns, host in self.record()["hosts"].items():

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Mapping
 from urllib.parse import urlsplit
 
 from kokoa_infra.lab import machines
-from kokoa_infra.lab.hosts import Host, Topology
+from kokoa_infra.lab.hosts import Host, LabTopology
 from kokoa_infra.lab.processes import LabError, listening, run, wait_until
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def start_acme(lab: Lab, host: Host) -> None:
     run([*curl, "-o", str(lab.ca_bundle), f"https://{host.ip}:15000/roots/0"])
 
 
-def set_dns(lab: Lab, topo: Topology, records: Mapping[str, list[str]]) -> None:
+def set_dns(lab: Lab, topo: LabTopology, records: Mapping[str, list[str]]) -> None:
     """Make the lab's DNS (pebble-challtestsrv) answer each origin domain with exactly `records`."""
     acme = topo.one("acme")
     if acme is None:
