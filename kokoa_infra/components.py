@@ -13,7 +13,7 @@ import pulumi_random as random
 from pulumi_command import remote
 
 from kokoa_infra.keys import public_key
-from kokoa_infra.model import DNS_TTL, Edge, Origin as OriginSpec, Ssh, Topology, server_identity
+from kokoa_infra.model import DNS_TTL, Edge, Origin as OriginSpec, Settings, Ssh, server_identity
 from kokoa_infra.render import (INSTALL_DIR, EdgePeer, bundle_archive, render_edge_bundle,
                                 render_origin_bundle)
 
@@ -115,12 +115,20 @@ def _install_script(label: str, digest: str) -> str:
 
 @dataclass(frozen=True)
 class EdgeNodeArgs:
-    topology: Topology
+    """What an edge is made of: itself, the origin it serves, the settings its files use."""
+
     edge: Edge
+    origin: OriginSpec  # the one it serves: its domain, subnet, endpoint, port and rate limit
+    settings: Settings  # ACME, certificate refresh interval, SSH allow list
+    zone_id: str | None  # the Cloudflare zone of its A record; None: no record is managed
     origin_public_key: pulumi.Output[str]
     ssh_private_key: pulumi.Input[str]
     stack: str
     former_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.edge.origin != self.origin.name:
+            raise ValueError(f"edge {self.edge.name} serves origin {self.edge.origin}, not {self.origin.name}")
 
 
 class EdgeNode(pulumi.ComponentResource):
@@ -135,19 +143,18 @@ class EdgeNode(pulumi.ComponentResource):
     def __init__(self, name: str, args: EdgeNodeArgs, opts: pulumi.ResourceOptions | None = None):
         opts = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(aliases=node_aliases(args.former_names)))
         super().__init__(EDGE_TYPE, name, {}, opts)
-        edge, topology = args.edge, args.topology
+        edge, origin = args.edge, args.origin
         # A new generation replaces the edge's own key and its PSK (both sit on the edge);
         # its origin only learns the new public key and PSK.
         private_key, self.public_key = _wireguard_key_pair(name, self, edge.key_generation)
         self.preshared_key = _wireguard_secret(f"{name}-preshared-key", self, edge.key_generation)
         self.bundle = pulumi.Output.secret(pulumi.Output.all(
             private_key, self.preshared_key, args.origin_public_key,
-        ).apply(lambda keys: render_edge_bundle(topology, edge, *keys)))
+        ).apply(lambda keys: render_edge_bundle(args.settings, origin, edge, *keys)))
         self.install = _push_command(f"{name}-install", f"edge/{edge.name}", edge.ssh,
                                      args.ssh_private_key, self.bundle, self)
 
-        origin = topology.origin(edge.origin)
-        zone_id = topology.zone_for(origin)
+        zone_id = args.zone_id
         self.dns_record = None
         if edge.dns and zone_id:
             # Only after the install: DNS never sends users to a half-built edge.
@@ -166,13 +173,24 @@ class EdgeNode(pulumi.ComponentResource):
 
 @dataclass(frozen=True)
 class OriginArgs:
-    topology: Topology
+    """What an origin is made of: itself, its edges, the settings its files use."""
+
     origin: OriginSpec
+    edges: tuple[Edge, ...]  # its edges (each becomes a child EdgeNode), in index order
+    settings: Settings  # ACME server and CA, SSH allow list, certificate refresh interval
+    zone_id: str | None  # the Cloudflare zone of its edges' A records; None: no record is managed
     ssh_private_key: pulumi.Input[str]
     stack: str
     former_names: tuple[str, ...] = ()
     # Former names of its edges: {edge: (old name, ...)}.
     edge_former_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        strangers = [e.name for e in self.edges if e.origin != self.origin.name]
+        if strangers:
+            raise ValueError(f"edges {', '.join(strangers)} do not serve origin {self.origin.name}")
+        if [e.index for e in self.edges] != sorted(e.index for e in self.edges):
+            raise ValueError(f"the edges of origin {self.origin.name} must be in index order")
 
 
 class Origin(pulumi.ComponentResource):
@@ -187,24 +205,24 @@ class Origin(pulumi.ComponentResource):
     def __init__(self, name: str, args: OriginArgs, opts: pulumi.ResourceOptions | None = None):
         opts = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(aliases=node_aliases(args.former_names)))
         super().__init__(ORIGIN_TYPE, name, {}, opts)
-        spec, topology = args.origin, args.topology
+        spec = args.origin
         private_key, self.public_key = _wireguard_key_pair(name, self, spec.key_generation)
         self.edges = {
             edge.name: EdgeNode(edge.name, EdgeNodeArgs(
-                topology=topology, edge=edge, origin_public_key=self.public_key,
-                ssh_private_key=args.ssh_private_key, stack=args.stack,
+                edge=edge, origin=spec, settings=args.settings, zone_id=args.zone_id,
+                origin_public_key=self.public_key, ssh_private_key=args.ssh_private_key, stack=args.stack,
                 former_names=args.edge_former_names.get(edge.name, ())),
                 opts=pulumi.ResourceOptions(parent=self))
-            for edge in topology.edges_of(spec)
+            for edge in args.edges
         }
-        edge_specs = list(topology.edges_of(spec))
+        edge_specs = list(args.edges)
         edge_nodes = [self.edges[edge.name] for edge in edge_specs]
 
         def render(values: list[str]) -> dict[str, str]:
             origin_key, *edge_keys = values
             peers = [EdgePeer(edge, edge_keys[2 * i], edge_keys[2 * i + 1])
                      for i, edge in enumerate(edge_specs)]
-            return render_origin_bundle(topology, spec, origin_key, peers)
+            return render_origin_bundle(args.settings, spec, origin_key, peers)
 
         self.bundle = pulumi.Output.secret(pulumi.Output.all(
             private_key, *[k for node in edge_nodes for k in (node.public_key, node.preshared_key)],
@@ -221,7 +239,7 @@ class Origin(pulumi.ComponentResource):
                 f"{name}-certificate",
                 connection=_connection(spec.ssh, args.ssh_private_key),
                 # Naming domain and ACME server in the command re-runs it when they change.
-                create=(f"# kokoa certificate for {spec.domain} from {topology.settings.acme_server}\n"
+                create=(f"# kokoa certificate for {spec.domain} from {args.settings.acme_server}\n"
                         + _as_root(f"{INSTALL_DIR}/certificate.sh")),
                 add_previous_output_in_env=False,
                 opts=pulumi.ResourceOptions(

@@ -58,6 +58,8 @@ class ProgramRun:
     outputs: dict[str, Any] = field(default_factory=dict)
     secret_outputs: set[str] = field(default_factory=set)
     logs: list[tuple[str, str]] = field(default_factory=list)
+    # URN of each component that called register_outputs → the output names it registered.
+    registered_outputs: dict[str, list[str]] = field(default_factory=dict)
 
     def of_type(self, type_token: str) -> list[DeclaredResource]:
         return [r for r in self.resources if r.type == type_token]
@@ -164,6 +166,10 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 custom=bool(request.custom),
             ))
         return response
+
+    def RegisterResourceOutputs(self, request):  # noqa: N802 (gRPC name)
+        self.run.registered_outputs[request.urn] = sorted(_struct_to_python(request.outputs))
+        return super().RegisterResourceOutputs(request)
 
     def _remember_former_names(self, request) -> None:
         """Own alias names, and the parent's swapped into the name's prefix (the engine's

@@ -95,7 +95,8 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
     renamed = former_names(pulumi.Config("kokoa").get_object("formerNames"), topology)
     origins = {
         spec.name: Origin(spec.name, OriginArgs(
-            topology=topology, origin=spec, ssh_private_key=ssh_private_key, stack=stack,
+            origin=spec, edges=topology.edges_of(spec), settings=topology.settings, zone_id=topology.zone_for(spec),
+            ssh_private_key=ssh_private_key, stack=stack,
             former_names=renamed.get(spec.name, ()),
             edge_former_names={e.name: renamed[e.name] for e in topology.edges_of(spec) if e.name in renamed}))
         for spec in topology.origins

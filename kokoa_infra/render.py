@@ -1,4 +1,4 @@
-"""Topology + keys → the files of each node's bundle, from the Jinja2 templates (no Pulumi here)."""
+"""Settings, a node and keys → the files of the node's bundle, from the Jinja2 templates (no Pulumi here)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 import jinja2
 
 from kokoa_infra.addressing import TUNNEL_PREFIX
-from kokoa_infra.model import Edge, Origin, Topology
+from kokoa_infra.model import Edge, Origin, Settings
 
 # Shipped inside the package (package-data), so an installed `kokoa` finds them from any directory.
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -61,9 +61,9 @@ def _render(template: str, **context) -> str:
     return ENV.get_template(template).render(**context)
 
 
-def _common(topology: Topology, origin: Origin) -> dict:
+def _common(settings: Settings, origin: Origin) -> dict:
     return {
-        "settings": topology.settings,
+        "settings": settings,
         "origin": origin,
         "install_dir": INSTALL_DIR,
         "acme_webroot": ACME_WEBROOT,
@@ -72,15 +72,18 @@ def _common(topology: Topology, origin: Origin) -> dict:
         "gateway_port": GATEWAY_PORT,
         "gateway_user": GATEWAY_USER,
         "tunnel_prefix": TUNNEL_PREFIX,
-        "ssh_allow_from": topology.settings.ssh_allow_from,
+        "ssh_allow_from": settings.ssh_allow_from,
     }
 
 
-def render_origin_bundle(topology: Topology, origin: Origin, private_key: str,
+def render_origin_bundle(settings: Settings, origin: Origin, private_key: str,
                          peers: list[EdgePeer]) -> BundleFiles:
     """Files an origin host needs: its WireGuard interface, tunnel gateway, certificate jobs."""
+    strangers = [p.edge.name for p in peers if p.edge.origin != origin.name]
+    if strangers:
+        raise ValueError(f"edges {', '.join(strangers)} do not serve origin {origin.name}")
     peers = sorted(peers, key=lambda p: p.edge.index)
-    ctx = _common(topology, origin) | {
+    ctx = _common(settings, origin) | {
         "private_key": private_key,
         "peers": peers,
         "renew_interval": RENEW_INTERVAL,
@@ -100,23 +103,24 @@ def render_origin_bundle(topology: Topology, origin: Origin, private_key: str,
         "install.sh": _render("origin/install.sh.j2", **ctx),
         "uninstall.sh": _render("origin/uninstall.sh.j2", **ctx),
     }
-    if topology.settings.acme_ca_bundle:
-        files["acme-ca.pem"] = topology.settings.acme_ca_bundle
+    if settings.acme_ca_bundle:
+        files["acme-ca.pem"] = settings.acme_ca_bundle
     return files
 
 
-def render_edge_bundle(topology: Topology, edge: Edge, private_key: str, preshared_key: str,
+def render_edge_bundle(settings: Settings, origin: Origin, edge: Edge, private_key: str, preshared_key: str,
                        origin_public_key: str) -> BundleFiles:
     """Files an edge host needs: tunnel to its origin, nginx, certificate refresh."""
-    origin = topology.origin(edge.origin)
+    if edge.origin != origin.name:
+        raise ValueError(f"edge {edge.name} serves origin {edge.origin}, not {origin.name}")
     interface = origin.edge_interface
-    ctx = _common(topology, origin) | {
+    ctx = _common(settings, origin) | {
         "edge": edge,
         "interface": interface,
         "private_key": private_key,
         "preshared_key": preshared_key,
         "origin_public_key": origin_public_key,
-        "refresh_interval": topology.settings.cert_refresh_interval,
+        "refresh_interval": settings.cert_refresh_interval,
         "tls_dir": f"/etc/letsencrypt/live/{origin.domain}",
     }
     limits = origin.rate_limit

@@ -31,9 +31,9 @@ def bundles(config: dict) -> dict[str, dict[str, str]]:
     for origin in topology.origins:
         edges = topology.edges_of(origin)
         found[f"origin/{origin.name}"] = render_origin_bundle(
-            topology, origin, KEY, [EdgePeer(e, KEY, KEY) for e in edges])
+            topology.settings, origin, KEY, [EdgePeer(e, KEY, KEY) for e in edges])
         for edge in edges:
-            found[f"edge/{edge.name}"] = render_edge_bundle(topology, edge, KEY, KEY, KEY)
+            found[f"edge/{edge.name}"] = render_edge_bundle(topology.settings, origin, edge, KEY, KEY, KEY)
     return found
 
 

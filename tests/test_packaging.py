@@ -79,8 +79,8 @@ def test_the_installed_package_renders_bundles_from_its_own_templates(installed)
             "edges": [{"name": "edge-1", "origin": "blog", "publicIp": "198.51.100.7", "index": 10,
                        "hostKey": key}]})
         wg = "4HuFrvJqQCFDgDQ8Y8Ae0mArxaDs9UvxbUc9JIm+6WY="
-        origin = render.render_origin_bundle(topology, topology.origins[0], wg, [])
-        edge = render.render_edge_bundle(topology, topology.edges[0], wg, wg, wg)
+        origin = render.render_origin_bundle(topology.settings, topology.origins[0], wg, [])
+        edge = render.render_edge_bundle(topology.settings, topology.origins[0], topology.edges[0], wg, wg, wg)
         print(json.dumps({"package": kokoa_infra.__file__, "templates": str(render.TEMPLATES_DIR),
                           "origin": sorted(origin), "edge": sorted(edge),
                           "nginx": edge["nginx.conf"]}))

@@ -36,9 +36,9 @@ def render_all(config: dict) -> dict[str, dict[str, str]]:
         for edge in topology.edges_of(origin):
             edge_key, psk = _key(), _key()
             peers.append(EdgePeer(edge, public_key(edge_key), psk))
-            bundles[f"edge/{edge.name}"] = render_edge_bundle(topology, edge, edge_key, psk,
+            bundles[f"edge/{edge.name}"] = render_edge_bundle(topology.settings, origin, edge, edge_key, psk,
                                                               public_key(origin_key))
-        bundles[f"origin/{origin.name}"] = render_origin_bundle(topology, origin, origin_key, peers)
+        bundles[f"origin/{origin.name}"] = render_origin_bundle(topology.settings, origin, origin_key, peers)
     return bundles
 
 
@@ -249,5 +249,5 @@ def test_rendering_is_deterministic_for_the_same_keys():
     origin = topology.origins[0]
     keys = [_key() for _ in range(3)]
     peers = [EdgePeer(e, public_key(keys[1]), keys[2]) for e in topology.edges_of(origin)]
-    first = render_origin_bundle(topology, origin, keys[0], peers)
-    assert render_origin_bundle(topology, origin, keys[0], list(reversed(peers))) == first
+    first = render_origin_bundle(topology.settings, origin, keys[0], peers)
+    assert render_origin_bundle(topology.settings, origin, keys[0], list(reversed(peers))) == first
