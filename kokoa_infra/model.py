@@ -434,10 +434,12 @@ class _Checker:
             self.fail(entry, key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
     def unique(self, items: list[tuple[str, Any, str]], key: str, what: str,
-               quiet: set[str] = frozenset()) -> set[str]:
+               quiet: set[str] = frozenset(), by_position: bool = False) -> set[str]:
         """`items` are (entry, identity, shown) triples; every identity after its first use is
-        a problem, except for `quiet` entries (already reported for the same value).
-        Returns the entries reported."""
+        a problem that names the entry of the first use, except for `quiet` entries (already
+        reported for the same value). `by_position`: the first use is named by its position
+        alone ("kokoa:origins[0]", not "kokoa:origins[0] (blog)"), for a duplicated name, which
+        both labels would otherwise show alike. Returns the entries reported."""
         seen: dict[Any, str] = {}
         reported = set()
         for entry, identity, shown in items:
@@ -446,7 +448,8 @@ class _Checker:
             if identity not in seen:
                 seen[identity] = entry
             elif entry not in quiet:
-                self.fail(entry, key, f"{what} {shown} is already used by {seen[identity]}")
+                first = seen[identity].split(" (", 1)[0] if by_position else seen[identity]
+                self.fail(entry, key, f"{what} {shown} is already used by {first}")
                 reported.add(entry)
         return reported
 
@@ -639,7 +642,9 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
     settings = _settings(c, config, needs_acme=bool(origin_entries))
 
     origins: list[Origin] = []
-    origin_labels: list[str] = []
+    # Every entry's values that passed their own checks, also of entries with problems
+    # elsewhere: a duplicate is reported with the rest, not after the other fix.
+    seen_origins: list[tuple[str, Any, Any, Any, Ssh, Any, Any]] = []
     for entry, raw in origin_entries:
         c.keys(entry, raw, ORIGIN_KEYS)
         name = c.string(entry, raw, "name", NAME_RE, "a name matching ^[a-z][a-z0-9-]{0,30}$")
@@ -663,24 +668,24 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
         hsts_max_age = c.integer(entry, raw, "hstsMaxAge", *HSTS_MAX_AGE_RANGE, False,
                                  DEFAULT_HSTS_MAX_AGE)
         key_generation = c.integer(entry, raw, "keyGeneration", 1, None, False, 1)
+        seen_origins.append((entry, name, domain, subnet, ssh, endpoint, listen_port))
         if None in (name, domain, subnet, endpoint, listen_port, upstream) or not ssh.host:
             continue
-        origin_labels.append(entry)
         origins.append(Origin(name=name, domain=domain, subnet=subnet,
                               wireguard_ip=tunnel_address(settings.network, subnet, ORIGIN_HOST),
                               endpoint=endpoint, listen_port=listen_port, upstream=upstream,
                               ssh=ssh, rate_limit=rate_limit, zone_id=zone_id,
                               hsts_max_age=hsts_max_age, key_generation=key_generation))
 
-    numbered_origins = list(zip(origin_labels, origins))
-    c.unique([(label, o.name, repr(o.name)) for label, o in numbered_origins], "name", "origin name")
-    c.unique([(label, o.domain, repr(o.domain)) for label, o in numbered_origins], "domain", "domain")
-    c.unique([(label, o.subnet, repr(o.subnet)) for label, o in numbered_origins], "subnet", "subnet")
+    c.unique([(label, name, repr(name)) for label, name, *_ in seen_origins], "name", "origin name",
+             by_position=True)
+    c.unique([(label, domain, repr(domain)) for label, _, domain, *_ in seen_origins], "domain", "domain")
+    c.unique([(label, subnet, repr(subnet)) for label, _, _, subnet, *_ in seen_origins], "subnet", "subnet")
     # One wg0 per host: two origins on one server would overwrite each other's tunnel.
-    c.unique([(label, server_identity(o.ssh), _describe(o.ssh)) for label, o in numbered_origins],
-             "host", "origin host")
-    c.unique([(label, (o.endpoint, o.listen_port), repr((o.endpoint, o.listen_port)))
-              for label, o in numbered_origins], "listenPort", "endpoint and port")
+    c.unique([(label, server_identity(ssh) if ssh.host else None, _describe(ssh))
+              for label, _, _, _, ssh, *_ in seen_origins], "host", "origin host")
+    c.unique([(label, (endpoint, port) if None not in (endpoint, port) else None, repr((endpoint, port)))
+              for label, _, _, _, _, endpoint, port in seen_origins], "listenPort", "endpoint and port")
 
     origin_names = {o.name for o in origins}
     declared_origins = {raw.get("name") for _, raw in origin_entries}
@@ -691,7 +696,7 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
         origin_addresses.setdefault(o.endpoint, o.name)
         origin_addresses.setdefault(server_identity(o.ssh), o.name)
     edges: list[Edge] = []
-    edge_labels: dict[int, str] = {}
+    seen_edges: list[tuple[str, Any, Any, Any, Any, Ssh]] = []
     defaulted_host: set[str] = set()
     for entry, raw in edge_entries:
         c.keys(entry, raw, EDGE_KEYS)
@@ -712,25 +717,25 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
         elif raw.get("host") is not None and ssh.host and server_identity(ssh) in origin_addresses:
             c.fail(entry, "host", f"{ssh.host} is the address of origin "
                                   f"{origin_addresses[server_identity(ssh)]}; an edge must run on its own server")
+        seen_edges.append((entry, name, origin_name if origin_name in declared_origins else None, public_ip,
+                           index, ssh))
+        if raw.get("host") is None:
+            defaulted_host.add(entry)
         if None in (name, origin_name, public_ip, index, dns) or not ssh.host or origin_name not in origin_names:
             continue
         origin = next(o for o in origins if o.name == origin_name)
-        edge_labels[len(edges)] = entry
-        if raw.get("host") is None:
-            defaulted_host.add(entry)
         edges.append(Edge(name=name, origin=origin_name, public_ip=public_ip, index=index,
                           wireguard_ip=tunnel_address(settings.network, origin.subnet, index),
                           ssh=ssh, dns=dns, key_generation=key_generation))
 
-    numbered = [(edge_labels[i], e) for i, e in enumerate(edges)]
-    c.unique([(label, e.name, repr(e.name)) for label, e in numbered], "name", "edge name")
-    same_ip = c.unique([(label, e.public_ip, repr(e.public_ip)) for label, e in numbered],
-                       "publicIp", "public IP")
+    c.unique([(label, name, repr(name)) for label, name, *_ in seen_edges], "name", "edge name", by_position=True)
+    same_ip = c.unique([(label, ip, repr(ip)) for label, _, _, ip, *_ in seen_edges], "publicIp", "public IP")
     # An edge without `host` uses its publicIp: a duplicate publicIp is reported once, as such.
-    c.unique([(label, server_identity(e.ssh), _describe(e.ssh)) for label, e in numbered], "host",
-             "edge host", quiet={label for label in same_ip if label in defaulted_host})
-    c.unique([(label, (e.origin, e.index), repr((e.origin, e.index))) for label, e in numbered],
-             "index", "origin and index")
+    c.unique([(label, server_identity(ssh) if ssh.host else None, _describe(ssh))
+              for label, *_, ssh in seen_edges], "host", "edge host",
+             quiet={label for label in same_ip if label in defaulted_host})
+    c.unique([(label, (origin, index) if None not in (origin, index) else None, repr((origin, index)))
+              for label, _, origin, _, index, _ in seen_edges], "index", "origin and index")
 
     if c.problems:
         raise InvalidConfig(c.problems)

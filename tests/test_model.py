@@ -115,7 +115,7 @@ CASES = {
     # duplicates
     "duplicate origin name": (set_origin(1, "name", "blog"),
                               "kokoa:origins[1] (blog): name: origin name 'blog' is already used by "
-                              "kokoa:origins[0] (blog)"),
+                              "kokoa:origins[0]"),
     "duplicate domain": (set_origin(1, "domain", "blog.example.com"),
                          f"{SHOP}: domain: domain 'blog.example.com' is already used by {BLOG}"),
     "duplicate subnet": (set_origin(1, "subnet", 0), f"{SHOP}: subnet: subnet 0 is already used by {BLOG}"),
@@ -127,7 +127,7 @@ CASES = {
                                     f"already used by {BLOG}"),
     "duplicate edge name": (set_edge(1, "name", "edge-tokyo-1"),
                             "kokoa:edges[1] (edge-tokyo-1): name: edge name 'edge-tokyo-1' is already used "
-                            f"by {TOKYO}"),
+                            "by kokoa:edges[0]"),
     "duplicate public ip": (set_edge(2, "publicIp", "198.51.100.7"),
                             f"{TOKYO2}: publicIp: public IP '198.51.100.7' is already used by {TOKYO}"),
     "duplicate edge host": (set_edge(2, "host", "198.51.100.7"),
@@ -719,6 +719,36 @@ def test_every_key_is_in_the_reference_stack():
 
 # --- reporting --------------------------------------------------------------------------------
 
+def third_origin(config: dict[str, Any], **values: Any) -> None:
+    config["origins"].append({"name": "wiki", "domain": "wiki.example.com", "subnet": 2, "host": "203.0.113.30",
+                              "upstream": "http://127.0.0.1:8080", "hostKey": ED25519, **values})
+
+
+def test_a_duplicate_names_the_entry_that_had_the_value_first_never_itself():
+    # Entry 2 repeats entry 1 (not entry 0, not itself); a duplicated name is named by position.
+    assert problems_after(lambda c: third_origin(c, name="shop")) == [
+        "kokoa:origins[2] (shop): name: origin name 'shop' is already used by kokoa:origins[1]"]
+    assert problems_after(lambda c: third_origin(c, subnet=1)) == [
+        "kokoa:origins[2] (wiki): subnet: subnet 1 is already used by kokoa:origins[1] (shop)"]
+    assert problems_after(lambda c: (third_origin(c, subnet=1), c["origins"][1].__setitem__("subnet", 0))) == [
+        "kokoa:origins[1] (shop): subnet: subnet 0 is already used by kokoa:origins[0] (blog)"]
+
+
+def test_a_duplicate_is_reported_with_the_other_problems_of_its_entries():
+    # Entry 0 has another problem, and still its subnet and name count as taken.
+    def change(c):
+        c["origins"][0]["domain"] = "bad domain"
+        c["origins"][1]["subnet"] = 0
+        c["edges"][0]["publicIp"] = "198.51.100.300"
+        c["edges"][1]["name"] = "edge-tokyo-1"
+    assert problems_after(change) == [
+        f"{BLOG}: domain: 'bad domain' {NOT_A_DOMAIN}",
+        f"{SHOP}: subnet: subnet 0 is already used by {BLOG}",
+        f"{TOKYO}: publicIp: '198.51.100.300' {NOT_AN_IP}",
+        "kokoa:edges[1] (edge-tokyo-1): name: edge name 'edge-tokyo-1' is already used by kokoa:edges[0]",
+    ]
+
+
 def test_every_problem_is_reported_at_once():
     def many(c):
         c["edges"][0]["origin"] = "wiki"
@@ -750,3 +780,9 @@ def test_next_free_allocations_fill_gaps():
     assert next_index(edges, "shop") == 10
     with pytest.raises(ValueError, match="no free subnet"):
         next_subnet([{"subnet": n} for n in range(256)])
+
+
+def test_the_edges_interface_is_named_after_their_origin():
+    topology = topology_after(lambda c: None)
+    assert [o.edge_interface for o in topology.origins] == ["wg-origin-0", "wg-origin-1"]
+    assert not hasattr(topology.edges[0], "interface")
