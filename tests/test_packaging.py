@@ -10,6 +10,7 @@ editable install of this checkout is not.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,9 @@ TIMEOUT = 120
 
 
 def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, check=False, **kwargs)
+    # Without PYTHONPATH: only the fresh environment's own site-packages (and its .pth) count.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, check=False, env=env, **kwargs)
 
 
 @pytest.fixture(scope="module")
