@@ -52,7 +52,7 @@ EVERYONE = "0.0.0.0/0"
 DEFAULT_HSTS_MAX_AGE = 63072000
 HSTS_MAX_AGE_RANGE = (0, 2 * DEFAULT_HSTS_MAX_AGE)
 PORT_RANGE = (1, 65535)
-# What the consuming tools accept (tests/test_model.py checks each bound with them).
+# What the consuming tools accept (tests/unit/test_model.py and tests/netns/test_model_limits.py check each bound with them).
 # nginx: rate=0r/s and burst=0 are "invalid"; limit_conn "must be less 65536". The upper
 # bounds of rate and burst are sanity limits (nginx itself accepts more).
 REQUESTS_PER_SECOND_RANGE = (1, 100000)

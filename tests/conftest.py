@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -48,6 +49,30 @@ BASE_CONFIG: dict[str, Any] = {
          "hostKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGehPblXXl5+QyOrE4XwuGC0iaPlLB3UXuEcpaYaWmTI"},
     ],
 }
+
+
+# Tests by cost, one directory each: tests/unit need neither root nor namespaces (`pytest -m
+# "not netns and not lab"` runs them anywhere), tests/netns need root and make their own
+# throwaway namespaces, tests/lab use the whole lab (the session `lab` fixture).
+TIERS = ("unit", "netns", "lab")
+ROOT_FIXTURES = {"netns", "make_netns", "lab"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its directory's tier; refuse a unit test that needs root."""
+    here = Path(__file__).resolve().parent
+    misplaced = []
+    for item in items:
+        parts = Path(str(item.fspath)).resolve().relative_to(here).parts
+        tier = parts[0] if len(parts) > 1 else None
+        if tier not in TIERS:
+            misplaced.append(f"{item.nodeid}: outside tests/{{{','.join(TIERS)}}}")
+        elif tier != "unit":
+            item.add_marker(getattr(pytest.mark, tier))
+        elif ROOT_FIXTURES & set(item.fixturenames):
+            misplaced.append(f"{item.nodeid}: a unit test using {', '.join(sorted(ROOT_FIXTURES & set(item.fixturenames)))}")
+    if misplaced:
+        raise pytest.UsageError("tests in the wrong tier:\n  " + "\n  ".join(misplaced))
 
 
 @pytest.fixture(autouse=True)

@@ -24,13 +24,12 @@ def urn(name: str, typ: str = COMMAND) -> str:
     return f"urn:pulumi:lab::kokoa::{typ}::{name}"
 
 
-# Executor semantics (fake SSH): tests/test_executor.py.
+# Executor semantics (fake SSH): tests/unit/test_executor.py.
 
 
 HOSTTEST_PREFIX = f"kokoah{TAG}-"
 
 
-@pytest.mark.netns
 @pytest.mark.parametrize("init", INIT_SYSTEMS)
 def test_two_hosts_run_commands_over_ssh_from_the_operator_namespace_and_leave_nothing(init):
     reason = lab_unavailable(f"{HOSTTEST_PREFIX}probe", init)

@@ -10,7 +10,6 @@ import pytest
 from kokoa_infra.health.html_preview import (
     chromium_binary, dump_dom, parse_html, run_chromium, sample_page, screenshot)
 
-pytestmark = pytest.mark.netns
 
 # The page's colours (kokoa_infra/health/html.py STYLE): serving, unhealthy, drained.
 GREEN, RED, GREY = (0x1A, 0x7F, 0x37), (0xC6, 0x28, 0x28), (0x57, 0x60, 0x6A)

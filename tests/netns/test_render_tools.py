@@ -1,99 +1,20 @@
-"""Rendered bundles checked by the real tools: wg, wg-quick, wireguard-go, nginx -t, bash -n, shellcheck."""
+"""Rendered bundles on the real tools that need a namespace: wg setconf on a wireguard-go interface, a WireGuard handshake between two namespaces, nginx -t binding the listen addresses."""
 
 from __future__ import annotations
 
-import base64
 import os
-import shutil
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from nacl.public import PrivateKey
 
 from conftest import BASE_CONFIG
-from kokoa_infra.keys import public_key
-from kokoa_infra.model import parse_topology
-from kokoa_infra.render import GATEWAY_USER, EdgePeer, render_edge_bundle, render_origin_bundle
-from kokoa_infra.stackfile import kokoa_config
-
-CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-
-
-def _key() -> str:
-    return base64.b64encode(bytes(PrivateKey.generate())).decode()
-
-
-def render_all(config: dict) -> dict[str, dict[str, str]]:
-    """Every bundle of a config, with fresh random keys (the Pulumi layer is not needed)."""
-    topology = parse_topology(kokoa_config(config))
-    bundles: dict[str, dict[str, str]] = {}
-    for origin in topology.origins:
-        origin_key = _key()
-        peers = []
-        for edge in topology.edges_of(origin):
-            edge_key, psk = _key(), _key()
-            peers.append(EdgePeer(edge, public_key(edge_key), psk))
-            bundles[f"edge/{edge.name}"] = render_edge_bundle(topology.settings, origin, edge, edge_key, psk,
-                                                              public_key(origin_key))
-        bundles[f"origin/{origin.name}"] = render_origin_bundle(topology.settings, origin, origin_key, peers)
-    return bundles
-
-
-@pytest.fixture(scope="module")
-def bundles() -> dict[str, dict[str, str]]:
-    config = dict(BASE_CONFIG) | {"kokoa:acmeCaBundle": CA_PEM}
-    return render_all(config)
-
-
-def scripts(bundles):
-    return [(node, name, text) for node, files in bundles.items()
-            for name, text in files.items() if name.endswith(".sh")]
-
-
-def need(tool: str) -> None:
-    if shutil.which(tool) is None:
-        pytest.skip(f"{tool} is not installed (make setup installs it)")
-
-
-def test_file_names_follow_the_contract(bundles):
-    assert set(bundles["origin/blog"]) == {"wg0.conf", "gateway.conf", "certificate.sh", "install.sh",
-                                           "uninstall.sh", "acme-ca.pem", "firewall.nft"}
-    assert set(bundles["edge/edge-tokyo-2"]) == {"wg-origin-1.conf", "nginx.conf", "cert-refresh.sh",
-                                                 "install.sh", "uninstall.sh", "firewall.nft"}
-
-
-def test_every_script_parses_with_bash(bundles, tmp_path):
-    for node, name, text in scripts(bundles):
-        path = tmp_path / f"{node.replace('/', '-')}-{name}"
-        path.write_text(text)
-        result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
-        assert result.returncode == 0, f"{node} {name}: {result.stderr}"
-
-
-def test_every_script_passes_shellcheck(bundles, tmp_path):
-    need("shellcheck")
-    paths = []
-    for node, name, text in scripts(bundles):
-        path = tmp_path / f"{node.replace('/', '-')}-{name}"
-        path.write_text(text)
-        paths.append(str(path))
-    result = subprocess.run(["shellcheck", "--severity=style", *paths], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout
-
-
-def test_shellcheck_would_catch_a_broken_script(tmp_path):
-    need("shellcheck")
-    path = tmp_path / "broken.sh"
-    path.write_text("#!/bin/bash\nrm -rf $DIR/*\n")
-    assert subprocess.run(["shellcheck", str(path)], capture_output=True).returncode != 0
-
-
-def wg_files(bundles):
-    return [(node, name, text) for node, files in bundles.items()
-            for name, text in files.items() if name.startswith("wg") and name.endswith(".conf")]
+from kokoa_infra.addressing import TUNNEL_PREFIX
+from kokoa_infra.render import GATEWAY_USER
+from tests.rendering import wireguard_ips
+from tests.unit.test_render import bundles, need, render_all, wg_files  # noqa: F401 (bundles: a fixture)
 
 
 def test_wireguard_files_pass_wg_quick_strip_and_wg_setconf_on_a_real_interface(bundles, netns, tmp_path):
@@ -122,19 +43,6 @@ def test_wireguard_files_pass_wg_quick_strip_and_wg_setconf_on_a_real_interface(
             assert len(peers) == text.count("[Peer]")
         finally:
             subprocess.run(["ip", "-n", netns, "link", "del", iface], capture_output=True)
-
-
-def test_public_keys_equal_what_wg_pubkey_prints():
-    need("wg")
-    for _ in range(5):
-        private = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True).stdout.strip()
-        expected = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True,
-                                  check=True).stdout.strip()
-        assert public_key(private) == expected
-    # Unclamped random bytes too: WireGuard clamps them exactly as X25519 does.
-    raw = base64.b64encode(bytes(range(1, 33))).decode()
-    expected = subprocess.run(["wg", "pubkey"], input=raw, capture_output=True, text=True, check=True)
-    assert public_key(raw) == expected.stdout.strip()
 
 
 def test_origin_and_edge_configs_complete_a_handshake(tmp_path, make_netns):
@@ -166,7 +74,7 @@ def test_origin_and_edge_configs_complete_a_handshake(tmp_path, make_netns):
                                 capture_output=True, text=True, env=env)
             assert up.returncode == 0, up.stderr
         ping = subprocess.run(["ip", "netns", "exec", edge_ns, "ping", "-c", "3", "-i", "0.2", "-W", "2",
-                               "10.100.0.1"], capture_output=True, text=True, timeout=20)
+                               wireguard_ips(config)["blog"]], capture_output=True, text=True, timeout=20)
         assert ping.returncode == 0, ping.stdout + ping.stderr
         handshake = subprocess.run(["ip", "netns", "exec", origin_ns, "wg", "show", f"ko{tag}",
                                     "latest-handshakes"], capture_output=True, text=True, check=True)
@@ -185,8 +93,6 @@ def nginx_test(conf_text: str, domains: list[str], tmp_path: Path, netns: str) -
     """
     need("nginx")
     need("unshare")
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a private mount namespace")
     letsencrypt, logs = tmp_path / "letsencrypt", tmp_path / "log"
     letsencrypt.mkdir(exist_ok=True)
     for sub in ("nginx", "kokoa"):
@@ -218,7 +124,8 @@ def test_edge_nginx_conf_passes_nginx_t(bundles, tmp_path, netns):
 
 
 def test_origin_gateway_conf_passes_nginx_t(bundles, tmp_path, netns):
-    for address in ("10.100.0.1/24", "10.100.1.1/24"):
+    for origin in ("blog", "shop"):
+        address = f"{wireguard_ips(BASE_CONFIG)[origin]}/{TUNNEL_PREFIX}"
         subprocess.run(["ip", "-n", netns, "addr", "add", address, "dev", "lo"], check=True)
     for node in ("origin/blog", "origin/shop"):
         result = nginx_test(bundles[node]["gateway.conf"], [], tmp_path, netns)
@@ -228,26 +135,3 @@ def test_origin_gateway_conf_passes_nginx_t(bundles, tmp_path, netns):
 def test_nginx_t_would_reject_a_missing_certificate(bundles, tmp_path, netns):
     result = nginx_test(bundles["edge/edge-tokyo-1"]["nginx.conf"], [], tmp_path, netns)
     assert result.returncode != 0 and "fullchain.pem" in result.stderr
-
-
-def test_edge_nginx_conf_has_the_protections(bundles):
-    conf = bundles["edge/edge-tokyo-2"]["nginx.conf"]
-    for expected in ("server_name shop.example.com;", "return 301 https://$host$request_uri;",
-                     "ssl_certificate /etc/letsencrypt/live/shop.example.com/fullchain.pem;",
-                     "server 10.100.1.1:80;", "keepalive 128;", "rate=50r/s;", "burst=100 delay=50;",
-                     "limit_conn kokoa_connections 100;", "server_tokens off;",
-                     "location /.well-known/acme-challenge/", "proxy_set_header X-Forwarded-For",
-                     "client_header_timeout 10s;", "listen 443 ssl http2;"):
-        assert expected in conf, expected
-    gateway = bundles["origin/shop"]["gateway.conf"]
-    assert "listen 10.100.1.1:80;" in gateway and "allow 10.100.1.10;" in gateway
-    assert "server localhost:3000;" in gateway and "proxy_pass https://kokoa_application/app$uri;" in gateway
-
-
-def test_rendering_is_deterministic_for_the_same_keys():
-    topology = parse_topology(kokoa_config(BASE_CONFIG))
-    origin = topology.origins[0]
-    keys = [_key() for _ in range(3)]
-    peers = [EdgePeer(e, public_key(keys[1]), keys[2]) for e in topology.edges_of(origin)]
-    first = render_origin_bundle(topology.settings, origin, keys[0], peers)
-    assert render_origin_bundle(topology.settings, origin, keys[0], list(reversed(peers))) == first

@@ -29,7 +29,7 @@ from kokoa_infra.health.probes import SweepOptions
 from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep
 from kokoa_infra.health.targets import LocalNetwork, Target, parse_targets
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STATE_WORDS = {SERVING: "\u2713 serving", DRAINED: "\u2013 drained", UNHEALTHY: "\u2717 unhealthy"}
 
 

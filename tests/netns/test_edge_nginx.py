@@ -4,15 +4,15 @@ forwarding headers, limits on the ACME relay, and a 429 that ends the connection
 from __future__ import annotations
 
 import copy
+import ipaddress
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from conftest import BASE_CONFIG
-from test_firewall import bundles
+from tests.rendering import bundles, wireguard_ips
 
-pytestmark = pytest.mark.netns
 
 DOMAIN = "blog.example.com"
 # The application behind the tunnel: it answers with what the edge sent it.
@@ -36,11 +36,12 @@ def edge(make_netns, tmp_path):
     config = copy.deepcopy(BASE_CONFIG)
     config["kokoa:origins"][0]["rateLimit"] = {"requestsPerSecond": 1, "burst": 3, "connections": 50}
     conf = bundles(config)["edge/edge-tokyo-1"]["nginx.conf"]
-    origin_address = "10.100.0.1"
+    ips = wireguard_ips(config)
+    origin_address, edge_address = ips["blog"], ips["edge-tokyo-1"]
     subprocess.run(["ip", "-n", netns, "link", "add", "tun0", "type", "veth", "peer", "name", "tun0",
                     "netns", origin], check=True)
     subprocess.run(["ip", "-n", origin, "addr", "add", f"{origin_address}/24", "dev", "tun0"], check=True)
-    subprocess.run(["ip", "-n", netns, "addr", "add", "10.100.0.10/24", "dev", "tun0"], check=True)
+    subprocess.run(["ip", "-n", netns, "addr", "add", f"{edge_address}/24", "dev", "tun0"], check=True)
     for ns in (netns, origin):
         subprocess.run(["ip", "-n", ns, "link", "set", "tun0", "up"], check=True)
     echo = echo_app(tmp_path, f"{origin_address}:80", ECHO)
@@ -132,9 +133,7 @@ def test_the_acme_relay_on_port_80_is_limited_too(edge):
     assert [code for code, _ in answers] == ["200"] * 4 + ["429"] * 4, answers
 
 
-
 # --- the origin's gateway ---------------------------------------------------------------------
-
 
 
 @pytest.fixture
@@ -144,10 +143,13 @@ def gateway(netns, tmp_path):
     config = copy.deepcopy(BASE_CONFIG)
     config["kokoa:origins"][0]["upstream"] = "http://127.0.0.1:8080/app"
     conf = bundles(config)["origin/blog"]["gateway.conf"]
-    for address in ("10.100.0.1", "10.100.0.10", "10.100.0.99"):
+    for address in (ORIGIN_IP, EDGE_IP, STRANGER_IP):
         subprocess.run(["ip", "-n", netns, "addr", "add", f"{address}/32", "dev", "lo"], check=True)
-    export = tmp_path / "export"
-    export.mkdir()
+    # A /var/lib of the test's own, so that the export's path exists without creating it on the machine.
+    var_lib = tmp_path / "var-lib"
+    export = var_lib / Path(CERT_EXPORT_DIR).relative_to("/var/lib")
+    export.mkdir(parents=True)
+    (var_lib / "nginx").mkdir()  # nginx's temporary files
     (export / "fullchain.pem").write_text("CHAIN\n")
     (export / "privkey.pem").write_text("KEY\n")
     (tmp_path / "log" / "kokoa").mkdir(parents=True)
@@ -157,7 +159,7 @@ def gateway(netns, tmp_path):
     passwd, group = tmp_path / "passwd", tmp_path / "group"
     passwd.write_text(Path("/etc/passwd").read_text() + f"{GATEWAY_USER}:x:0:0::/nonexistent:/usr/sbin/nologin\n")
     group.write_text(Path("/etc/group").read_text() + f"{GATEWAY_USER}:x:0:\n")
-    script = (f"mkdir -p {CERT_EXPORT_DIR} && mount --bind {export} {CERT_EXPORT_DIR} && "
+    script = (f"mount --bind {var_lib} /var/lib && "
               f"mount --bind {passwd} /etc/passwd && mount --bind {group} /etc/group && "
               f"mount --bind {tmp_path / 'log'} /var/log && mount --bind {tmp_path / 'run'} /run && "
               f"nginx -c {app} && exec nginx -c {tmp_path / 'gateway.conf'}")
@@ -165,6 +167,11 @@ def gateway(netns, tmp_path):
                               "sh", "-c", script], capture_output=True, text=True, timeout=30)
     assert started.returncode == 0, started.stderr
     return netns
+
+
+# blog's and its edge's tunnel addresses, and one of blog's /24 that no edge has.
+ORIGIN_IP, EDGE_IP = wireguard_ips(BASE_CONFIG)["blog"], wireguard_ips(BASE_CONFIG)["edge-tokyo-1"]
+STRANGER_IP = str(ipaddress.ip_address(ORIGIN_IP) + 98)
 
 
 def through_tunnel(netns: str, source: str, url: str) -> tuple[str, str]:
@@ -176,15 +183,15 @@ def through_tunnel(netns: str, source: str, url: str) -> tuple[str, str]:
 
 
 def test_the_gateway_joins_the_upstream_path_and_keeps_the_uri_as_sent(gateway):
-    assert through_tunnel(gateway, "10.100.0.10", "http://10.100.0.1/x%2Fy/z?q=1") == (
+    assert through_tunnel(gateway, EDGE_IP, f"http://{ORIGIN_IP}/x%2Fy/z?q=1") == (
         "200", "uri=/app/x%2Fy/z?q=1 host=[blog.example.com] real=[192.0.2.44]")
-    assert through_tunnel(gateway, "10.100.0.10", "http://10.100.0.1/")[1].startswith("uri=/app/ ")
+    assert through_tunnel(gateway, EDGE_IP, f"http://{ORIGIN_IP}/")[1].startswith("uri=/app/ ")
 
 
 def test_the_gateway_and_certificate_export_admit_only_this_origins_edges(gateway):
-    assert through_tunnel(gateway, "10.100.0.99", "http://10.100.0.1/x")[0] == "403"
-    assert through_tunnel(gateway, "10.100.0.10", "http://10.100.0.1:9080/privkey.pem") == ("200", "KEY")
-    assert through_tunnel(gateway, "10.100.0.99", "http://10.100.0.1:9080/privkey.pem")[0] == "403"
+    assert through_tunnel(gateway, STRANGER_IP, f"http://{ORIGIN_IP}/x")[0] == "403"
+    assert through_tunnel(gateway, EDGE_IP, f"http://{ORIGIN_IP}:9080/privkey.pem") == ("200", "KEY")
+    assert through_tunnel(gateway, STRANGER_IP, f"http://{ORIGIN_IP}:9080/privkey.pem")[0] == "403"
     # Anything else on the export is refused to everyone, edges included (no `return` that skips the list).
-    assert through_tunnel(gateway, "10.100.0.99", "http://10.100.0.1:9080/other")[0] == "403"
-    assert through_tunnel(gateway, "10.100.0.10", "http://10.100.0.1:9080/other")[0] == "403"
+    assert through_tunnel(gateway, STRANGER_IP, f"http://{ORIGIN_IP}:9080/other")[0] == "403"
+    assert through_tunnel(gateway, EDGE_IP, f"http://{ORIGIN_IP}:9080/other")[0] == "403"

@@ -26,9 +26,8 @@ from kokoa_infra.lab.deploy import up
 from kokoa_infra.lab.dns import LabDns
 from kokoa_infra.lab.executor import SshRunner
 from kokoa_infra.lab.rotation import rotate_ssh_key
-from tests.test_lab_e2e import domain_of, https_get, wait_for_certificates
+from tests.lab.test_lab_e2e import domain_of, https_get, wait_for_certificates
 
-pytestmark = pytest.mark.lab
 
 BLOG = "blog"
 

@@ -8,46 +8,21 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from conftest import BASE_CONFIG
-from kokoa_infra.model import parse_topology
-from kokoa_infra.render import EdgePeer, render_edge_bundle, render_origin_bundle
-from kokoa_infra.stackfile import kokoa_config
+from tests.rendering import bundles, lab_config
 
-pytestmark = pytest.mark.netns
 
-KEY = "YAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 SERVER, ATTACKER, VISITOR = "10.9.1.1", "10.9.1.2", "10.9.2.2"
 LIMITS = {"requestsPerSecond": 5, "burst": 5, "connections": 8,
           "newConnectionsPerSecond": 3, "newConnectionsBurst": 4}
 
 
-def bundles(config: dict) -> dict[str, dict[str, str]]:
-    topology = parse_topology(kokoa_config(config))
-    found = {}
-    for origin in topology.origins:
-        edges = topology.edges_of(origin)
-        found[f"origin/{origin.name}"] = render_origin_bundle(
-            topology.settings, origin, KEY, [EdgePeer(e, KEY, KEY) for e in edges])
-        for edge in edges:
-            found[f"edge/{edge.name}"] = render_edge_bundle(topology.settings, origin, edge, KEY, KEY, KEY)
-    return found
-
-
 def nft(netns: str, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", "netns", "exec", netns, "nft", *argv], input=stdin,
                           capture_output=True, text=True, timeout=30)
-
-
-def lab_config() -> dict:
-    from kokoa_infra.lab.deploy import STACK_FILE, load_stack
-    config = {k: v for k, v in load_stack(STACK_FILE).items() if not k.startswith("lab:")}
-    for entry in config["kokoa:origins"] + config["kokoa:edges"]:
-        entry["hostKey"] = BASE_CONFIG["kokoa:origins"][0]["hostKey"]
-    return config | {"kokoa:sshPrivateKey": BASE_CONFIG["kokoa:sshPrivateKey"]}
 
 
 @pytest.mark.parametrize("stack", ["example", "lab"])

@@ -14,13 +14,12 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120
 
 
@@ -51,10 +50,11 @@ def installed(tmp_path_factory) -> Path:
     pip = run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
                "--no-index", str(wheel)], cwd=root)
     assert pip.returncode == 0, pip.stdout + pip.stderr
-    # The dependencies: this environment's site-packages, after the new one's own (a path
-    # line; the .pth files there, such as this checkout's editable install, are not run).
+    # The dependencies: this environment's site-packages directories, after the new one's own
+    # (path lines; the .pth files there, such as this checkout's editable install, are not run).
     site = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
-    (Path(site) / "kokoa-test-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    ours = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    (Path(site) / "kokoa-test-dependencies.pth").write_text("".join(f"{p}\n" for p in ours))
     # The source copy goes away: nothing may be read from it any more.
     shutil.rmtree(source)
     return venv / "bin"

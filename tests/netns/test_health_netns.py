@@ -16,9 +16,8 @@ import pytest
 from kokoa_infra.health.html_preview import page_rows, parse_html
 from kokoa_infra.health.netns import TargetNetwork, target_network
 
-pytestmark = pytest.mark.netns
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 1.0
 NOBODY = "65534"
 

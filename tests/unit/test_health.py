@@ -20,6 +20,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import ping3
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -616,8 +617,12 @@ def test_cli_exits_2_with_the_fix_when_icmp_is_not_allowed(outputs_file, monkeyp
 def test_parse_checks_orders_and_rejects():
     assert parse_checks(None, None, "https, ping") == ("ping", "https")
     assert parse_checks(None, None, "https") == ("https",)
-    with pytest.raises(Exception):
+    with pytest.raises(click.BadParameter) as refused:
         parse_checks(None, None, " , ")
+    assert refused.value.message == "unknown check (none given): choose from ping, https, comma-separated"
+    with pytest.raises(click.BadParameter) as refused:
+        parse_checks(None, None, "ping,icmp,http")
+    assert refused.value.message == "unknown check 'icmp', 'http': choose from ping, https, comma-separated"
 
 
 # --- interval mode ---------------------------------------------------------------------------
@@ -670,7 +675,7 @@ cli.health(prog_name="kokoa health")
 
 def test_sigterm_ends_the_interval_command_with_0(outputs_file, tmp_path):
     status = tmp_path / "status.json"
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     process = subprocess.Popen(
         [sys.executable, "-c", FAKE_NETWORK_RUN, "--interval", "1", "--outputs", str(outputs_file),
          "--status-file", str(status)],

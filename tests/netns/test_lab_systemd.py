@@ -17,7 +17,6 @@ from kokoa_infra.lab.lab import Lab, lab_unavailable
 from kokoa_infra.lab.processes import LabError, alive, namespaces
 from tests.lab_fixture import TAG
 
-pytestmark = pytest.mark.netns
 
 PREFIX = f"kokoam{TAG}-"
 

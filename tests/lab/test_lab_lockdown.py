@@ -18,9 +18,8 @@ from kokoa_infra.lab.hosts import topology
 from kokoa_infra.render import CERT_PORT, GATEWAY_PORT
 from test_firewall import CONNECTOR
 
-pytestmark = pytest.mark.lab
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROBE_PORT = 8081
 LISTENER = textwrap.dedent("""
     import socket, sys, time

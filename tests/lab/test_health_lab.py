@@ -15,9 +15,8 @@ import pytest
 
 from kokoa_infra.health.html_preview import PageRow, page_rows, parse_html
 
-pytestmark = pytest.mark.lab
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 POLL_DEADLINE_S = 40
 USERSPACE_WG = ("WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go",
                 "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BASE_CONFIG
-from test_firewall import bundles, lab_config
+from tests.rendering import bundles, lab_config
 
 GIXY = Path(sys.executable).with_name("gixy")
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 from fake_cloudflare import FakeCloudflare, failure_envelope
 from kokoa_infra import dns_cli
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 ZONE_ID = "023e105f4ecef8ad9ca31a8372d0c353"
 OTHER_ZONE_ID = "ffffffffffffffffffffffffffffffff"
 TOKEN = "kokoa-test-token_0123456789"

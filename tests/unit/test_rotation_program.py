@@ -14,7 +14,7 @@ import pytest
 from conftest import BASE_CONFIG, SSH_KEY
 from kokoa_infra.lab.executor import apply
 from kokoa_infra.mocked_program import ProgramFailed, run_program
-from tests.test_executor import FakeRunner, quiet
+from tests.unit.test_executor import FakeRunner, quiet
 
 OTHER_SSH_KEY = SSH_KEY.replace("AAAAAABAAAAMwAAAAtzc2gtZW", "AAAAAABAAAAMwAAAAtzc2gtZX")
 NEW_HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPmFJZw3PTr9wRB1gZtK62mtbFCt/MZLaLP+n7vZG91q"

@@ -1,0 +1,37 @@
+"""Every bundle of a stack config, rendered with a fixed key (no Pulumi): for the tests that check
+the rendered files with real tools (tests/unit/test_gixy.py, tests/netns/test_firewall.py)."""
+
+from __future__ import annotations
+
+from conftest import BASE_CONFIG
+from kokoa_infra.model import parse_topology
+from kokoa_infra.render import EdgePeer, render_edge_bundle, render_origin_bundle
+from kokoa_infra.stackfile import kokoa_config
+
+KEY = "YAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+
+def bundles(config: dict) -> dict[str, dict[str, str]]:
+    topology = parse_topology(kokoa_config(config))
+    found = {}
+    for origin in topology.origins:
+        edges = topology.edges_of(origin)
+        found[f"origin/{origin.name}"] = render_origin_bundle(
+            topology.settings, origin, KEY, [EdgePeer(e, KEY, KEY) for e in edges])
+        for edge in edges:
+            found[f"edge/{edge.name}"] = render_edge_bundle(topology.settings, origin, edge, KEY, KEY, KEY)
+    return found
+
+
+def wireguard_ips(config: dict) -> dict[str, str]:
+    """Each node's WireGuard address, as the model allocates it (the `wireguardIp` outputs)."""
+    topology = parse_topology(kokoa_config(config))
+    return {node.name: node.wireguard_ip for node in (*topology.origins, *topology.edges)}
+
+
+def lab_config() -> dict:
+    from kokoa_infra.lab.deploy import STACK_FILE, load_stack
+    config = {k: v for k, v in load_stack(STACK_FILE).items() if not k.startswith("lab:")}
+    for entry in config["kokoa:origins"] + config["kokoa:edges"]:
+        entry["hostKey"] = BASE_CONFIG["kokoa:origins"][0]["hostKey"]
+    return config | {"kokoa:sshPrivateKey": BASE_CONFIG["kokoa:sshPrivateKey"]}
