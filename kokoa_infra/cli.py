@@ -11,26 +11,41 @@ from pathlib import Path
 import click
 
 from kokoa_infra import dns_cli
+from kokoa_infra.conventions import CONTEXT, STACK_ENVIRONMENT, CouldNotRun, Failed, epilog, stack_option
 from kokoa_infra.health.command import health
-from kokoa_infra.lab.cli import lab
+from kokoa_infra.lab.cli import LAB_ENVIRONMENT, lab
 
-STACK_HELP = "Stack whose config to edit: Pulumi.NAME.yaml in the current directory."
 FILE_HELP = "Edit this stack file instead of Pulumi.<stack>.yaml."
+EDIT_EPILOG = epilog("the change was refused (it would make the config invalid, or take a site out of DNS "
+                     "without --force): nothing changed",
+                     "no stack named, the stack file cannot be read, or no such entry", STACK_ENVIRONMENT)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings=CONTEXT, epilog=epilog(
+    "the command failed", "bad usage, or its input cannot be read",
+    {**STACK_ENVIRONMENT, **LAB_ENVIRONMENT,
+     "CLOUDFLARE_*, KOKOA_DNS_*": "read by `kokoa dns` (kokoa dns --help)"}))
 @click.version_option(package_name="kokoa-proxy", prog_name="kokoa")
 def main() -> None:
     """Kokoa Proxy: web origins behind disposable WireGuard-tunnelled edges.
 
-    `pulumi up` does the deployment; these commands help around it.
+    `pulumi up` does the deployment; these commands help around it. Results go to stdout,
+    progress and errors to stderr; every command's --help gives its exit codes.
     """
 
 
 def stack_file_options(command):
-    """--stack / --file: which stack file an add command edits."""
+    """-s/--stack / --file: which stack file a command edits."""
     command = click.option("--file", "file", type=click.Path(dir_okay=False), help=FILE_HELP)(command)
-    return click.option("--stack", help=STACK_HELP)(command)
+    return stack_option("Edit Pulumi.NAME.yaml in the current directory")(command)
+
+
+def _stack_file_error(exc: Exception) -> click.ClickException:
+    from kokoa_infra.stackfile import ChangeRefused
+
+    if isinstance(exc, ChangeRefused):
+        return Failed(f"nothing changed:\n{exc}")
+    return CouldNotRun(f"nothing changed:\n{exc}")
 
 
 def _append(stack: str | None, file: str | None, list_key: str, entry: dict) -> None:
@@ -40,7 +55,7 @@ def _append(stack: str | None, file: str | None, list_key: str, entry: dict) -> 
         path = stack_file(stack, file)
         written = append_entry(path, list_key, entry)
     except StackFileError as exc:
-        raise click.ClickException(f"nothing changed:\n{exc}") from None
+        raise _stack_file_error(exc) from None
     allocation = "subnet" if list_key == "origins" else "index"
     click.echo(f"added {list_key[:-1]} {written['name']} ({allocation} {written[allocation]}) to {path}; "
                "run `pulumi up` to deploy it")
@@ -81,7 +96,7 @@ def _host_key_entry(host: str, port: int | None, host_key: str | None, scan: boo
     try:
         scanned = scan_host_key(host, port or 22)
     except HostKeyScanError as exc:
-        raise click.ClickException(f"nothing changed: {exc}") from None
+        raise Failed(f"nothing changed: {exc}") from None
     kind = "ed25519" if scanned.key.startswith("ssh-ed25519 ") else "ecdsa"
     click.echo(f"host key of {host} port {port or 22}: {scanned.fingerprint}\n"
                f"compare it with the server's console (ssh-keygen -lf /etc/ssh/ssh_host_{kind}_key.pub) "
@@ -89,7 +104,7 @@ def _host_key_entry(host: str, port: int | None, host_key: str | None, scan: boo
     return {"hostKey": scanned.key}
 
 
-@main.command("add-origin")
+@main.command("add-origin", epilog=EDIT_EPILOG)
 @stack_file_options
 @click.option("--name", required=True, help="Origin name, ^[a-z][a-z0-9-]{0,30}$.")
 @click.option("--domain", required=True, help="The site's domain, e.g. blog.example.com.")
@@ -114,7 +129,7 @@ def add_origin(stack, file, name, domain, host, upstream, endpoint, listen_port,
         "sshUser": ssh_user, **pinned})
 
 
-@main.command("add-edge")
+@main.command("add-edge", epilog=EDIT_EPILOG)
 @stack_file_options
 @click.option("--name", required=True, help="Edge name, ^[a-z][a-z0-9-]{0,30}$.")
 @click.option("--origin", required=True, help="The origin this edge serves.")
@@ -139,11 +154,14 @@ def add_edge(stack, file, name, origin, public_ip, index, host, ssh_port, ssh_us
         "dns": False if drained else None})
 
 
-@main.command()
+@main.command(epilog=epilog(
+    "the archive could not be written", "the outputs cannot be read, or NODE has no bundle",
+    {**STACK_ENVIRONMENT, "PULUMI_CONFIG_PASSPHRASE": "read by `pulumi stack output --show-secrets` "
+                                                       "for a stack with a passphrase secrets provider"}))
 @click.argument("node")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Where to write the .tar.gz (default: kokoa-<role>-<name>.tar.gz).")
-@click.option("--stack", help="Read `pulumi stack output` of this stack (default: the selected one).")
+@stack_option("Read `pulumi stack output` of this stack")
 @click.option("--outputs", "outputs_file", type=click.Path(dir_okay=False),
               help="Read the outputs from this JSON file instead of calling pulumi.")
 def bundle(node: str, output: str | None, stack: str | None, outputs_file: str | None) -> None:
@@ -159,19 +177,22 @@ def bundle(node: str, output: str | None, stack: str | None, outputs_file: str |
     try:
         outputs = load_outputs(stack, outputs_file, show_secrets=True)
     except OutputsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise CouldNotRun(str(exc)) from None
     bundles = outputs.get("bundles")
     if not isinstance(bundles, dict):
-        raise click.ClickException("the outputs have no readable `bundles` (read them with --show-secrets; "
-                                   "has `pulumi up` run?)")
+        raise CouldNotRun("the outputs have no readable `bundles` (read them with --show-secrets; "
+                          "has `pulumi up` run?)")
     if node not in bundles:
         known = ", ".join(sorted(bundles)) or "none"
-        raise click.ClickException(f"no bundle {node!r}; known: {known}")
+        raise CouldNotRun(f"no bundle {node!r}; known: {known}")
     files = bundles[node]
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-        raise click.ClickException(f"bundle {node!r} is not a mapping of file names to contents")
+        raise CouldNotRun(f"bundle {node!r} is not a mapping of file names to contents")
     target = Path(output or f"kokoa-{node.replace('/', '-')}.tar.gz")
-    write_private(target, bundle_archive(files))
+    try:
+        write_private(target, bundle_archive(files))
+    except OSError as exc:
+        raise Failed(f"cannot write {target}: {exc.strerror or exc}") from None
     click.echo(f"wrote {target} ({len(files)} files, mode 0600)")
 
 
@@ -182,7 +203,7 @@ def _edit_edge(stack: str | None, file: str | None, change) -> None:
         path = stack_file(stack, file)
         result = change(path)
     except StackFileError as exc:
-        raise click.ClickException(f"nothing changed:\n{exc}") from None
+        raise _stack_file_error(exc) from None
     click.echo(result.summary)
     if result.next_up:
         click.echo("The next `pulumi up`:")
@@ -193,7 +214,7 @@ def _edit_edge(stack: str | None, file: str | None, change) -> None:
 force_option = click.option("--force", is_flag=True, help="Also when it is the origin's last serving edge.")
 
 
-@main.command("drain")
+@main.command("drain", epilog=EDIT_EPILOG)
 @stack_file_options
 @force_option
 @click.argument("edge")
@@ -204,7 +225,7 @@ def drain(stack, file, force, edge) -> None:
     _edit_edge(stack, file, lambda path: set_edge_dns(path, edge, serving=False, force=force))
 
 
-@main.command("undrain")
+@main.command("undrain", epilog=EDIT_EPILOG)
 @stack_file_options
 @click.argument("edge")
 def undrain(stack, file, edge) -> None:
@@ -214,7 +235,7 @@ def undrain(stack, file, edge) -> None:
     _edit_edge(stack, file, lambda path: set_edge_dns(path, edge, serving=True))
 
 
-@main.command("remove-edge")
+@main.command("remove-edge", epilog=EDIT_EPILOG)
 @stack_file_options
 @force_option
 @click.argument("edge")

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import click
 
+from kokoa_infra.conventions import CONTEXT, CouldNotRun, Failed, epilog
 from kokoa_infra.model import DNS_TTL, DOMAIN_RE, ZONE_ID_RE, ipv4_problem, parse_ipv4 as canonical_ipv4_address
 from kokoa_infra.tables import format_table
 
@@ -34,39 +35,34 @@ RECORD_NOT_FOUND = 81044
 # RFC 6750 b64token: anything else (a space, a line break) would corrupt the header.
 API_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
-ENVIRONMENT_HELP = """\b
-Environment:
-  CLOUDFLARE_API_TOKEN     API token sent as "Authorization: Bearer ..."; needs
-                           Zone > DNS > Edit on the zone (required)
-  CLOUDFLARE_ZONE_ID       the zone's id, 32 hex digits, from the zone's Overview
-                           page in the dashboard (required)
-  CLOUDFLARE_API_BASE_URL  API endpoint (optional; default
-                           https://api.cloudflare.com/client/v4)
+ENVIRONMENT = {
+    "CLOUDFLARE_API_TOKEN": 'API token sent as "Authorization: Bearer ..."; needs Zone > DNS > Edit on '
+                            "the zone (required)",
+    "CLOUDFLARE_ZONE_ID": "the zone's id, 32 hex digits, from the zone's Overview page in the dashboard "
+                          "(required)",
+    "CLOUDFLARE_API_BASE_URL": f"API endpoint (optional; default {DEFAULT_API_BASE_URL})",
+    "KOKOA_DNS_TIMEOUT": "default of --timeout",
+    "KOKOA_DNS_ATTEMPTS": "default of --attempts",
+    "KOKOA_DNS_BACKOFF": "default of --backoff",
+}
+ENVIRONMENT_HELP = epilog("Cloudflare refused or failed, or nothing matched",
+                          "bad usage or configuration: nothing was sent", ENVIRONMENT)
 
-\b
-Exit codes: 0 done; 1 Cloudflare refused or failed, or nothing matched;
-2 bad usage or configuration (nothing was sent).
-"""
 
-
-class ConfigError(click.ClickException):
+class ConfigError(CouldNotRun):
     """The environment is missing or malformed; nothing was sent."""
 
-    exit_code = 2
 
-
-class CloudflareApiError(click.ClickException):
+class CloudflareApiError(Failed):
     """Cloudflare (or the network on the way) answered with a failure."""
-
-    exit_code = 1
 
     def __init__(self, message: str, codes: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.codes = codes
 
 
-class NothingMatched(click.ClickException):
-    exit_code = 1
+class NothingMatched(Failed):
+    """No record matched what was to be removed."""
 
 
 @dataclass(frozen=True)
@@ -381,7 +377,7 @@ def connect(timeout_seconds: float, attempts: int, backoff_seconds: float) -> Cl
                          RetryPolicy(timeout_seconds, attempts, backoff_seconds))
 
 
-@click.group(epilog=ENVIRONMENT_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(epilog=ENVIRONMENT_HELP, context_settings=CONTEXT)
 def cli() -> None:
     """Manage the zone's A records on Cloudflare by hand.
 

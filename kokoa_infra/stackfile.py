@@ -11,13 +11,18 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from kokoa_infra.atomic_file import PRIVATE, write_atomically
+from kokoa_infra.conventions import STACK_ENV, selected_stack
 from kokoa_infra.model import DNS_TTL, EDGE_KEYS, ORIGIN_KEYS, InvalidConfig, next_index, next_subnet, parse_topology
 
 PREFIX = "kokoa:"
 
 
 class StackFileError(Exception):
-    """The stack file cannot be read or the change would make it invalid."""
+    """The stack file cannot be read, or names no such entry: nothing could be done."""
+
+
+class ChangeRefused(StackFileError):
+    """The change would make the config invalid, or take a site out of DNS: nothing changed."""
 
 
 def _yaml() -> YAML:
@@ -30,10 +35,13 @@ def _yaml() -> YAML:
 
 
 def stack_file(stack: str | None, path: str | None) -> Path:
+    """`path`, else Pulumi.<stack>.yaml, else the file of the stack `pulumi stack select` chose."""
     if path:
         return Path(path)
+    stack = stack or selected_stack()
     if not stack:
-        raise StackFileError("name the stack (--stack NAME edits Pulumi.NAME.yaml) or the file (--file PATH)")
+        raise StackFileError(f"name the stack (-s NAME edits Pulumi.NAME.yaml; or ${STACK_ENV}, or "
+                             "`pulumi stack select NAME`) or the file (--file PATH)")
     return Path(f"Pulumi.{stack}.yaml")
 
 
@@ -82,14 +90,14 @@ def append_entry(path: Path, list_key: str, entry: dict[str, Any]) -> dict[str, 
         if list_key == "edges" and "index" not in entry:
             entry["index"] = next_index(plain.get(PREFIX + "edges") or [], entry.get("origin", ""))
     except ValueError as exc:
-        raise StackFileError(str(exc)) from exc
+        raise ChangeRefused(str(exc)) from exc
 
     candidate = kokoa_config(plain)
     candidate[list_key] = list(candidate.get(list_key) or []) + [entry]
     try:
         parse_topology(candidate)
     except InvalidConfig as exc:
-        raise StackFileError("\n".join(str(p) for p in exc.problems)) from exc
+        raise ChangeRefused("\n".join(str(p) for p in exc.problems)) from exc
 
     order = ORIGIN_KEYS if list_key == "origins" else EDGE_KEYS
     entries.append(CommentedMap(sorted(entry.items(), key=lambda item: order.index(item[0]))))
@@ -211,7 +219,7 @@ def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> E
     else:
         others = [e for e in _serving(config, edge.origin) if e != name]
         if not others and not force:
-            raise StackFileError(f"{name} is the last serving edge of {edge.origin} ({domain}): draining it "
+            raise ChangeRefused(f"{name} is the last serving edge of {edge.origin} ({domain}): draining it "
                                  "takes the site out of DNS. Add and deploy another edge first, or use --force")
         keys = list(entry)
         position = next((k for k, key in enumerate(keys) if key in EDGE_KEYS[EDGE_KEYS.index("dns") + 1:]),
@@ -242,7 +250,7 @@ def remove_edge(path: Path, name: str, force: bool = False) -> EdgeChange:
     edge = _view(config, edges[i])
     others = [e for e in _serving(config, edge.origin) if e != name]
     if edge.dns and not others and not force:
-        raise StackFileError(f"{name} is the last serving edge of {edge.origin} ({edge.domain}): removing it "
+        raise ChangeRefused(f"{name} is the last serving edge of {edge.origin} ({edge.domain}): removing it "
                              "takes the site down. Add and deploy another edge first, or use --force")
     del edges[i]
     renames = config.get(PREFIX + "formerNames")

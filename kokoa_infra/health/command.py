@@ -15,6 +15,7 @@ from typing import TextIO
 import click
 
 from kokoa_infra.atomic_file import write_atomically
+from kokoa_infra.conventions import CONTEXT, STACK_ENVIRONMENT, CouldNotRun, epilog, stack_option
 from kokoa_infra.health.html import DEFAULT_HISTORY, MAX_HISTORY, StatusPage
 from kokoa_infra.health.probes import (
     CHECKS, PingPermissionError, SweepOptions, check_ping_permission, fit_file_descriptors,
@@ -27,15 +28,12 @@ from kokoa_infra.health.targets import (
     LocalNetwork, Target, TargetsError, parse_targets, read_local_network)
 from kokoa_infra.outputs import OutputsError, load_outputs
 
-EXIT_COULD_NOT_RUN = 2
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 RECENT_CHANGES_SHOWN = 10
 
 
-class HealthError(click.ClickException):
+class HealthError(CouldNotRun):
     """kokoa health could not run; exits 2 with the message (no traceback)."""
-
-    exit_code = EXIT_COULD_NOT_RUN
 
 
 class StopRequested(Exception):
@@ -175,7 +173,9 @@ def run_interval(sweep_once: Callable[[], Sweep], report: Callable[[Sweep], None
     return 0
 
 
-@click.command()
+@click.command(context_settings=CONTEXT, epilog=epilog(
+    "some node is unhealthy", "the outputs cannot be read, no ICMP socket can be opened, or a file cannot be "
+    "written", STACK_ENVIRONMENT, done="every node is healthy"))
 @click.option("--once", is_flag=True, help="Check every node once and exit (the default).")
 @click.option("--interval", type=click.FloatRange(min=1.0), metavar="SECONDS",
               help="Check every SECONDS seconds until Ctrl-C or SIGTERM.")
@@ -194,7 +194,7 @@ def run_interval(sweep_once: Callable[[], Sweep], report: Callable[[Sweep], None
                    "3 of these. Default: --interval, else measured from the recorded sweeps.")
 @click.option("--html-show-origin-addresses", is_flag=True,
               help="Show the origins' public addresses on the page (hidden by default).")
-@click.option("--stack", metavar="NAME", help="Read this stack's outputs with `pulumi`.")
+@stack_option("Read this stack's outputs with `pulumi stack output`")
 @click.option("--outputs", "outputs_file", metavar="FILE",
               help="Read the outputs from FILE (JSON of `pulumi stack output --json`).")
 @click.option("--checks", default="ping,https", show_default=True, callback=parse_checks,
@@ -222,7 +222,8 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
            ca_bundle: str | None, concurrency: int, https_concurrency: int, ping_via: str) -> None:
     """Ping every node and probe HTTPS through every edge.
 
-    Exit code: 0 every node healthy, 1 some unhealthy, 2 could not run.
+    The result goes to stdout (a table, a line per sweep, or JSON); state changes and
+    problems to stderr.
     """
     if once and interval is not None:
         raise click.UsageError("give --once or --interval, not both")

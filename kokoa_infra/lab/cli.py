@@ -18,14 +18,22 @@ from pathlib import Path
 
 import click
 
+from kokoa_infra.conventions import CONTEXT, CouldNotRun, Failed, epilog, heartbeat
+from kokoa_infra.lab.executor import ORDER_SEED_ENV
 from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, PREFIX
 from kokoa_infra.lab.lab import LAB_DIR, Lab, lab_unavailable
 from kokoa_infra.lab.processes import LabError
-from kokoa_infra.project import PROJECT_DIR
+from kokoa_infra.project import PROJECT_DIR, PROJECT_DIR_ENV
 from kokoa_infra.tables import format_table
 
 # Also deploy.STACK_FILE (that module imports Pulumi; this one is read for --help).
 STACK_FILE = PROJECT_DIR / "stacks" / "Pulumi.lab.yaml"
+LAB_ENVIRONMENT = {
+    PROJECT_DIR_ENV: "the project whose stacks/Pulumi.lab.yaml and program the lab uses (default: "
+                     "this checkout, else the current directory)",
+    ORDER_SEED_ENV: "`kokoa lab up`: replay the command order of an earlier run (each up prints its seed)",
+}
+COULD_NOT_RUN = "not root, a tool or namespace support missing, or another up or down runs on the lab"
 
 
 def lock_path(lab_dir: Path) -> Path:
@@ -44,18 +52,18 @@ def exclusive(lab_dir: Path):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise click.ClickException(f"another `kokoa lab up` or `down` is running on {lab_dir}; "
-                                       "wait for it to finish") from None
+            raise CouldNotRun(f"another `kokoa lab up` or `down` is running on {lab_dir}; "
+                              "wait for it to finish") from None
         yield
 
 
 def _lab(lab_dir: str, prefix: str, init: str = DEFAULT_INIT) -> Lab:
     if os.geteuid() != 0:
-        raise click.ClickException("kokoa lab needs root (network namespaces, mounts, /var/lib)")
+        raise CouldNotRun("kokoa lab needs root (network namespaces, mounts, /var/lib)")
     try:
         return Lab(Path(lab_dir), prefix, init)
     except LabError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise CouldNotRun(str(exc)) from exc
 
 
 lab_dir_option = click.option("--lab-dir", default=str(LAB_DIR), show_default=True,
@@ -64,12 +72,17 @@ prefix_option = click.option("--prefix", default=PREFIX, show_default=True,
                              help="Name prefix of the lab's network namespaces.")
 
 
-@click.group()
+@click.group(context_settings=CONTEXT, epilog=epilog("the command failed", COULD_NOT_RUN, LAB_ENVIRONMENT))
 def lab() -> None:
-    """Run the whole system on this machine: namespace hosts, SSH, WireGuard, nginx, a local ACME server."""
+    """Run the whole system on this machine: namespace hosts, SSH, WireGuard, nginx, a local ACME server.
+
+    Progress goes to stderr, results to stdout.
+    """
 
 
-@lab.command("up")
+@lab.command("up", epilog=epilog("a step of the deployment failed, or a site did not answer over verified "
+                                 "HTTPS in time (`kokoa lab up` again carries on)", COULD_NOT_RUN,
+                                 LAB_ENVIRONMENT))
 @click.option("--stack-file", type=click.Path(exists=True, dir_okay=False), default=str(STACK_FILE),
               show_default=True, help="Lab stack config (topology); secrets are generated, not read.")
 @lab_dir_option
@@ -87,24 +100,25 @@ def up_command(stack_file: str, lab_dir: str, prefix: str, init: str) -> None:
     the_lab = _lab(lab_dir, prefix, init)
     reason = lab_unavailable(f"{prefix}probe", init)
     if reason:
-        raise click.ClickException(reason)
+        raise CouldNotRun(reason)
     try:
-        with exclusive(the_lab.dir):
-            status = up(the_lab, stack_file=Path(stack_file)).status
-            click.echo("sites (verified HTTPS from the client, through each edge)")
-            for edge, answer in verify_sites(the_lab, status).items():
-                click.echo(f"  {edge}: {answer}")
+        with exclusive(the_lab.dir), heartbeat() as say:
+            status = up(the_lab, stack_file=Path(stack_file), echo=say).status
+            say("sites (verified HTTPS from the client, through each edge)")
+            answers = verify_sites(the_lab, status, echo=say)
     except ExecutorError as exc:
-        click.echo(f"error: {exc}", err=True)
-        click.echo(f"command logs: {the_lab.dir / 'logs'}; `kokoa lab up` again carries on", err=True)
-        sys.exit(exc.exit_code if 0 < exc.exit_code < 256 else 1)
+        # A remote command's own exit code stays in the message: the command's is 1.
+        raise Failed(f"{exc}\ncommand logs: {the_lab.dir / 'logs'}; `kokoa lab up` again carries on") from exc
     except LabError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise Failed(str(exc)) from exc
+    for edge, answer in answers.items():
+        click.echo(f"{edge}: {answer}")
     click.echo(f"\nThe lab is up ({time.monotonic() - started:.0f}s).")
     click.echo(how_to_reach(status))
 
 
-@lab.command("status")
+@lab.command("status", epilog=epilog("the lab has a problem (without --json)", "no lab here, or not root",
+                                     LAB_ENVIRONMENT))
 @click.option("--json", "as_json", is_flag=True, help="Print the status JSON (hosts and CA bundle).")
 @lab_dir_option
 @prefix_option
@@ -115,10 +129,10 @@ def status_command(as_json: bool, lab_dir: str, prefix: str) -> None:
     the_lab = _lab(lab_dir, prefix)
     status_file = the_lab.dir / "status.json"
     if not status_file.exists():
-        raise click.ClickException(f"no lab in {the_lab.dir}: run `kokoa lab up`")
+        raise CouldNotRun(f"no lab in {the_lab.dir}: run `kokoa lab up`")
     status = json.loads(status_file.read_text())
     if as_json:
-        click.echo(json.dumps(status, indent=1))
+        click.echo(json.dumps(status, indent=2))
         return
     live = the_lab.liveness()
     word = {True: "up", False: "DOWN"}
@@ -133,43 +147,48 @@ def status_command(as_json: bool, lab_dir: str, prefix: str) -> None:
     click.echo("health: " + ("ok" if not problems else "; ".join(problems) + " (run `kokoa lab up`)"))
     click.echo(f"CA bundle: {status['caBundle']}")
     click.echo(how_to_reach(status))
+    if problems:
+        sys.exit(1)
 
 
-@lab.command("down")
+@lab.command("down", epilog=epilog("something the lab made is still there", COULD_NOT_RUN, LAB_ENVIRONMENT))
 @lab_dir_option
 @prefix_option
 def down_command(lab_dir: str, prefix: str) -> None:
     """Remove every namespace, process and file of the lab. Safe to run twice."""
     the_lab = _lab(lab_dir, prefix)
-    with exclusive(the_lab.dir):
-        left = the_lab.down()
+    with exclusive(the_lab.dir), heartbeat() as say:
+        left = the_lab.down(echo=say)
     if left:
-        raise click.ClickException("still there after down: " + ", ".join(left))
+        raise Failed("still there after down: " + ", ".join(left))
     click.echo("The lab is down.")
 
 
-@lab.command("rotate-ssh-key")
+@lab.command("rotate-ssh-key", epilog=epilog(
+    "a step failed (`kokoa lab rotate-ssh-key` again carries on)", "no lab here, not root, or ssh-keygen missing",
+    LAB_ENVIRONMENT))
 @click.option("--stack-file", type=click.Path(exists=True, dir_okay=False), default=str(STACK_FILE),
               show_default=True, help="Lab stack config (topology).")
 @lab_dir_option
 @prefix_option
 def rotate_ssh_key_command(stack_file: str, lab_dir: str, prefix: str) -> None:
     """New operator SSH key: authorize it on every server, deploy with it, revoke the old one."""
+    from kokoa_infra.lab.executor import ExecutorError
     from kokoa_infra.lab.rotation import rotate_ssh_key
 
     started = time.monotonic()
     the_lab = _lab(lab_dir, prefix)
     if not (the_lab.dir / "status.json").exists():
-        raise click.ClickException(f"no lab in {the_lab.dir}: run `kokoa lab up` first")
+        raise CouldNotRun(f"no lab in {the_lab.dir}: run `kokoa lab up` first")
     # Deploy the servers the way they already run (a lab running the other way would be rebuilt).
     modes = {h.get("mode", "plain") for h in the_lab.record()["hosts"].values() if h["role"] in ("origin", "edge")}
     if len(modes) == 1:
         the_lab.init = modes.pop()
     if shutil.which("ssh-keygen") is None:
-        raise click.ClickException("ssh-keygen is missing (`make setup` installs it)")
+        raise CouldNotRun("ssh-keygen is missing (`make setup` installs it)")
     try:
-        with exclusive(the_lab.dir):
-            rotate_ssh_key(the_lab, stack_file=Path(stack_file))
-    except LabError as exc:
-        raise click.ClickException(f"{exc}\n`kokoa lab rotate-ssh-key` again carries on") from exc
+        with exclusive(the_lab.dir), heartbeat() as say:
+            rotate_ssh_key(the_lab, stack_file=Path(stack_file), echo=say)
+    except (LabError, ExecutorError) as exc:
+        raise Failed(f"{exc}\n`kokoa lab rotate-ssh-key` again carries on") from exc
     click.echo(f"The operator key is rotated ({time.monotonic() - started:.0f}s); the old one is revoked.")

@@ -17,8 +17,8 @@ from ruamel.yaml import YAML
 
 from kokoa_infra.atomic_file import write_private
 from kokoa_infra.lab.dns import LabDns
-from kokoa_infra.lab.executor import (COMMAND, COPY_TO_REMOTE, DEFAULT_PARALLEL, DNS_RECORD, CommandHandler, Report,
-                                      SshRunner, apply, project_refreshes_always)
+from kokoa_infra.lab.executor import (COMMAND, COPY_TO_REMOTE, DEFAULT_PARALLEL, DNS_RECORD, ORDER_SEED_ENV,
+                                      CommandHandler, Report, SshRunner, apply, project_refreshes_always)
 from kokoa_infra.lab.hosts import LabTopology, topology
 from kokoa_infra.lab.lab import Lab
 from kokoa_infra.lab.processes import LabError
@@ -26,8 +26,6 @@ from kokoa_infra.mocked_program import DeclaredResource, ProgramFailed, run_prog
 from kokoa_infra.project import PROJECT_DIR
 
 STACK_FILE = PROJECT_DIR / "stacks" / "Pulumi.lab.yaml"
-# Set it to replay the order of an earlier `up` (each `up` prints the seed it used).
-ORDER_SEED_ENV = "KOKOA_LAB_ORDER_SEED"
 
 def load_stack(path: Path = STACK_FILE) -> dict[str, Any]:
     """The `config:` mapping of a stack file, as plain Python values."""
@@ -112,12 +110,13 @@ def how_to_reach(status: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def verify_sites(lab: Lab, status: Mapping[str, Any], seconds: int = 90) -> dict[str, str]:
+def verify_sites(lab: Lab, status: Mapping[str, Any], seconds: int = 90, echo=None) -> dict[str, str]:
     """Wait (bounded) until every edge serves its site with a certificate the lab CA verifies.
 
     Edges serve a placeholder until their refresh job fetches the origin's certificate,
     so right after the deployment this may take one refresh interval. Returns
-    {edge: first line of the body, or the last error}.
+    {edge: first line of the body, or the last error}. `echo` hears which edges it still
+    waits for, and why, after each round that leaves some.
     """
     domains = {o["name"]: o["domain"] for o in status["origins"]}
     results: dict[str, str] = {}
@@ -135,6 +134,9 @@ def verify_sites(lab: Lab, status: Mapping[str, Any], seconds: int = 90) -> dict
                 pending.remove(edge)
         if not pending or time.monotonic() > deadline:
             break
+        if echo is not None:
+            echo("  waiting for " + ", ".join(f"{e['name']} ({results[e['name']] or 'no answer'})"
+                                              for e in pending))
         time.sleep(2)
     if pending:
         failed = ", ".join(f"{e['name']} ({results[e['name']]})" for e in pending)

@@ -105,10 +105,22 @@ def test_invalid_additions_change_nothing(stack_file, args, message):
     assert stack_file.read_text() == STACK
 
 
-def test_add_needs_a_stack_or_file(stack_file):
-    result = invoke("add-edge", "--name", "e", "--origin", "blog", "--public-ip", "198.51.100.8",
-                    "--host-key", KEY)
-    assert result.exit_code == 1 and "--stack NAME" in result.output
+def test_add_needs_a_stack_or_file(stack_file, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no `pulumi` to ask for the selected stack
+    monkeypatch.delenv("KOKOA_STACK", raising=False)
+    args = ("add-edge", "--name", "e", "--origin", "blog", "--public-ip", "198.51.100.8", "--host-key", KEY)
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert ("name the stack (-s NAME edits Pulumi.NAME.yaml; or $KOKOA_STACK, or `pulumi stack select NAME`) "
+            "or the file (--file PATH)") in result.output
+    assert stack_file.read_text() == STACK
+    monkeypatch.setenv("KOKOA_STACK", "prod")
+    assert invoke(*args).exit_code == 0
+    assert "name: e\n" in stack_file.read_text()
+    monkeypatch.setenv("KOKOA_STACK", "other")
+    assert invoke("add-edge", "-s", "prod", "--name", "f", "--origin", "blog", "--public-ip", "198.51.100.9",
+                  "--host-key", OTHER_KEY).exit_code == 0
+    assert "name: f\n" in stack_file.read_text()
 
 
 OUTPUTS = {
@@ -141,26 +153,26 @@ def test_bundle_default_name_and_unknown_node(tmp_path, monkeypatch):
     assert invoke("bundle", "edge/edge-1", "--outputs", str(outputs)).exit_code == 0
     assert (tmp_path / "kokoa-edge-edge-1.tar.gz").exists()
     result = invoke("bundle", "edge/nope", "--outputs", str(outputs))
-    assert result.exit_code == 1 and "no bundle 'edge/nope'; known: edge/edge-1" in result.output
+    assert result.exit_code == 2 and "no bundle 'edge/nope'; known: edge/edge-1" in result.output
 
 
 def test_bundle_refuses_hidden_secrets_and_bad_files(tmp_path):
     hidden = tmp_path / "hidden.json"
     hidden.write_text(json.dumps(OUTPUTS | {"bundles": "[secret]"}))
     result = invoke("bundle", "edge/edge-1", "--outputs", str(hidden))
-    assert result.exit_code == 1 and "--show-secrets" in result.output
+    assert result.exit_code == 2 and "--show-secrets" in result.output
     result = invoke("bundle", "edge/edge-1", "--outputs", str(tmp_path / "missing.json"))
-    assert result.exit_code == 1 and "cannot read outputs file" in result.output
+    assert result.exit_code == 2 and "cannot read outputs file" in result.output
     broken = tmp_path / "broken.json"
     broken.write_text("{")
     result = invoke("bundle", "edge/edge-1", "--outputs", str(broken))
-    assert result.exit_code == 1 and "not valid JSON" in result.output
+    assert result.exit_code == 2 and "not valid JSON" in result.output
 
 
 def test_bundle_without_pulumi_cli_says_what_to_do(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     result = invoke("bundle", "edge/edge-1")
-    assert result.exit_code == 1 and "--outputs FILE" in result.output
+    assert result.exit_code == 2 and "--outputs FILE" in result.output
 
 
 # --- host keys of added entries -------------------------------------------------------------

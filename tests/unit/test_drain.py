@@ -117,17 +117,17 @@ def test_remove_edge_refuses_the_last_serving_edge_and_warns_about_a_serving_one
 
 def test_problems_change_nothing(stack_file):
     unknown = invoke("drain", "--stack", "prod", "edge-9")
-    assert unknown.exit_code == 1 and "no edge is named 'edge-9' (edges: edge-1, edge-2)" in unknown.output
+    assert unknown.exit_code == 2 and "no edge is named 'edge-9' (edges: edge-1, edge-2)" in unknown.output
     stack_file.write_text(STACK.replace("origin: blog\n      publicIp: 198.51.100.8", "origin: nope\n      publicIp: 198.51.100.8"))
     broken = stack_file.read_text()
     result = invoke("drain", "--stack", "prod", "edge-2")
-    assert result.exit_code == 1 and "its origin 'nope' is not in the stack" in result.output
+    assert result.exit_code == 2 and "its origin 'nope' is not in the stack" in result.output
     assert stack_file.read_text() == broken
     stack_file.write_text("config: [")
-    assert invoke("drain", "--stack", "prod", "edge-2").exit_code == 1
+    assert invoke("drain", "--stack", "prod", "edge-2").exit_code == 2
     assert stack_file.read_text() == "config: ["
-    missing = invoke("drain", "--stack", "nope", "edge-2")
-    assert missing.exit_code == 1 and "cannot read" in missing.output
+    missing = invoke("drain", "-s", "nope", "edge-2")
+    assert missing.exit_code == 2 and "cannot read" in missing.output
 
 
 def test_without_a_zone_the_record_is_named_for_kokoa_dns(stack_file):
