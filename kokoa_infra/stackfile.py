@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from kokoa_infra.atomic_file import PRIVATE, write_atomically
 from kokoa_infra.conventions import STACK_ENV, selected_stack
-from kokoa_infra.model import DNS_TTL, EDGE_KEYS, ORIGIN_KEYS, InvalidConfig, next_index, next_subnet, parse_topology
+from kokoa_infra.model import DNS_TTL, EDGE_KEYS, OBJECT_KEYS, ORIGIN_KEYS, InvalidConfig, next_index, next_subnet, parse_topology
 
 PREFIX = "kokoa:"
 
@@ -25,13 +26,31 @@ class ChangeRefused(StackFileError):
     """The change would make the config invalid, or take a site out of DNS: nothing changed."""
 
 
-def _yaml() -> YAML:
+DEFAULT_INDENT = (2, 4, 2)  # mapping, sequence, offset: `    - name: ...` under its key
+
+
+def _yaml(indent: tuple[int, int, int] = DEFAULT_INDENT) -> YAML:
     yaml = YAML()  # round-trip: comments, key order and quoting survive
-    yaml.indent(mapping=2, sequence=4, offset=2)
+    mapping, sequence, offset = indent
+    yaml.indent(mapping=mapping, sequence=sequence, offset=offset)
     yaml.preserve_quotes = True
     # Never fold long values (host keys) over lines: entries stay one key per line as written.
-    yaml.width = 4096
+    yaml.width = 1 << 16
     return yaml
+
+
+def guess_indent(text: str) -> tuple[int, int, int]:
+    """The file's own indentation (mapping, sequence, offset), so that an edit keeps it:
+    `  - name:` under `  kokoa:origins:` is offset 0; the default is `    - name:`."""
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    mapping = next((len(line) - len(line.lstrip()) for line in lines if line[:1] == " "), DEFAULT_INDENT[0])
+    for parent, line in zip(lines, lines[1:]):
+        stripped = line.lstrip()
+        if stripped.startswith("- ") and parent.rstrip().endswith(":") and not parent.lstrip().startswith("- "):
+            offset = (len(line) - len(stripped)) - (len(parent) - len(parent.lstrip()))
+            if offset >= 0:
+                return mapping, offset + 2, offset
+    return mapping, DEFAULT_INDENT[1], DEFAULT_INDENT[2]
 
 
 def stack_file(stack: str | None, path: str | None) -> Path:
@@ -46,9 +65,20 @@ def stack_file(stack: str | None, path: str | None) -> Path:
 
 
 def kokoa_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The `kokoa:` keys without their prefix, as the model reads them (secrets left out)."""
-    return {key[len(PREFIX):]: value for key, value in config.items()
-            if key.startswith(PREFIX) and not (isinstance(value, dict) and "secure" in value)}
+    """The `kokoa:` keys without their prefix, as the model reads them (secrets left out).
+
+    An object key may hold its value as a JSON string (`kokoa:origins: '[{"name": ...}]'`):
+    decoded, as `pulumi.Config.get_object` does.
+    """
+    found = {key[len(PREFIX):]: value for key, value in config.items()
+             if key.startswith(PREFIX) and not (isinstance(value, dict) and "secure" in value)}
+    for key in OBJECT_KEYS:
+        if isinstance(found.get(key), str):
+            try:
+                found[key] = json.loads(found[key])
+            except ValueError:
+                pass  # left as it is: the model says what is wrong with it
+    return found
 
 
 def _plain(value: Any) -> Any:
@@ -60,29 +90,101 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class StackDocument:
+    """A stack file, loaded to be edited and written back touching only the lines it changes.
+
+    The file's own indentation is kept, and so are comments, quoting and wide lines. A list
+    or mapping held as a JSON string stays a JSON string: the edit changes that one line.
+    """
+
+    def __init__(self, path: Path, create: bool = False) -> None:
+        self.path = path
+        try:
+            text = path.read_text() if path.exists() or not create else ""
+        except OSError as exc:
+            raise StackFileError(f"cannot read {path}: {exc.strerror}") from exc
+        self.yaml = _yaml(guess_indent(text))
+        try:
+            document = self.yaml.load(text)
+        except Exception as exc:  # ruamel raises several parser error types
+            raise StackFileError(f"{path} is not valid YAML: {exc}") from exc
+        if document is None and create:
+            document = CommentedMap()
+        if isinstance(document, dict) and create:
+            document.setdefault("config", CommentedMap())
+        if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
+            raise StackFileError(f"{path} must be a YAML mapping with a `config:` key")
+        self.document = document
+        self.config = document["config"]
+        self._decoded: dict[str, Any] = {}  # key → the value decoded from its JSON string
+
+    def objects(self, key: str, create: type | None = None) -> Any:
+        """The value of `kokoa:<key>` to change in place (decoded if it is a JSON string);
+        with `create`, an empty one of that type is added when the key is absent."""
+        full = PREFIX + key
+        if full in self._decoded:
+            return self._decoded[full]
+        value = self.config.get(full)
+        if isinstance(value, str):
+            try:
+                self._decoded[full] = json.loads(value)
+            except ValueError as exc:
+                raise StackFileError(f"{self.path}: {full} is neither YAML nor a JSON string: {exc}") from exc
+            return self._decoded[full]
+        if value is None and create is not None:
+            value = self.config[full] = CommentedSeq() if create is list else CommentedMap()
+        return value
+
+    def plain(self) -> dict[str, Any]:
+        """The config as plain values, JSON strings decoded (what `pulumi up` would read)."""
+        for key in OBJECT_KEYS:
+            if isinstance(self.config.get(PREFIX + key), str):
+                self.objects(key)
+        config = _plain(self.config)
+        for full, value in self._decoded.items():
+            config[full] = _plain(value)
+        return config
+
+    def write(self) -> None:
+        for full, value in self._decoded.items():
+            original = self.config[full]
+            if json.loads(original) == value:
+                continue  # unchanged: its line stays as written
+            compact = ", " not in original and ": " not in original
+            encoded = json.dumps(value, separators=(",", ":") if compact else None)
+            # The same scalar style (plain, 'single' or "double" quoted) as the line had.
+            self.config[full] = type(original)(encoded) if type(original) is not str else encoded
+        text = io.StringIO()
+        self.yaml.dump(self.document, text)
+        # Keep the file's own mode; a new stack file is private, as mkstemp made it before.
+        mode = self.path.stat().st_mode & 0o777 if self.path.exists() else PRIVATE
+        write_atomically(self.path, text.getvalue(), mode)
+
+
+def _move_trailing_comment(source: Any, target: Any) -> None:
+    """What follows the last key of `source` (blank lines, comments before the next key) goes
+    after the last key of `target`, so that it stays where it was in the file."""
+    if not (hasattr(source, "ca") and hasattr(target, "ca") and source and target):
+        return
+    last = list(source)[-1]
+    tokens = source.ca.items.get(last)
+    if tokens and len(tokens) > 2 and tokens[2] is not None:
+        target.ca.items[list(target)[-1]] = [None, None, tokens[2], None]
+        tokens[2] = None
+
+
 def append_entry(path: Path, list_key: str, entry: dict[str, Any]) -> dict[str, Any]:
     """Append `entry` to `kokoa:<list_key>` after allocating its `subnet`/`index` when absent.
 
     The whole resulting config is validated first; on any problem the file is untouched.
     Returns the entry as written.
     """
-    yaml = _yaml()
-    try:
-        document = yaml.load(path.read_text()) if path.exists() else None
-    except OSError as exc:
-        raise StackFileError(f"cannot read {path}: {exc.strerror}") from exc
-    except Exception as exc:  # ruamel raises several parser error types
-        raise StackFileError(f"{path} is not valid YAML: {exc}") from exc
-    if document is None:
-        document = CommentedMap()
-    if not isinstance(document, dict):
-        raise StackFileError(f"{path} must be a YAML mapping with a `config:` key")
-    config = document.setdefault("config", CommentedMap())
-    entries = config.setdefault(PREFIX + list_key, CommentedSeq())
+    stack = StackDocument(path, create=True)
+    entries = stack.objects(list_key, create=list)
     if not isinstance(entries, list):
         raise StackFileError(f"{path}: {PREFIX}{list_key} must be a list")
 
-    plain = _plain(config)
+    plain = stack.plain()
     entry = {k: v for k, v in entry.items() if v is not None}
     try:
         if list_key == "origins" and "subnet" not in entry:
@@ -100,17 +202,15 @@ def append_entry(path: Path, list_key: str, entry: dict[str, Any]) -> dict[str, 
         raise ChangeRefused("\n".join(str(p) for p in exc.problems)) from exc
 
     order = ORIGIN_KEYS if list_key == "origins" else EDGE_KEYS
-    entries.append(CommentedMap(sorted(entry.items(), key=lambda item: order.index(item[0]))))
-    _write_document(path, document, yaml)
+    ordered = sorted(entry.items(), key=lambda item: order.index(item[0]))
+    if isinstance(entries, CommentedSeq):
+        entries.append(CommentedMap(ordered))
+        if len(entries) > 1:
+            _move_trailing_comment(entries[-2], entries[-1])
+    else:
+        entries.append(dict(ordered))
+    stack.write()
     return entry
-
-
-def _write_document(path: Path, document: Any, yaml: YAML) -> None:
-    text = io.StringIO()
-    yaml.dump(document, text)
-    # Keep the file's own mode; a new stack file is private, as mkstemp made it before.
-    mode = path.stat().st_mode & 0o777 if path.exists() else PRIVATE
-    write_atomically(path, text.getvalue(), mode)
 
 
 # --- drain, undrain, remove: one edge's entry, for `kokoa drain/undrain/remove-edge` ---------
@@ -125,21 +225,8 @@ class EdgeChange:
     next_up: list[str]
 
 
-def _load_document(path: Path) -> tuple[YAML, Any]:
-    yaml = _yaml()
-    try:
-        document = yaml.load(path.read_text())
-    except OSError as exc:
-        raise StackFileError(f"cannot read {path}: {exc.strerror}") from exc
-    except Exception as exc:  # ruamel raises several parser error types
-        raise StackFileError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
-        raise StackFileError(f"{path} must be a YAML mapping with a `config:` key")
-    return yaml, document
-
-
-def _edge_entry(config: Any, name: str) -> tuple[Any, int]:
-    edges = config.get(PREFIX + "edges")
+def _edge_entry(stack: StackDocument, name: str) -> tuple[Any, int]:
+    edges = stack.objects("edges")
     if not isinstance(edges, list):
         raise StackFileError(f"the stack has no {PREFIX}edges list")
     for i, entry in enumerate(edges):
@@ -169,8 +256,8 @@ class _EdgeView:
     zone: bool
 
 
-def _view(config: Any, entry: Any) -> _EdgeView:
-    plain = _plain(config)
+def _view(stack: StackDocument, entry: Any) -> _EdgeView:
+    plain = stack.plain()
     name = entry.get("name")
     origins = {o.get("name"): o for o in plain.get(PREFIX + "origins") or [] if isinstance(o, dict)}
     origin = origins.get(entry.get("origin"))
@@ -185,9 +272,19 @@ def _view(config: Any, entry: Any) -> _EdgeView:
                      zone=bool(origin.get("zoneId") or plain.get(PREFIX + "cloudflareZoneId")))
 
 
-def _serving(config: Any, origin: str) -> list[str]:
-    return [e.get("name") for e in config.get(PREFIX + "edges") or []
+def _serving(stack: StackDocument, origin: str) -> list[str]:
+    return [e.get("name") for e in stack.objects("edges") or []
             if isinstance(e, dict) and e.get("origin") == origin and e.get("dns", True) is not False]
+
+
+def _insert(entry: dict, position: int, key: str, value: Any) -> None:
+    """`key: value` at `position` among the entry's keys (a ruamel map, or a dict from JSON)."""
+    if hasattr(entry, "insert"):
+        entry.insert(position, key, value)
+        return
+    items = list(entry.items())
+    entry.clear()
+    entry.update(items[:position] + [(key, value)] + items[position:])
 
 
 def _record_lines(edge: _EdgeView, verb: str) -> list[str]:
@@ -204,10 +301,9 @@ def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> E
     Draining the last serving edge of an origin is refused unless `force`. On any problem
     the file is left as it was.
     """
-    yaml, document = _load_document(path)
-    config = document["config"]
-    edges, i = _edge_entry(config, name)
-    edge = _view(config, edges[i])
+    stack = StackDocument(path)
+    edges, i = _edge_entry(stack, name)
+    edge = _view(stack, edges[i])
     domain = edge.domain
     if edge.dns == serving:
         return EdgeChange(path, False, f"edge {name} is already {'serving' if serving else 'drained'}; "
@@ -217,16 +313,16 @@ def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> E
         if "dns" in entry:
             del entry["dns"]  # the default: serving
     else:
-        others = [e for e in _serving(config, edge.origin) if e != name]
+        others = [e for e in _serving(stack, edge.origin) if e != name]
         if not others and not force:
             raise ChangeRefused(f"{name} is the last serving edge of {edge.origin} ({domain}): draining it "
                                  "takes the site out of DNS. Add and deploy another edge first, or use --force")
         keys = list(entry)
         position = next((k for k, key in enumerate(keys) if key in EDGE_KEYS[EDGE_KEYS.index("dns") + 1:]),
                         len(keys))
-        entry.insert(position, "dns", False)
-    _write_document(path, document, yaml)
-    serving_now = _serving(config, edge.origin)
+        _insert(entry, position, "dns", False)
+    stack.write()
+    serving_now = _serving(stack, edge.origin)
     if serving:
         lines = [*_record_lines(edge, "creates"),
                  f"{domain} is then served by {', '.join(serving_now)}"]
@@ -244,19 +340,20 @@ def remove_edge(path: Path, name: str, force: bool = False) -> EdgeChange:
     Removing an origin's last serving edge is refused unless `force`; drain it first and
     wait out the TTL. On any problem the file is left as it was.
     """
-    yaml, document = _load_document(path)
-    config = document["config"]
-    edges, i = _edge_entry(config, name)
-    edge = _view(config, edges[i])
-    others = [e for e in _serving(config, edge.origin) if e != name]
+    stack = StackDocument(path)
+    edges, i = _edge_entry(stack, name)
+    edge = _view(stack, edges[i])
+    others = [e for e in _serving(stack, edge.origin) if e != name]
     if edge.dns and not others and not force:
         raise ChangeRefused(f"{name} is the last serving edge of {edge.origin} ({edge.domain}): removing it "
                              "takes the site down. Add and deploy another edge first, or use --force")
+    if i == len(edges) - 1 and i > 0:
+        _move_trailing_comment(edges[i], edges[i - 1])
     del edges[i]
-    renames = config.get(PREFIX + "formerNames")
+    renames = stack.objects("formerNames")
     if isinstance(renames, dict) and name in renames:
         del renames[name]
-    _write_document(path, document, yaml)
+    stack.write()
     host = f"{edge.user}@{edge.host}" + (f":{edge.port}" if edge.port != 22 else "")
     lines = [f"runs its uninstall.sh on {host} (nginx stopped, tunnel down, its keys and certificate removed)"]
     if edge.dns:
@@ -264,6 +361,6 @@ def remove_edge(path: Path, name: str, force: bool = False) -> EdgeChange:
         lines.append("WARNING: it was still serving; clients that cached its address fail until the TTL passes"
                      if others else f"WARNING: {edge.domain} then has no serving edge: the site is unreachable")
     lines += [f"removes its peer from origin {edge.origin} and its WireGuard keys from the state"]
-    if not _serving(config, edge.origin) and not edge.dns:
+    if not _serving(stack, edge.origin) and not edge.dns:
         lines.append(f"{edge.domain} has no serving edge (it had none before either)")
     return EdgeChange(path, True, f"removed edge {name} from {path}", lines)
