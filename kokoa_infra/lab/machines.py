@@ -23,6 +23,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
+from kokoa_infra.lab.processes import mount_tables
+
 NSPAWN = "systemd-nspawn"
 # Units of this machine's root that a Kokoa server does not have or must not run in the
 # lab: a database someone installed here, and jobs that reach for the internet (apt) or
@@ -71,23 +73,13 @@ def mounted_under(path: Path, points: Iterable[str] | None = None) -> list[str]:
 def foreign_mounts(path: Path) -> list[str]:
     """Mounts under `path` in any mount namespace on the machine ("<point> (pid N)"); [] when none."""
     base = str(path).rstrip("/")
-    found, seen = [], set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            mnt = os.readlink(proc / "ns" / "mnt")
-            if mnt in seen:
-                continue
-            seen.add(mnt)
-            lines = (proc / "mountinfo").read_text().splitlines()
-        except OSError:
-            continue
+    found = []
+    for pid, lines in mount_tables():
         for line in lines:
             fields = line.split()
             # The mount point as that namespace sees it, and an overlay's layers wherever it is.
             if fields[4] == base or fields[4].startswith(base + "/") or f"={base}/" in line:
-                found.append(f"{fields[4]} (pid {proc.name})")
+                found.append(f"{fields[4]} (pid {pid})")
     return found
 
 

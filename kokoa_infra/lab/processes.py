@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 
 class LabError(Exception):
@@ -103,8 +103,8 @@ def netns_pids(netns: str) -> list[int]:
     return [int(p) for p in proc.stdout.split()] if proc.returncode == 0 else []
 
 
-def mounted_anywhere(path: str) -> bool:
-    """Whether any mount namespace on the machine uses `path` as a mount point."""
+def mount_tables() -> Iterator[tuple[str, list[str]]]:
+    """(a pid, its /proc/<pid>/mountinfo lines) once for every mount namespace on the machine."""
     seen = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -117,9 +117,12 @@ def mounted_anywhere(path: str) -> bool:
             lines = (proc / "mountinfo").read_text().splitlines()
         except OSError:
             continue
-        if any(line.split()[4] == path for line in lines):
-            return True
-    return False
+        yield proc.name, lines
+
+
+def mounted_anywhere(path: str) -> bool:
+    """Whether any mount namespace on the machine uses `path` as a mount point."""
+    return any(line.split()[4] == path for _, lines in mount_tables() for line in lines)
 
 
 def listening(netns: str, port: int) -> bool:
