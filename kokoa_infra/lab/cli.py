@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from kokoa_infra.conventions import CONTEXT, CouldNotRun, Failed, epilog, heartbeat
-from kokoa_infra.lab.executor import ORDER_SEED_ENV
+from kokoa_infra.lab import ORDER_SEED_ENV
 from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, PREFIX
 from kokoa_infra.lab.lab import LAB_DIR, Lab, lab_unavailable
 from kokoa_infra.lab.processes import LabError

@@ -109,8 +109,6 @@ TAIL_LINES = 20
 STATE_VERSION = 2
 # Unbounded in the engine; the lab has a handful of hosts.
 DEFAULT_PARALLEL = 16
-# Set it to replay the order of an earlier run (each `kokoa lab up` prints the seed it used).
-ORDER_SEED_ENV = "KOKOA_LAB_ORDER_SEED"
 
 Echo = Callable[[str], None]
 

@@ -8,8 +8,6 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from kokoa_infra.lab.processes import LabError
-from kokoa_infra.model import InvalidConfig, parse_topology
-from kokoa_infra.stackfile import kokoa_config
 
 PREFIX = "kokoa-"
 DEFAULT_NETWORK = "172.31.255.0/24"
@@ -61,6 +59,8 @@ def model_config(config: Mapping[str, Any]) -> dict[str, Any]:
     `kokoa lab up` pins each server's own key once the server exists; until then an entry
     without one is read as `insecureAnyHostKey: true`, which only the host-key checks see.
     """
+    from kokoa_infra.stackfile import kokoa_config  # (ruamel): only when a lab is read, not for --help
+
     kokoa = kokoa_config(dict(config))
     for key in ("origins", "edges"):
         entries = kokoa.get(key)
@@ -75,6 +75,8 @@ def topology(config: Mapping[str, Any], prefix: str = PREFIX) -> LabTopology:
     """The hosts a lab stack config describes: its origins and edges from the program's own model
     (`parse_topology`: the same validation, defaults and addresses as `pulumi up`), one namespace
     each, at their one address; the client (`lab:clientIp`) and the ACME host (`kokoa:acmeServer`)."""
+    from kokoa_infra.model import InvalidConfig, parse_topology
+
     try:
         model = parse_topology(model_config(config))
     except InvalidConfig as exc:
