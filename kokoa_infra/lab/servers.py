@@ -164,8 +164,8 @@ def _start_plain(lab: Lab, host: Host) -> None:
     # `pidof nginx` or `pkill` on one server cannot see another's. sshd is the pid
     # namespace's init, so it reaps daemons and killing it takes everything on the host down.
     launcher = lab.spawn(["ip", "netns", "exec", host.netns, "unshare", "--mount", "--uts", "--pid",
-                            "--fork", "--kill-child", "--mount-proc", "--propagation", "private",
-                            "sh", "-c", script], hdir / "launcher.log")
+                          "--fork", "--kill-child", "--mount-proc", "--propagation", "private",
+                          "sh", "-c", script], hdir / "launcher.log")
     children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
     wait_until(f"pid namespace of {host.netns}",
                lambda: launcher.poll() is None and children.exists() and children.read_text().strip() != "")

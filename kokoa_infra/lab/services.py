@@ -64,7 +64,7 @@ WantedBy=multi-user.target
 def demo_answers(lab: Lab, host: Host) -> bool:
     up = urlsplit(host.upstream)
     proc = lab.on_host(host.netns, ["curl", "-fsS", "-m", "2", "-o", "/dev/null",
-                                     f"http://{up.hostname}:{up.port or 80}/"])
+                                    f"http://{up.hostname}:{up.port or 80}/"])
     return proc.returncode == 0
 
 
@@ -93,7 +93,7 @@ def start_demo(lab: Lab, host: Host) -> None:
 def demo_requests(lab: Lab, netns: str) -> int:
     """Requests the origin's demo application has answered since it started."""
     proc = lab.on_host(netns, ["curl", "-fsS", "-m", "2", "--unix-socket", DEMO_STATUS_SOCKET,
-                                "http://demo/"], check=True)
+                               "http://demo/"], check=True)
     # "Active connections: 1\nserver accepts handled requests\n 5 5 7\n..."
     return int(proc.stdout.splitlines()[2].split()[2])
 
@@ -114,14 +114,14 @@ def start_acme(lab: Lab, host: Host) -> None:
     ns = ["ip", "netns", "exec", host.netns]
     # Names with no A record resolve to the ACME host itself, where nothing answers on port 80.
     dns = lab.spawn([*ns, "pebble-challtestsrv", "-dns01", "127.0.0.1:8053", "-http01", "",
-                       "-https01", "", "-tlsalpn01", "", "-management", "127.0.0.1:8055",
-                       "-defaultIPv4", host.ip, "-defaultIPv6", ""], lab.acme_dir / "challtestsrv.log")
+                     "-https01", "", "-tlsalpn01", "", "-management", "127.0.0.1:8055",
+                     "-defaultIPv4", host.ip, "-defaultIPv6", ""], lab.acme_dir / "challtestsrv.log")
     with lab.recording() as rec:
         rec["processes"]["challtestsrv"] = dns.pid
     # No validation sleep and no deliberately rejected nonces: deterministic and fast.
     env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
     pebble = lab.spawn([*ns, "pebble", "-config", str(config), "-dnsserver", "127.0.0.1:8053"],
-                         lab.acme_dir / "pebble.log", env=env)
+                        lab.acme_dir / "pebble.log", env=env)
     with lab.recording() as rec:
         rec["processes"]["pebble"] = pebble.pid
     curl = [*ns, "curl", "-fsS", "-m", "2", "--cacert", str(lab.acme_cert)]
