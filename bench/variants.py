@@ -32,20 +32,17 @@ GATEWAY_CONF = "/etc/kokoa/gateway.conf"
 
 # name -> [(role, file, tuned text, the text before tuning)]
 VARIANTS = {
-    "unbuffered access logs (edge and gateway)": [
+    "unbuffered access logs (edge and gateway relay)": [
         ("edge", EDGE_CONF, "access_log /var/log/nginx/access.log combined buffer=64k flush=5s;",
          "access_log /var/log/nginx/access.log;"),
-        ("origin", GATEWAY_CONF, "gateway-access.log kokoa buffer=64k flush=5s;", "gateway-access.log kokoa;"),
+        ("origin", GATEWAY_CONF, "gateway-relay.log kokoa_relay buffer=64k flush=5s;",
+         "gateway-relay.log kokoa_relay;"),
     ],
     "one gateway worker": [("origin", GATEWAY_CONF, "worker_processes auto;", "worker_processes 1;")],
-    "default keepalive_requests (1000) on both hops": [
+    "default keepalive_requests (1000) towards the origin": [
         ("edge", EDGE_CONF, "keepalive_requests 100000;", "keepalive_requests 1000;"),
-        ("origin", GATEWAY_CONF, "keepalive_requests 100000;", "keepalive_requests 1000;"),
     ],
-    "fewer idle upstream connections (edge 64, gateway 32)": [
-        ("edge", EDGE_CONF, "keepalive 128;", "keepalive 64;"),
-        ("origin", GATEWAY_CONF, "keepalive 128;", "keepalive 32;"),
-    ],
+    "fewer idle connections towards the origin (64)": [("edge", EDGE_CONF, "keepalive 128;", "keepalive 64;")],
 }
 
 

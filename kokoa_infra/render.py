@@ -21,9 +21,13 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 INSTALL_DIR = "/etc/kokoa/bundle"
 ACME_WEBROOT = "/var/lib/kokoa/acme-webroot"
 CERT_EXPORT_DIR = "/var/lib/kokoa/cert-export"
-# The origin's tunnel gateway serves the certificate to its edges on this port of its WireGuard IP.
-CERT_PORT = 9080
+# The origin's tunnel gateway on its WireGuard IP: the application's door, and the port
+# where the edges fetch the certificate and relay the ACME HTTP-01 challenges to.
 GATEWAY_PORT = 80
+CERT_PORT = 9080
+# Debian's libnginx-mod-stream: the gateway relays TCP to an upstream without a path.
+STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+STREAM_PACKAGE = "libnginx-mod-stream"
 # The gateway's workers: a system user of their own, so that an application running as
 # www-data cannot read the TLS key exported to the edges.
 GATEWAY_USER = "kokoa-gateway"
@@ -83,11 +87,17 @@ def render_origin_bundle(settings: Settings, origin: Origin, private_key: str,
     if strangers:
         raise ValueError(f"edges {', '.join(strangers)} do not serve origin {origin.name}")
     peers = sorted(peers, key=lambda p: p.edge.index)
+    upstream = _upstream(origin.upstream)
     ctx = _common(settings, origin) | {
         "private_key": private_key,
         "peers": peers,
         "renew_interval": RENEW_INTERVAL,
-        "upstream": _upstream(origin.upstream),
+        "upstream": upstream,
+        # A path must be put in front of each request's URI, which takes an HTTP proxy;
+        # without one the gateway relays the edge's bytes as they are.
+        "relay": not upstream.path,
+        "stream_module": STREAM_MODULE,
+        "stream_package": STREAM_PACKAGE,
     }
     edges = [p.edge for p in peers]
     ctx["firewall"] = _render("common/firewall.nft.j2", **ctx, role="origin", node_name=origin.name,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,8 @@ def edge(make_netns, tmp_path):
     for ns in (netns, origin):
         subprocess.run(["ip", "-n", ns, "link", "set", "tun0", "up"], check=True)
     echo = echo_app(tmp_path, f"{origin_address}:80", ECHO)
+    # The gateway's certificate port, where the edge relays ACME challenges.
+    certificate_port = echo_app(tmp_path, f"{origin_address}:9080", "certificate port $request_uri")
     live = tmp_path / "letsencrypt" / "live" / DOMAIN
     live.mkdir(parents=True)
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -58,9 +61,10 @@ def edge(make_netns, tmp_path):
     script = (f"mkdir -p /etc/letsencrypt && mount --bind {tmp_path / 'letsencrypt'} /etc/letsencrypt && "
               f"mount --bind {tmp_path / 'log'} /var/log && mount --bind {tmp_path / 'run'} /run && "
               f"exec nginx -c {tmp_path / 'nginx.conf'}")
-    started_echo = subprocess.run(["ip", "netns", "exec", origin, "nginx", "-c", str(echo)],
-                                  capture_output=True, text=True, timeout=30)
-    assert started_echo.returncode == 0, started_echo.stderr
+    for conf in (echo, certificate_port):
+        started_echo = subprocess.run(["ip", "netns", "exec", origin, "nginx", "-c", str(conf)],
+                                      capture_output=True, text=True, timeout=30)
+        assert started_echo.returncode == 0, started_echo.stderr
     started = subprocess.run(["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
                               "sh", "-c", script], capture_output=True, text=True, timeout=30)
     assert started.returncode == 0, started.stderr
@@ -129,6 +133,9 @@ def test_a_redirect_to_https_ends_its_connection(edge):
 
 def test_the_acme_relay_on_port_80_is_limited_too(edge):
     netns, ca = edge
+    relayed = curl(netns, ca, url=f"http://{DOMAIN}/.well-known/acme-challenge/token")
+    assert relayed.stdout == "certificate port /.well-known/acme-challenge/token\n"
+    time.sleep(1.1)  # the limit's bucket (1 r/s) is full again
     answers, _ = burst(netns, ca, [f"http://{DOMAIN}/.well-known/acme-challenge/t{i}" for i in range(8)])
     assert [code for code, _ in answers] == ["200"] * 4 + ["429"] * 4, answers
 
@@ -136,12 +143,13 @@ def test_the_acme_relay_on_port_80_is_limited_too(edge):
 # --- the origin's gateway ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def gateway(netns, tmp_path):
-    """blog's gateway (upstream with a path) in `netns`; its edge's and a stranger's tunnel addresses on lo."""
-    from kokoa_infra.render import CERT_EXPORT_DIR, GATEWAY_USER
+@pytest.fixture(params=["http://127.0.0.1:8080/app", "http://127.0.0.1:8080"], ids=["path", "relay"])
+def gateway(request, netns, tmp_path):
+    """blog's gateway in `netns`, in front of an upstream with a path (an HTTP proxy) and one
+    without (a TCP relay); its edge's and a stranger's tunnel addresses on lo."""
+    from kokoa_infra.render import ACME_WEBROOT, CERT_EXPORT_DIR, GATEWAY_USER
     config = copy.deepcopy(BASE_CONFIG)
-    config["kokoa:origins"][0]["upstream"] = "http://127.0.0.1:8080/app"
+    config["kokoa:origins"][0]["upstream"] = request.param
     conf = bundles(config)["origin/blog"]["gateway.conf"]
     for address in (ORIGIN_IP, EDGE_IP, STRANGER_IP):
         subprocess.run(["ip", "-n", netns, "addr", "add", f"{address}/32", "dev", "lo"], check=True)
@@ -149,6 +157,9 @@ def gateway(netns, tmp_path):
     var_lib = tmp_path / "var-lib"
     export = var_lib / Path(CERT_EXPORT_DIR).relative_to("/var/lib")
     export.mkdir(parents=True)
+    challenges = var_lib / Path(ACME_WEBROOT).relative_to("/var/lib") / ".well-known" / "acme-challenge"
+    challenges.mkdir(parents=True)
+    (challenges / "token").write_text("TOKEN\n")
     (var_lib / "nginx").mkdir()  # nginx's temporary files
     (export / "fullchain.pem").write_text("CHAIN\n")
     (export / "privkey.pem").write_text("KEY\n")
@@ -166,7 +177,7 @@ def gateway(netns, tmp_path):
     started = subprocess.run(["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
                               "sh", "-c", script], capture_output=True, text=True, timeout=30)
     assert started.returncode == 0, started.stderr
-    return netns
+    return netns, request.param
 
 
 # blog's and its edge's tunnel addresses, and one of blog's /24 that no edge has.
@@ -182,16 +193,26 @@ def through_tunnel(netns: str, source: str, url: str) -> tuple[str, str]:
     return code, body.strip()
 
 
-def test_the_gateway_joins_the_upstream_path_and_keeps_the_uri_as_sent(gateway):
-    assert through_tunnel(gateway, EDGE_IP, f"http://{ORIGIN_IP}/x%2Fy/z?q=1") == (
-        "200", "uri=/app/x%2Fy/z?q=1 host=[blog.example.com] real=[192.0.2.44]")
-    assert through_tunnel(gateway, EDGE_IP, f"http://{ORIGIN_IP}/")[1].startswith("uri=/app/ ")
+def test_the_gateway_passes_the_request_as_the_edge_sent_it(gateway):
+    netns, upstream = gateway
+    # With a path, the gateway joins it and the URI as sent; without, it relays the bytes.
+    prefix = "/app" if upstream.endswith("/app") else ""
+    assert through_tunnel(netns, EDGE_IP, f"http://{ORIGIN_IP}/x%2Fy/z?q=1") == (
+        "200", f"uri={prefix}/x%2Fy/z?q=1 host=[blog.example.com] real=[192.0.2.44]")
+    assert through_tunnel(netns, EDGE_IP, f"http://{ORIGIN_IP}/")[1].startswith(f"uri={prefix}/ ")
 
 
 def test_the_gateway_and_certificate_export_admit_only_this_origins_edges(gateway):
-    assert through_tunnel(gateway, STRANGER_IP, f"http://{ORIGIN_IP}/x")[0] == "403"
-    assert through_tunnel(gateway, EDGE_IP, f"http://{ORIGIN_IP}:9080/privkey.pem") == ("200", "KEY")
-    assert through_tunnel(gateway, STRANGER_IP, f"http://{ORIGIN_IP}:9080/privkey.pem")[0] == "403"
+    netns, upstream = gateway
+    # An HTTP gateway answers a stranger 403; a relay closes the connection (curl: code 000).
+    refused = "403" if upstream.endswith("/app") else "000"
+    assert through_tunnel(netns, STRANGER_IP, f"http://{ORIGIN_IP}/x")[0] == refused
+    assert through_tunnel(netns, EDGE_IP, f"http://{ORIGIN_IP}:9080/privkey.pem") == ("200", "KEY")
+    assert through_tunnel(netns, STRANGER_IP, f"http://{ORIGIN_IP}:9080/privkey.pem")[0] == "403"
+    # The challenges the edges relay, from the certificate port, to its edges only.
+    challenge = f"http://{ORIGIN_IP}:9080/.well-known/acme-challenge/token"
+    assert through_tunnel(netns, EDGE_IP, challenge) == ("200", "TOKEN")
+    assert through_tunnel(netns, STRANGER_IP, challenge)[0] == "403"
     # Anything else on the export is refused to everyone, edges included (no `return` that skips the list).
-    assert through_tunnel(gateway, STRANGER_IP, f"http://{ORIGIN_IP}:9080/other")[0] == "403"
-    assert through_tunnel(gateway, EDGE_IP, f"http://{ORIGIN_IP}:9080/other")[0] == "403"
+    assert through_tunnel(netns, STRANGER_IP, f"http://{ORIGIN_IP}:9080/other")[0] == "403"
+    assert through_tunnel(netns, EDGE_IP, f"http://{ORIGIN_IP}:9080/other")[0] == "403"

@@ -121,6 +121,24 @@ def test_edge_nginx_conf_has_the_protections(bundles):
     assert "server localhost:3000;" in gateway and "proxy_pass https://kokoa_application/app$uri;" in gateway
 
 
+def test_the_gateway_relays_tcp_unless_the_upstream_has_a_path(bundles):
+    from kokoa_infra.render import STREAM_MODULE, STREAM_PACKAGE
+    ips = wireguard_ips(BASE_CONFIG)
+    relay, http = bundles["origin/blog"], bundles["origin/shop"]  # http://127.0.0.1:8080, https://localhost:3000/app
+    stream = relay["gateway.conf"].split("\nstream {\n", 1)[1]
+    assert relay["gateway.conf"].startswith("#") and f"load_module {STREAM_MODULE};" in relay["gateway.conf"]
+    assert f"listen {ips['blog']}:80;" in stream and "server 127.0.0.1:8080;" in stream
+    assert f"allow {ips['edge-tokyo-1']};\n        allow {ips['edge-osaka-1']};\n        deny all;" in stream
+    assert f"{STREAM_MODULE}:{STREAM_PACKAGE}" in relay["install.sh"]
+    assert "stream {" not in http["gateway.conf"] and "load_module" not in http["gateway.conf"]
+    assert STREAM_PACKAGE not in http["install.sh"]
+    # Either way, the ACME challenges are served on the certificate port, where the edges relay them.
+    for origin, bundle in (("blog", relay), ("shop", http)):
+        cert_server = bundle["gateway.conf"].split(f"listen {ips[origin]}:9080;", 1)[1]
+        assert "location /.well-known/acme-challenge/ {\n            root /var/lib/kokoa/acme-webroot;" in cert_server
+    assert f"proxy_pass http://{ips['blog']}:9080;" in bundles["edge/edge-tokyo-1"]["nginx.conf"]
+
+
 def test_rendering_is_deterministic_for_the_same_keys():
     topology = parse_topology(kokoa_config(BASE_CONFIG))
     origin = topology.origins[0]
