@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -30,20 +32,75 @@ from kokoa_infra.lab.processes import LabError, run  # noqa: E402
 EDGE_CONF = "/etc/nginx/nginx.conf"
 GATEWAY_CONF = "/etc/kokoa/gateway.conf"
 
-# name -> [(role, file, tuned text, the text before tuning)]
-VARIANTS = {
+Transform = Callable[[str], str]
+
+
+def swap(tuned: str, before: str) -> Transform:
+    """Put `before` back where the deployed file has `tuned`."""
+    def transform(text: str) -> str:
+        if tuned not in text:
+            raise LabError(f"the deployed file has no {tuned!r}: the templates changed")
+        return text.replace(tuned, before)
+    return transform
+
+
+def http_gateway(text: str) -> str:
+    """The gateway as it was before the relay: an HTTP proxy with keepalive to the application."""
+    relay = re.search(r"\nstream \{\n.*?listen (?P<listen>\S+);\n(?P<allow>(?:\s+allow \S+;\n)+).*\Z", text, re.S)
+    server = re.search(r"upstream kokoa_application \{\n\s+server (\S+);", text)
+    if not relay or not server:
+        raise LabError("the deployed gateway.conf has no stream relay: the templates changed")
+    text = re.sub(r"# The application's door is a TCP relay.*?load_module [^\n]*\n", "", text[:relay.start()] + "\n",
+                  flags=re.S)
+    text = re.sub(r"# A reload leaves.*?worker_shutdown_timeout \S+;\n", "", text, flags=re.S)
+    proxy = f"""    upstream kokoa_application {{
+        server {server.group(1)};
+        keepalive 128;
+        keepalive_requests 100000;
+        keepalive_timeout 60s;
+    }}
+
+    server {{
+        listen {relay.group('listen')};
+{relay.group('allow')}        deny all;
+        location / {{
+            proxy_pass http://kokoa_application;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Real-IP $http_x_real_ip;
+            proxy_set_header X-Forwarded-For $http_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $http_x_forwarded_proto;
+            proxy_connect_timeout 5s;
+            proxy_read_timeout 60s;
+        }}
+    }}
+
+"""
+    at = text.index("    # What the edges need for the certificate")
+    return text[:at] + proxy + text[at:]
+
+
+# name -> [(role, file, how to turn the deployed file into the variant)]
+VARIANTS: dict[str, list[tuple[str, str, Transform]]] = {
+    "the gateway as an HTTP proxy (before the TCP relay)": [("origin", GATEWAY_CONF, http_gateway)],
     "unbuffered access logs (edge and gateway relay)": [
-        ("edge", EDGE_CONF, "access_log /var/log/nginx/access.log combined buffer=64k flush=5s;",
-         "access_log /var/log/nginx/access.log;"),
-        ("origin", GATEWAY_CONF, "gateway-relay.log kokoa_relay buffer=64k flush=5s;",
-         "gateway-relay.log kokoa_relay;"),
+        ("edge", EDGE_CONF, swap("access_log /var/log/nginx/access.log combined buffer=64k flush=5s;",
+                                 "access_log /var/log/nginx/access.log;")),
+        ("origin", GATEWAY_CONF, swap("gateway-relay.log kokoa_relay buffer=64k flush=5s;",
+                                      "gateway-relay.log kokoa_relay;")),
     ],
-    "one gateway worker": [("origin", GATEWAY_CONF, "worker_processes auto;", "worker_processes 1;")],
+    "one gateway worker": [("origin", GATEWAY_CONF, swap("worker_processes auto;", "worker_processes 1;"))],
     "default keepalive_requests (1000) towards the origin": [
-        ("edge", EDGE_CONF, "keepalive_requests 100000;", "keepalive_requests 1000;"),
+        ("edge", EDGE_CONF, swap("keepalive_requests 100000;", "keepalive_requests 1000;")),
     ],
-    "fewer idle connections towards the origin (64)": [("edge", EDGE_CONF, "keepalive 128;", "keepalive 64;")],
+    "fewer idle connections towards the origin (64)": [
+        ("edge", EDGE_CONF, swap("keepalive 128;", "keepalive 64;")),
+    ],
 }
+# After a reload, the gateway's old workers keep relayed connections for up to its
+# worker_shutdown_timeout (10 s): wait them out, so that each round measures one file.
+SETTLE_SECONDS = 11
 
 
 def main() -> int:
@@ -51,7 +108,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4, help="tuned/variant pairs per variant (1-9)")
     parser.add_argument("--seconds", type=float, default=4, help="per wrk run (1-30)")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "variants.json")
+    parser.add_argument("--variant", action="append", choices=list(VARIANTS), metavar="NAME",
+                        help="measure only this variant (repeatable; default: all of them)")
     args = parser.parse_args()
+    chosen = {name: VARIANTS[name] for name in (args.variant or VARIANTS)}
     if not (1 <= args.rounds <= 9 and 1 <= args.seconds <= 30):
         parser.error("--rounds 1-9, --seconds 1-30")
     lab = Lab(LAB_DIR, PREFIX)
@@ -82,27 +142,23 @@ def main() -> int:
             raise LabError("non-2xx answers: lift the limits (dataplane.py --only hops deploys them lifted)")
         return edge.rate / bare.rate
 
-    originals = {(role, path): read(role, path) for changes in VARIANTS.values() for role, path, _, _ in changes}
+    originals = {(role, path): read(role, path) for changes in chosen.values() for role, path, _ in changes}
     results = {}
     try:
-        for name, changes in VARIANTS.items():
-            for role, path, tuned, before in changes:
-                if tuned not in originals[(role, path)]:
-                    raise LabError(f"{path} on the {role} has no {tuned!r}: the templates changed")
+        for name, changes in chosen.items():
+            variant_files = {}
+            for role, path, transform in changes:
+                variant_files[(role, path)] = transform(variant_files.get((role, path), originals[(role, path)]))
             tuned_ratios, variant_ratios = [], []
             for _ in range(args.rounds):
                 tuned_ratios.append(ratio())
-                for (role, path), text in originals.items():
-                    for r, p, tuned, before in changes:
-                        if (r, p) == (role, path):
-                            text = text.replace(tuned, before)
-                    if text != originals[(role, path)]:
-                        write(role, path, text)
-                time.sleep(0.5)
-                variant_ratios.append(ratio())
-                for (role, path), text in originals.items():
+                for (role, path), text in variant_files.items():
                     write(role, path, text)
-                time.sleep(0.5)
+                time.sleep(SETTLE_SECONDS)
+                variant_ratios.append(ratio())
+                for role, path in variant_files:
+                    write(role, path, originals[(role, path)])
+                time.sleep(SETTLE_SECONDS)
             results[name] = {"tuned": statistics.median(tuned_ratios), "variant": statistics.median(variant_ratios)}
             print(f"{name:<55} edge/bare tuned {results[name]['tuned']:.3f}  "
                   f"variant {results[name]['variant']:.3f}", flush=True)
