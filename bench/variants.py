@@ -1,8 +1,8 @@
-"""One data-plane setting at a time: how much each of Kokoa's nginx choices is worth.
+"""One data-plane setting at a time: how much each of Kokoa's choices is worth.
 
 On a bench lab left up by `bench/dataplane.py --keep --only hops`, each variant puts one
-setting of the deployed edge or gateway back to what it was before it was tuned, reloads
-nginx, and measures the edge path (client -> edge HTTPS -> tunnel -> gateway ->
+setting of the deployed edge or gateway back to what it was before it was tuned (or takes
+the edge's firewall away), applies it (nginx reload, `nft -f`), and measures the edge path (client -> edge HTTPS -> tunnel -> gateway ->
 application) against the bare reference, alternating tuned and variant rounds so that
 the machine's drift hits both alike. The deployed files are restored afterwards.
 
@@ -31,6 +31,10 @@ from kokoa_infra.lab.processes import LabError, run  # noqa: E402
 
 EDGE_CONF = "/etc/nginx/nginx.conf"
 GATEWAY_CONF = "/etc/kokoa/gateway.conf"
+FIREWALL = "/etc/kokoa/firewall.nft"
+# What makes each file take effect once written.
+APPLY = {EDGE_CONF: ["nginx", "-s", "reload"], GATEWAY_CONF: ["nginx", "-c", GATEWAY_CONF, "-s", "reload"],
+         FIREWALL: ["nft", "-f", FIREWALL]}
 
 Transform = Callable[[str], str]
 
@@ -97,6 +101,8 @@ VARIANTS: dict[str, list[tuple[str, str, Transform]]] = {
     "fewer idle connections towards the origin (64)": [
         ("edge", EDGE_CONF, swap("keepalive 128;", "keepalive 64;")),
     ],
+    # What the edge's firewall and flood shield cost: connection tracking of every packet.
+    "no firewall on the edge": [("edge", FIREWALL, lambda text: "table inet kokoa\ndelete table inet kokoa\n")],
 }
 # After a reload, the gateway's old workers keep relayed connections for up to its
 # worker_shutdown_timeout (10 s): wait them out, so that each round measures one file.
@@ -123,7 +129,6 @@ def main() -> int:
     hosts = {"origin": next(o for o in status["origins"] if o["name"] == SITE)["netns"],
              "edge": next(e for e in status["edges"] if e["origin"] == SITE)["netns"]}
     domain = next(o for o in status["origins"] if o["name"] == SITE)["domain"]
-    reload = {"edge": ["nginx", "-s", "reload"], "origin": ["nginx", "-c", GATEWAY_CONF, "-s", "reload"]}
 
     def read(role: str, path: str) -> str:
         return lab.on_host(hosts[role], ["cat", path], check=True).stdout
@@ -131,7 +136,7 @@ def main() -> int:
     def write(role: str, path: str, text: str) -> None:
         lab.on_host(hosts[role], ["sh", "-c", f"cat > {path}.bench && mv {path}.bench {path}"], check=True,
                     input=text)
-        lab.on_host(hosts[role], reload[role], check=True)
+        lab.on_host(hosts[role], APPLY[path], check=True)
 
     def ratio() -> float:
         edge = parse_wrk(run(["ip", "netns", "exec", status["client"],
