@@ -2,9 +2,10 @@
 
 On a bench lab left up by `bench/dataplane.py --keep --only hops`, each variant puts one
 setting of the deployed edge or gateway back to what it was before it was tuned (or takes
-the edge's firewall away), applies it (nginx reload, `nft -f`), and measures the edge path (client -> edge HTTPS -> tunnel -> gateway ->
-application) against the bare reference, alternating tuned and variant rounds so that
-the machine's drift hits both alike. The deployed files are restored afterwards.
+the edge's firewall away), applies it (nginx reload, `nft -f`), and measures the edge
+path (client -> edge HTTPS -> tunnel -> gateway -> application) against the bare
+reference, alternating tuned and variant rounds so that the machine's drift hits both
+alike. The deployed files are restored afterwards.
 
     .venv/bin/python bench/dataplane.py --only hops --keep
     .venv/bin/python bench/variants.py
