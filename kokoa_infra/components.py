@@ -12,9 +12,10 @@ import pulumi_cloudflare as cloudflare
 import pulumi_random as random
 from pulumi_command import remote
 
+from kokoa_infra.admission import Admission, admissions
 from kokoa_infra.keys import public_key
 from kokoa_infra.model import DNS_TTL, Edge, Origin as OriginSpec, Settings, Ssh, server_identity
-from kokoa_infra.render import (INSTALL_DIR, EdgePeer, bundle_archive, render_edge_bundle,
+from kokoa_infra.render import (INSTALL_DIR, EdgePeer, bundle_archive, health_token, render_edge_bundle,
                                 render_origin_bundle)
 
 ORIGIN_TYPE = "kokoa:index:Origin"
@@ -124,6 +125,10 @@ class EdgeNodeArgs:
     origin_public_key: pulumi.Output[str]
     ssh_private_key: pulumi.Input[str]
     stack: str
+    # The origin's visitor pass key (secret, hex), the same on all its edges.
+    pass_key: pulumi.Output[str]
+    # This edge's share of the origin's capacity; None when the origin sets none.
+    admission: Admission | None = None
     former_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -149,8 +154,9 @@ class EdgeNode(pulumi.ComponentResource):
         private_key, self.public_key = _wireguard_key_pair(name, self, edge.key_generation)
         self.preshared_key = _wireguard_secret(f"{name}-preshared-key", self, edge.key_generation)
         self.bundle = pulumi.Output.secret(pulumi.Output.all(
-            private_key, self.preshared_key, args.origin_public_key,
-        ).apply(lambda keys: render_edge_bundle(args.settings, origin, edge, *keys)))
+            private_key, self.preshared_key, args.origin_public_key, args.pass_key,
+        ).apply(lambda keys: render_edge_bundle(args.settings, origin, edge, *keys[:3], pass_key=keys[3],
+                                                admission=args.admission)))
         self.install = _push_command(f"{name}-install", f"edge/{edge.name}", edge.ssh,
                                      args.ssh_private_key, self.bundle, self)
 
@@ -198,6 +204,7 @@ class Origin(pulumi.ComponentResource):
 
     public_key: pulumi.Output[str]
     bundle: pulumi.Output[dict[str, str]]
+    health_token: pulumi.Output[str]
     edges: dict[str, EdgeNode]
     install: remote.Command
     certificate: remote.Command | None
@@ -207,10 +214,17 @@ class Origin(pulumi.ComponentResource):
         super().__init__(ORIGIN_TYPE, name, {}, opts)
         spec = args.origin
         private_key, self.public_key = _wireguard_key_pair(name, self, spec.key_generation)
+        # Every origin has one, whatever its underAttack says: switching the challenge on
+        # needs no new resource, and passes handed out before an attack stay valid.
+        pass_key = pulumi.Output.secret(random.RandomBytes(
+            f"{name}-pass-key", length=32, opts=pulumi.ResourceOptions(parent=self)).hex)
+        self.health_token = pulumi.Output.secret(pass_key.apply(lambda key: health_token(key, spec)))
+        shares = admissions(spec, args.edges)
         self.edges = {
             edge.name: EdgeNode(edge.name, EdgeNodeArgs(
                 edge=edge, origin=spec, settings=args.settings, zone_id=args.zone_id,
                 origin_public_key=self.public_key, ssh_private_key=args.ssh_private_key, stack=args.stack,
+                pass_key=pass_key, admission=shares[edge.name],
                 former_names=args.edge_former_names.get(edge.name, ())),
                 opts=pulumi.ResourceOptions(parent=self))
             for edge in args.edges

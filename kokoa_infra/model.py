@@ -63,6 +63,19 @@ CONNECTIONS_RANGE = (1, 65535)
 NEW_CONNECTIONS_PER_SECOND_RANGE = (1, 1000000)
 NEW_CONNECTIONS_BURST_RANGE = (1, 1000000)
 THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+# Origin capacity and the challenge (docs/security.md, "Distributed floods"). nginx's
+# limit_conn takes at most 65535; a share is also an upstream's max_conns.
+CONCURRENT_REQUESTS_RANGE = (1, 65535)
+UNDER_ATTACK_MODES = ("off", "auto", "on")
+# Leading zero bits of SHA-256 a browser must find: 2^16 hashes on average at the default,
+# about 0.1 s in desktop Chromium and well under a second on a phone (docs/performance.md).
+DEFAULT_CHALLENGE_DIFFICULTY = 16
+CHALLENGE_DIFFICULTY_RANGE = (8, 24)
+# A prefix nginx takes as a plain `location` and that cannot leave it (no space, brace,
+# semicolon, quote or `#`): unreserved URL characters only.
+PATH_PREFIX_RE = re.compile(r"/[A-Za-z0-9._~/-]{0,199}")
+MAX_EXEMPT_PATHS = 50
+MAX_ALLOW_FROM = 100
 
 # Every `kokoa:` config key, in one place. Top level: read as strings, or as JSON/YAML values
 # (`config.get_object`); the secret one is read apart. Entries: in the order an added entry
@@ -71,12 +84,14 @@ STRING_KEYS = ("acmeEmail", "acmeServer", "acmeCaBundle", "network", "sshUser", 
 OBJECT_KEYS = ("origins", "edges", "certRefreshInterval", "sshAllowFrom", "formerNames")
 SECRET_KEYS = ("sshPrivateKey",)
 ORIGIN_KEYS = ("name", "domain", "subnet", "host", "endpoint", "listenPort", "upstream", "sshPort",
-               "sshUser", "hostKey", "insecureAnyHostKey", "rateLimit", "hstsMaxAge", "zoneId",
+               "sshUser", "hostKey", "insecureAnyHostKey", "rateLimit", "capacity", "underAttack",
+               "allowFrom", "exemptPaths", "challengeDifficulty", "hstsMaxAge", "zoneId",
                "keyGeneration")
 EDGE_KEYS = ("name", "origin", "publicIp", "index", "host", "sshPort", "sshUser", "hostKey",
              "insecureAnyHostKey", "dns", "keyGeneration")
 RATE_LIMIT_KEYS = ("requestsPerSecond", "burst", "connections", "newConnectionsPerSecond",
                    "newConnectionsBurst")
+CAPACITY_KEYS = ("concurrentRequests",)
 # A Cloudflare A record's TTL, whoever writes it (the program's DnsRecords, kokoa-dns).
 DNS_TTL = 60
 
@@ -102,6 +117,29 @@ class RateLimit:
             object.__setattr__(self, "new_connections_per_second", self.requests_per_second)
         if self.new_connections_burst is None:
             object.__setattr__(self, "new_connections_burst", max(self.burst, 1))
+
+
+@dataclass(frozen=True)
+class Defence:
+    """What an origin's edges do beyond the per-address limits (docs/security.md).
+
+    `capacity`: the most requests the application serves at once, split across the
+    origin's edges; None = no bound. `under_attack`: "off" (no pass, no challenge), "auto"
+    (a challenge for requests without a visitor pass while the origin is full; needs a
+    capacity) or "on" (every request without a pass is challenged). `allow_from` (CIDRs)
+    and `exempt_paths` (path prefixes) are never challenged.
+    """
+
+    capacity: int | None = None
+    under_attack: str = "off"
+    allow_from: tuple[str, ...] = ()
+    exempt_paths: tuple[str, ...] = ()
+    challenge_difficulty: int = DEFAULT_CHALLENGE_DIFFICULTY
+
+    @property
+    def passes(self) -> bool:
+        """Whether the edges issue and check visitor passes (and load njs for it)."""
+        return self.under_attack != "off"
 
 
 @dataclass(frozen=True)
@@ -132,6 +170,7 @@ class Origin:
     zone_id: str | None
     hsts_max_age: int = DEFAULT_HSTS_MAX_AGE
     key_generation: int = 1
+    defence: Defence = Defence()
 
     interface = "wg0"
 
@@ -488,31 +527,38 @@ def _ssh_allow_from(c: _Checker, config: Mapping[str, Any]) -> tuple[str, ...]:
                                         "host; list the networks you administer from, or remove the "
                                         "key to allow everyone (0.0.0.0/0)")
         return DEFAULT_SSH_ALLOW_FROM
+    networks = _ipv4_networks(c, "kokoa", "sshAllowFrom", raw)
+    return networks if networks is not None else DEFAULT_SSH_ALLOW_FROM
+
+
+def _ipv4_networks(c: _Checker, entry: str, key: str, raw: list) -> tuple[str, ...] | None:
+    """Each of `raw` as a normalised IPv4 network ("198.51.100.0/24"), or None when one is
+    not (each reported as `key[i]`). A bare address is its /32."""
     networks = []
     for i, value in enumerate(raw):
-        key = f"sshAllowFrom[{i}]"
+        where = f"{key}[{i}]"
         if not isinstance(value, str):
-            c.fail("kokoa", key, f"{value!r} is not an IPv4 network like 198.51.100.0/24")
+            c.fail(entry, where, f"{value!r} is not an IPv4 network like 198.51.100.0/24")
             continue
         address, slash, prefix = value.partition("/")
         if slash and not (prefix.isascii() and prefix.isdigit() and str(int(prefix)) == prefix
                           and int(prefix) <= 32):
-            c.fail("kokoa", key, f"{value!r} is not an IPv4 network like 198.51.100.0/24 "
+            c.fail(entry, where, f"{value!r} is not an IPv4 network like 198.51.100.0/24 "
                                  "(prefix length 0 to 32)")
             continue
         if parse_ipv4(address) is None:
             canonical = canonical_ipv4(address)
-            c.fail("kokoa", key, LEADING_ZEROS.format(value=value, canonical=canonical + slash + prefix)
+            c.fail(entry, where, LEADING_ZEROS.format(value=value, canonical=canonical + slash + prefix)
                    if canonical else f"{value!r} is not an IPv4 network like 198.51.100.0/24")
             continue
         try:
             network = ipaddress.IPv4Network(value)
         except ValueError:
             network = ipaddress.IPv4Network(value, strict=False)
-            c.fail("kokoa", key, f"{value!r} has host bits set; write {network}")
+            c.fail(entry, where, f"{value!r} has host bits set; write {network}")
             continue
         networks.append(str(network))
-    return tuple(networks) if len(networks) == len(raw) else DEFAULT_SSH_ALLOW_FROM
+    return tuple(networks) if len(networks) == len(raw) else None
 
 
 def _settings(c: _Checker, config: Mapping[str, Any], needs_acme: bool) -> Settings:
@@ -615,6 +661,79 @@ def _rate_limit(c: _Checker, entry: str, raw: Any) -> RateLimit:
     )
 
 
+def _defence(c: _Checker, entry: str, raw: Mapping[str, Any]) -> Defence:
+    """capacity, underAttack, allowFrom, exemptPaths and challengeDifficulty of an origin."""
+    capacity = None
+    raw_capacity = raw.get("capacity")
+    if raw_capacity is not None:
+        if not isinstance(raw_capacity, dict):
+            c.fail(entry, "capacity", "must be a mapping like {concurrentRequests: 8}")
+        else:
+            where = f"{entry} capacity"
+            c.keys(where, raw_capacity, CAPACITY_KEYS)
+            capacity = c.integer(where, raw_capacity, "concurrentRequests", *CONCURRENT_REQUESTS_RANGE)
+    mode = raw.get("underAttack", "auto" if raw_capacity is not None else "off")
+    if mode not in UNDER_ATTACK_MODES:
+        c.fail(entry, "underAttack", f"{mode!r} is not one of {', '.join(UNDER_ATTACK_MODES)}")
+        mode = "off"
+    elif mode == "auto" and raw_capacity is None:
+        c.fail(entry, "underAttack", "auto challenges visitors only while the origin is at its capacity: "
+                                     "set capacity: {concurrentRequests: N} (the most requests the "
+                                     "application serves at once), or use on or off")
+    return Defence(
+        capacity=capacity,
+        under_attack=mode,
+        allow_from=_origin_list(c, entry, raw, "allowFrom", MAX_ALLOW_FROM, "IPv4 networks like "
+                                "[\"192.0.2.0/24\"]", lambda items: _ipv4_networks(c, entry, "allowFrom", items)),
+        exempt_paths=_origin_list(c, entry, raw, "exemptPaths", MAX_EXEMPT_PATHS, "path prefixes like "
+                                  "[\"/api/\"]", lambda items: _path_prefixes(c, entry, items)),
+        challenge_difficulty=c.integer(entry, raw, "challengeDifficulty", *CHALLENGE_DIFFICULTY_RANGE, False,
+                                       DEFAULT_CHALLENGE_DIFFICULTY),
+    )
+
+
+def _origin_list(c: _Checker, entry: str, raw: Mapping[str, Any], key: str, most: int, what: str,
+                 parse) -> tuple[str, ...]:
+    """An optional list `key` of at most `most` distinct items, each checked by `parse`."""
+    value = raw.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        c.fail(entry, key, f"{value!r} is not a list of {what}")
+        return ()
+    if len(value) > most:
+        c.fail(entry, key, f"has {len(value)} entries; at most {most}")
+        return ()
+    items = parse(value)
+    if items is None:
+        return ()
+    repeated = sorted({item for item in items if items.count(item) > 1})
+    if repeated:
+        c.fail(entry, key, f"lists {', '.join(repeated)} more than once")
+        return ()
+    return items
+
+
+def _path_prefixes(c: _Checker, entry: str, raw: list) -> tuple[str, ...] | None:
+    """Path prefixes that nginx takes as `location` prefixes and that match what they say."""
+    prefixes = []
+    for i, value in enumerate(raw):
+        where = f"exemptPaths[{i}]"
+        if not isinstance(value, str) or not PATH_PREFIX_RE.fullmatch(value):
+            c.fail(entry, where, f"{value!r} is not a path prefix like /api/ (a leading /, then at most "
+                                 "199 of A-Z a-z 0-9 . _ ~ / -)")
+        elif value == "/":
+            c.fail(entry, where, "'/' exempts every path, which is underAttack: off")
+        elif "//" in value or any(part in (".", "..") for part in value.split("/")):
+            # nginx matches the normalised path: such a prefix would never match anything.
+            c.fail(entry, where, f"{value!r} has an empty, . or .. segment, which a normalised path never has")
+        elif value.startswith("/.well-known/acme-challenge"):
+            c.fail(entry, where, "ACME challenges are never challenged already")
+        else:
+            prefixes.append(value)
+    return tuple(prefixes) if len(prefixes) == len(raw) else None
+
+
 def _upstream(c: _Checker, entry: str, raw: Mapping[str, Any]) -> str | None:
     value = c.string(entry, raw, "upstream", UPSTREAM_RE,
                      "an http(s)://host[:port][/path] URL of the application")
@@ -668,6 +787,7 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
         hsts_max_age = c.integer(entry, raw, "hstsMaxAge", *HSTS_MAX_AGE_RANGE, False,
                                  DEFAULT_HSTS_MAX_AGE)
         key_generation = c.integer(entry, raw, "keyGeneration", 1, None, False, 1)
+        defence = _defence(c, entry, raw)
         seen_origins.append((entry, name, domain, subnet, ssh, endpoint, listen_port))
         if None in (name, domain, subnet, endpoint, listen_port, upstream) or not ssh.host:
             continue
@@ -675,7 +795,7 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
                               wireguard_ip=tunnel_address(settings.network, subnet, ORIGIN_HOST),
                               endpoint=endpoint, listen_port=listen_port, upstream=upstream,
                               ssh=ssh, rate_limit=rate_limit, zone_id=zone_id,
-                              hsts_max_age=hsts_max_age, key_generation=key_generation))
+                              hsts_max_age=hsts_max_age, key_generation=key_generation, defence=defence))
 
     c.unique([(label, name, repr(name)) for label, name, *_ in seen_origins], "name", "origin name",
              by_position=True)

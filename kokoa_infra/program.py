@@ -148,4 +148,6 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
              "wireguardIp": e.wireguard_ip, "publicIp": e.public_ip} for e in topology.edges
         ],
         "bundles": pulumi.Output.secret(bundles),
+        # What `kokoa health` sends so that its probes are never challenged (secret).
+        "healthTokens": pulumi.Output.secret({name: origin.health_token for name, origin in origins.items()}),
     }

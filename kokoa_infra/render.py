@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import hmac
 import ipaddress
 import io
+import re
 import shlex
 import tarfile
 from dataclasses import dataclass
@@ -14,6 +17,7 @@ from typing import Iterable, Mapping
 import jinja2
 
 from kokoa_infra.addressing import TUNNEL_PREFIX
+from kokoa_infra.admission import Admission
 from kokoa_infra.model import Edge, Origin, Settings
 
 # Shipped inside the package (package-data), so an installed `kokoa` finds them from any directory.
@@ -32,6 +36,16 @@ STREAM_PACKAGE = "libnginx-mod-stream"
 # www-data cannot read the TLS key exported to the edges.
 GATEWAY_USER = "kokoa-gateway"
 RENEW_INTERVAL = 12 * 3600
+# Visitor passes and the challenge: Debian's libnginx-mod-http-js (njs 0.7.9 in bookworm)
+# and the edge's own files for it, apart from the bundle so that nginx finds them.
+JS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"
+JS_PACKAGE = "libnginx-mod-http-js"
+EDGE_NGINX_DIR = "/etc/nginx/kokoa"
+CHALLENGE_JS = "challenge.js"
+PASS_KEY_CONF = "pass-key.conf"
+# Files that hold a secret: written 0600 (file_mode).
+PRIVATE_FILES = (PASS_KEY_CONF,)
+PASS_KEY_RE = re.compile(r"[0-9a-f]{64}")
 
 BundleFiles = dict[str, str]
 
@@ -118,11 +132,26 @@ def render_origin_bundle(settings: Settings, origin: Origin, private_key: str,
     return files
 
 
+def health_token(pass_key: str, origin: Origin) -> str:
+    """What `kokoa health` sends in `Kokoa-Health` so that its probe is never challenged:
+    a MAC of the origin's name under its pass key (hex)."""
+    return hmac.new(pass_key.encode(), f"kokoa-health|{origin.name}".encode(), hashlib.sha256).hexdigest()
+
+
 def render_edge_bundle(settings: Settings, origin: Origin, edge: Edge, private_key: str, preshared_key: str,
-                       origin_public_key: str) -> BundleFiles:
-    """Files an edge host needs: tunnel to its origin, nginx, certificate refresh."""
+                       origin_public_key: str, *, pass_key: str | None = None,
+                       admission: Admission | None = None) -> BundleFiles:
+    """Files an edge host needs: tunnel to its origin, nginx, certificate refresh, and where
+    the origin has them, the pass and challenge (`pass_key`: the origin's, secret) and its
+    share of the origin's capacity (`admission`, from admission.split_capacity)."""
     if edge.origin != origin.name:
         raise ValueError(f"edge {edge.name} serves origin {edge.origin}, not {origin.name}")
+    defence = origin.defence
+    if defence.passes and not PASS_KEY_RE.fullmatch(pass_key or ""):
+        raise ValueError(f"origin {origin.name} has underAttack: {defence.under_attack}, which needs its pass "
+                         "key (32 bytes, hex)")
+    if (defence.capacity is None) != (admission is None):
+        raise ValueError(f"edge {edge.name}: an admission goes with origin {origin.name}'s capacity, and only then")
     interface = origin.edge_interface
     ctx = _common(settings, origin) | {
         "edge": edge,
@@ -132,9 +161,25 @@ def render_edge_bundle(settings: Settings, origin: Origin, edge: Edge, private_k
         "origin_public_key": origin_public_key,
         "refresh_interval": settings.cert_refresh_interval,
         "tls_dir": f"/etc/letsencrypt/live/{origin.domain}",
+        "defence": defence,
+        "admission": admission,
+        "limit_key": "$kokoa_visitor" if defence.passes else "$binary_remote_addr",
+        "edge_nginx_dir": EDGE_NGINX_DIR,
+        "js_package": JS_PACKAGE,
+        "js_module": JS_MODULE,
+        "js_file": f"{EDGE_NGINX_DIR}/{CHALLENGE_JS}",
+        "pass_key_file": f"{EDGE_NGINX_DIR}/{PASS_KEY_CONF}",
     }
+    passes: BundleFiles = {}
+    if defence.passes:
+        passes = {
+            CHALLENGE_JS: (TEMPLATES_DIR / "edge" / CHALLENGE_JS).read_text(),
+            PASS_KEY_CONF: _render("edge/pass-key.conf.j2", origin=origin, pass_key=pass_key,
+                                   health_token=health_token(pass_key, origin)),
+        }
+        ctx["js_digest"] = hashlib.sha256("".join(passes.values()).encode()).hexdigest()
     limits = origin.rate_limit
-    return {
+    return passes | {
         "firewall.nft": _render("common/firewall.nft.j2", **ctx, role="edge", node_name=edge.name,
                                 ssh_port=edge.ssh.port, listen_port=origin.listen_port,
                                 origin_endpoint=next(iter(_ipv4s([origin.endpoint])), ""),
@@ -192,7 +237,7 @@ def file_mode(name: str) -> int:
     """Private files (keys) 0600, scripts 0755, the rest 0644."""
     if name.endswith(".sh"):
         return 0o755
-    if name.endswith(".conf") and name.startswith("wg"):
+    if (name.endswith(".conf") and name.startswith("wg")) or name in PRIVATE_FILES:
         return 0o600
     return 0o644
 

@@ -4,11 +4,13 @@ the rendered files with real tools (tests/unit/test_gixy.py, tests/netns/test_fi
 from __future__ import annotations
 
 from conftest import BASE_CONFIG
+from kokoa_infra.admission import admissions
 from kokoa_infra.model import parse_topology
 from kokoa_infra.render import EdgePeer, render_edge_bundle, render_origin_bundle
 from kokoa_infra.stackfile import kokoa_config
 
 KEY = "YAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+PASS_KEY = "0123456789abcdef" * 4
 
 
 def bundles(config: dict) -> dict[str, dict[str, str]]:
@@ -18,8 +20,10 @@ def bundles(config: dict) -> dict[str, dict[str, str]]:
         edges = topology.edges_of(origin)
         found[f"origin/{origin.name}"] = render_origin_bundle(
             topology.settings, origin, KEY, [EdgePeer(e, KEY, KEY) for e in edges])
+        shares = admissions(origin, edges)
         for edge in edges:
-            found[f"edge/{edge.name}"] = render_edge_bundle(topology.settings, origin, edge, KEY, KEY, KEY)
+            found[f"edge/{edge.name}"] = render_edge_bundle(topology.settings, origin, edge, KEY, KEY, KEY,
+                                                            pass_key=PASS_KEY, admission=shares[edge.name])
     return found
 
 

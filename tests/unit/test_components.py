@@ -76,7 +76,7 @@ def test_an_edge_takes_its_own_origin_only(topology):
     shop, tokyo = topology.origin("shop"), topology.edges[0]
     with pytest.raises(ValueError, match="^edge edge-tokyo-1 serves origin blog, not shop$"):
         EdgeNodeArgs(edge=tokyo, origin=shop, settings=topology.settings, zone_id=None,
-                     origin_public_key=None, ssh_private_key=None, stack="test")
+                     origin_public_key=None, ssh_private_key=None, stack="test", pass_key=None)
 
 
 def test_an_origin_takes_its_own_edges_in_index_order(topology):

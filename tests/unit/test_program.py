@@ -37,7 +37,7 @@ def test_components_own_their_children(program):
 def test_keys_are_32_random_bytes_per_node_and_pair(program):
     keys = program.of_type(RANDOM_BYTES)
     assert sorted(r.name for r in keys) == sorted(
-        ["blog-wireguard-key", "shop-wireguard-key"]
+        ["blog-wireguard-key", "shop-wireguard-key", "blog-pass-key", "shop-pass-key"]
         + [f"{e}-{k}" for e in ("edge-tokyo-1", "edge-osaka-1", "edge-tokyo-2")
            for k in ("wireguard-key", "preshared-key")])
     assert all(r.inputs["length"] == 32 for r in keys)
@@ -45,7 +45,7 @@ def test_keys_are_32_random_bytes_per_node_and_pair(program):
 
 def test_outputs_have_the_contract_shape(program):
     out = program.outputs
-    assert set(out) == {"origins", "edges", "dnsRecords", "healthTargets", "bundles"}
+    assert set(out) == {"origins", "edges", "dnsRecords", "healthTargets", "bundles", "healthTokens"}
     assert out["origins"]["blog"] == {
         "domain": "blog.example.com", "subnet": 0, "wireguardIp": "10.100.0.1",
         "publicKey": out["origins"]["blog"]["publicKey"], "endpoint": "203.0.113.10",
@@ -70,8 +70,8 @@ def test_outputs_have_the_contract_shape(program):
     assert set(out["bundles"]["origin/blog"]) >= {"wg0.conf", "install.sh"}
 
 
-def test_only_bundles_are_secret_and_public_keys_match_private_keys(program):
-    assert program.secret_outputs == {"bundles"}
+def test_only_bundles_and_health_tokens_are_secret_and_public_keys_match_private_keys(program):
+    assert program.secret_outputs == {"bundles", "healthTokens"}
     wg0 = program.outputs["bundles"]["origin/blog"]["wg0.conf"]
     private = next(line.split(" = ", 1)[1] for line in wg0.splitlines() if line.startswith("PrivateKey"))
     assert public_key(private) == program.outputs["origins"]["blog"]["publicKey"]
@@ -269,3 +269,45 @@ def test_remote_commands_are_valid_posix_sh_and_fall_back_to_sudo(program, tmp_p
                 checked = subprocess.run(["shellcheck", "-s", "sh", str(script)], capture_output=True, text=True)
                 assert checked.returncode == 0, checked.stdout
             assert 'if [ "$(id -u)" -eq 0 ]; then' in text and "else sudo -n " in text
+
+
+# --- visitor passes and capacity (docs/security.md, "Distributed floods") ----------------------
+
+def defended_config() -> dict:
+    config = copy.deepcopy(BASE_CONFIG)
+    config["kokoa:origins"][0].update({"capacity": {"concurrentRequests": 9}, "allowFrom": ["10.9.3.0/24"],
+                                       "exemptPaths": ["/api/"]})
+    config["kokoa:edges"].append({"name": "edge-nagoya-1", "origin": "blog", "publicIp": "198.51.100.10",
+                                  "index": 12, "hostKey": BASE_CONFIG["kokoa:edges"][0]["hostKey"]})
+    return config
+
+
+def test_an_origins_edges_share_one_secret_pass_key_and_its_capacity():
+    program = run_program(defended_config())
+    pass_key = program.named("blog-pass-key")
+    assert pass_key.parent == program.named("blog").urn and pass_key.inputs["length"] == 32
+    bundles = program.outputs["bundles"]
+    key_files = {edge: bundles[f"edge/{edge}"]["pass-key.conf"] for edge in ("edge-tokyo-1", "edge-nagoya-1",
+                                                                               "edge-osaka-1")}
+    assert len(set(key_files.values())) == 1  # DNS round robin sends a visitor to any of them
+    assert "pass-key.conf" not in bundles["edge/edge-tokyo-2"]  # shop: underAttack off
+    token = program.outputs["healthTokens"]["blog"]
+    assert f"js_var $kokoa_health_token {token};" in key_files["edge-tokyo-1"]
+    assert token != program.outputs["healthTokens"]["shop"]
+    # 9 across tokyo-1 and nagoya-1 (serving) and osaka-1 (drained: 1): 4 + 4 + 1.
+    shares = {edge: next(line for line in bundles[f"edge/{edge}"]["nginx.conf"].splitlines() if "max_conns=" in line)
+              for edge in ("edge-tokyo-1", "edge-nagoya-1", "edge-osaka-1")}
+    assert {edge: line.rsplit("=", 1)[1] for edge, line in shares.items()} == {
+        "edge-tokyo-1": "4;", "edge-nagoya-1": "4;", "edge-osaka-1": "1;"}
+    # The key reaches the hosts in the (secret) stdin only, never on a command line.
+    key = next(line.split()[2].rstrip(";") for line in key_files["edge-tokyo-1"].splitlines()
+               if line.startswith("js_var $kokoa_pass_key "))
+    assert len(key) == 64 and all(key not in c.inputs["create"] for c in program.of_type(COMMAND))
+
+
+def test_draining_an_edge_moves_its_share_to_the_others():
+    config = defended_config()
+    config["kokoa:edges"][3]["dns"] = False  # nagoya-1 drained too: tokyo-1 alone serves
+    bundles = run_program(config).outputs["bundles"]
+    conf = bundles["edge/edge-tokyo-1"]["nginx.conf"]
+    assert "max_conns=7;" in conf and "limit_conn kokoa_open 6;" in conf
