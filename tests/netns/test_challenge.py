@@ -1,0 +1,281 @@
+"""The rendered edge with a capacity, visitor passes and the challenge, serving for real (nginx
+and Debian's njs) in throwaway namespaces, in front of a slow application: passes forged,
+expired, from another network or under another origin's key are refused; a solved challenge
+is one pass however often it is replayed; exempt paths, allowFrom and the health token are
+never challenged; the origin never sees more than the edge's share."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import base64
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from conftest import BASE_CONFIG
+from kokoa_infra.render import JS_MODULE, health_token
+from kokoa_infra.model import parse_topology
+from kokoa_infra.stackfile import kokoa_config
+from tests.rendering import PASS_KEY, bundles, wireguard_ips
+
+DOMAIN = "blog.example.com"
+VISITOR, NEIGHBOUR, STRANGER, MONITOR = "10.9.1.5", "10.9.1.6", "10.9.2.5", "10.9.3.5"
+# The application: /?ms=N answers after N ms; every answer says the most requests it had at once.
+APP = '''
+import http.server, socketserver, sys, threading, time, urllib.parse
+state = {"now": 0, "peak": 0}; lock = threading.Lock()
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        with lock:
+            state["now"] += 1; state["peak"] = max(state["peak"], state["now"])
+        try:
+            query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+            time.sleep(min(int(query.get("ms", ["0"])[0]), 5000) / 1000)
+            body = ("app path=%s health=%s peak=%d\\n" % (self.path, self.headers.get("Kokoa-Health", "-"),
+                                                         state["peak"])).encode()
+            self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+            self.wfile.write(body)
+        finally:
+            with lock:
+                state["now"] -= 1
+    def log_message(self, *args): pass
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True; allow_reuse_address = True
+Server((sys.argv[1], 80), Handler).serve_forever()
+'''
+
+pytestmark = pytest.mark.skipif(not Path(JS_MODULE).exists(), reason="libnginx-mod-http-js is not installed "
+                                                                      "(make setup installs it)")
+
+
+@dataclass
+class Response:
+    code: int
+    headers: dict[str, str]
+    body: str
+
+    @property
+    def challenged(self) -> bool:
+        return self.code == 503 and "var CHALLENGE = " in self.body
+
+    @property
+    def pass_cookie(self) -> str | None:
+        match = re.match(r"kokoa_pass=([^;]+);", self.headers.get("set-cookie", ""))
+        return match[1] if match else None
+
+
+@dataclass
+class Edge:
+    netns: str
+    origin: str
+    ca: Path
+
+    def get(self, path: str = "/", source: str = VISITOR, cookies: dict[str, str] | None = None,
+            headers: dict[str, str] | None = None) -> Response:
+        argv = ["ip", "netns", "exec", self.netns, "curl", "-sS", "--max-time", "8", "--cacert", str(self.ca),
+                "--resolve", f"{DOMAIN}:443:{source}", "--interface", source, "-D", "-"]
+        for name, value in (cookies or {}).items():
+            argv += ["-b", f"{name}={value}"]
+        for name, value in (headers or {}).items():
+            argv += ["-H", f"{name}: {value}"]
+        done = subprocess.run([*argv, f"https://{DOMAIN}{path}"], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        head, _, body = done.stdout.partition("\n\n")  # text mode: CRLF read as \n
+        lines = head.split("\n")
+        return Response(int(lines[0].split()[1]),
+                        {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}, body)
+
+    def hold(self, path: str, source: str = VISITOR, cookies: dict[str, str] | None = None,
+             pause: float = 0.4) -> subprocess.Popen:
+        """A request that keeps its place at the origin while the test goes on."""
+        argv = ["ip", "netns", "exec", self.netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                "--max-time", "8", "--cacert", str(self.ca), "--resolve", f"{DOMAIN}:443:{source}",
+                "--interface", source]
+        for name, value in (cookies or {}).items():
+            argv += ["-b", f"{name}={value}"]
+        held = subprocess.Popen([*argv, f"https://{DOMAIN}{path}"], stdout=subprocess.PIPE, text=True)
+        time.sleep(pause)
+        return held
+
+
+@pytest.fixture
+def start_edge(make_netns, tmp_path) -> Callable[..., Edge]:
+    """Renders edge-tokyo-1 with blog's entry updated by the given values and starts it with the
+    slow application behind it (osaka-1 is drained: tokyo-1 gets the share of the capacity less 1)."""
+
+    def start(**values: Any) -> Edge:
+        edge_ns, origin_ns = make_netns(), make_netns()
+        config = copy.deepcopy(BASE_CONFIG)
+        config["kokoa:origins"][0].update({"challengeDifficulty": 8, **values})
+        files = bundles(config)["edge/edge-tokyo-1"]
+        ips = wireguard_ips(config)
+        subprocess.run(["ip", "-n", edge_ns, "link", "add", "tun0", "type", "veth", "peer", "name", "tun0",
+                        "netns", origin_ns], check=True)
+        subprocess.run(["ip", "-n", origin_ns, "addr", "add", f"{ips['blog']}/24", "dev", "tun0"], check=True)
+        subprocess.run(["ip", "-n", edge_ns, "addr", "add", f"{ips['edge-tokyo-1']}/24", "dev", "tun0"], check=True)
+        for ns in (edge_ns, origin_ns):
+            subprocess.run(["ip", "-n", ns, "link", "set", "tun0", "up"], check=True)
+        for address in (VISITOR, NEIGHBOUR, STRANGER, MONITOR):
+            subprocess.run(["ip", "-n", edge_ns, "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+        app = tmp_path / "app.py"
+        app.write_text(APP)
+        subprocess.Popen(["ip", "netns", "exec", origin_ns, sys.executable, str(app), ips["blog"]],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        live = tmp_path / "letsencrypt" / "live" / DOMAIN
+        live.mkdir(parents=True)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-days", "1", "-subj", f"/CN={DOMAIN}", "-addext", f"subjectAltName=DNS:{DOMAIN}",
+                        "-keyout", str(live / "privkey.pem"), "-out", str(live / "fullchain.pem")],
+                       check=True, capture_output=True)
+        for sub in ("log/nginx", "run", "kokoa"):
+            (tmp_path / sub).mkdir(parents=True)
+        for name in ("challenge.js", "pass-key.conf"):
+            if name in files:
+                (tmp_path / "kokoa" / name).write_text(files[name])
+        (tmp_path / "nginx.conf").write_text(files["nginx.conf"])
+        script = (f"mkdir -p /etc/letsencrypt && mount --bind {tmp_path / 'letsencrypt'} /etc/letsencrypt && "
+                  f"mount --bind {tmp_path / 'log'} /var/log && mount --bind {tmp_path / 'run'} /run && "
+                  f"mount --bind {tmp_path / 'kokoa'} /etc/nginx/kokoa && exec nginx -c {tmp_path / 'nginx.conf'}")
+        started = subprocess.run(["ip", "netns", "exec", edge_ns, "unshare", "--mount", "--propagation", "private",
+                                  "sh", "-c", script], capture_output=True, text=True, timeout=30)
+        assert started.returncode == 0, started.stderr
+        edge = Edge(edge_ns, origin_ns, live / "fullchain.pem")
+        for _ in range(50):  # the application's first answer
+            if subprocess.run(["ip", "netns", "exec", edge_ns, "curl", "-s", "-o", "/dev/null",
+                               f"http://{ips['blog']}/"], capture_output=True, timeout=10).returncode == 0:
+                break
+            time.sleep(0.1)
+        return edge
+
+    return start  # make_netns kills every process left in the namespaces
+
+
+# --- passes and solutions made here the way the edge makes them (an independent implementation) ---
+
+def mac(text: str, key: str = PASS_KEY) -> str:
+    digest = hmac.new(key.encode(), text.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def make_pass(network: str = "10.9.1.0/24", expiry: int | None = None, pass_id: str = "0123456789abcdef",
+              origin: str = "blog", key: str = PASS_KEY) -> str:
+    expiry = int(time.time()) + 3600 if expiry is None else expiry
+    return f"{expiry}.{pass_id}.{mac(f'pass|{origin}|{network}|{expiry}|{pass_id}', key)}"
+
+
+def solve(page: str) -> str:
+    challenge, bits = re.search(r'var CHALLENGE = "([^"]+)", BITS = (\d+);', page).groups()
+    for counter in range(1 << 24):
+        value = f"{challenge}.{counter}"
+        if int.from_bytes(hashlib.sha256(value.encode()).digest(), "big") >> (256 - int(bits)) == 0:
+            return value
+    raise AssertionError("no solution")
+
+
+def test_only_a_valid_pass_of_this_origin_and_network_gets_through(start_edge):
+    edge = start_edge(underAttack="on")
+    first = edge.get("/")
+    assert first.challenged and first.headers["retry-after"] == "5" and first.headers["cache-control"] == "no-store"
+    assert first.pass_cookie is None
+    ok = edge.get("/", cookies={"kokoa_pass": make_pass()})
+    assert ok.code == 200 and ok.body.startswith("app path=/ ")
+    assert edge.get("/", source=NEIGHBOUR, cookies={"kokoa_pass": make_pass()}).code == 200  # same /24
+    refused = {
+        "forged": make_pass()[:-2] + "AA",
+        "expired": make_pass(expiry=int(time.time()) - 1),
+        "too far ahead": make_pass(expiry=int(time.time()) + 2 * 86400),
+        "other network": make_pass(network="10.9.2.0/24"),
+        "other origin's name": make_pass(origin="shop"),
+        "other origin's key": make_pass(key="f" * 64),
+    }
+    for why, value in refused.items():
+        assert edge.get("/", cookies={"kokoa_pass": value}).challenged, why
+    assert edge.get("/", source=STRANGER, cookies={"kokoa_pass": make_pass()}).challenged
+
+
+def test_a_solved_challenge_is_one_pass_however_often_it_is_replayed(start_edge):
+    edge = start_edge(underAttack="on")
+    page = edge.get("/").body
+    assert '<html lang="en">' in page and "<noscript>" in page and "http" not in page.split("<script>")[1]
+    solution = solve(page)
+    first = edge.get("/", cookies={"kokoa_solution": solution})
+    assert first.code == 200 and first.pass_cookie
+    assert first.headers["set-cookie"].endswith("; Secure; HttpOnly; SameSite=Lax")
+    again = edge.get("/", source=NEIGHBOUR, cookies={"kokoa_solution": solution})
+    assert again.code == 200 and again.pass_cookie == first.pass_cookie  # the same pass, the same limits
+    assert edge.get("/", cookies={"kokoa_pass": first.pass_cookie}).code == 200
+    # A wrong counter, another network, a changed difficulty: refused.
+    challenge, counter = solution.rsplit(".", 1)
+    wrong = next(f"{challenge}.{n}" for n in range(int(counter) + 1, 1 << 24)
+                 if int.from_bytes(hashlib.sha256(f"{challenge}.{n}".encode()).digest(), "big") >> 248 != 0)
+    assert edge.get("/", cookies={"kokoa_solution": wrong}).challenged
+    assert edge.get("/", source=STRANGER, cookies={"kokoa_solution": solution}).challenged
+    time_, pass_id, bits, signature, _ = solution.split(".")
+    easier = f"{time_}.{pass_id}.1.{signature}.0"
+    assert edge.get("/", cookies={"kokoa_solution": easier}).challenged
+    # A challenge older than five minutes is worthless, even well signed and solved.
+    old = str(int(time.time()) - 301)
+    stale = f"{old}.{pass_id}.8.{mac(f'challenge|blog|10.9.1.0/24|{old}|{pass_id}|8')}"
+    assert edge.get("/", cookies={"kokoa_solution": solve(f'var CHALLENGE = "{stale}", BITS = 8;')}).challenged
+
+
+def test_exempt_paths_allow_from_and_the_health_token_are_never_challenged(start_edge):
+    edge = start_edge(underAttack="on", exemptPaths=["/api/", "/a-b_c.d~e/"], allowFrom=["10.9.3.0/24"])
+    assert edge.get("/api/orders").code == 200
+    assert edge.get("/a-b_c.d~e/x").code == 200
+    assert edge.get("/apix").challenged  # a prefix, matched as nginx matches locations
+    assert edge.get("/", source=MONITOR).code == 200
+    token = health_token(PASS_KEY, parse_topology(kokoa_config(BASE_CONFIG)).origin("blog"))
+    probe = edge.get("/", headers={"Kokoa-Health": token})
+    assert probe.code == 200 and "health=-" in probe.body  # and the token does not reach the application
+    assert edge.get("/", headers={"Kokoa-Health": token[:-1] + "0"}).challenged
+
+
+def test_a_pass_is_limited_as_one_visitor(start_edge):
+    edge = start_edge(underAttack="on", rateLimit={"requestsPerSecond": 1, "burst": 2, "connections": 50})
+    one, other = make_pass(pass_id="1111111111111111"), make_pass(pass_id="2222222222222222")
+    # Eight at once: 1 served, 1 waits its turn (the burst of 2), the rest refused.
+    at_once = [edge.hold("/", cookies={"kokoa_pass": one}, pause=0) for _ in range(8)]
+    codes = [held.communicate(timeout=15)[0] for held in at_once]
+    assert codes.count("429") >= 4, codes  # one pass: one visitor's rate
+    assert edge.get("/", cookies={"kokoa_pass": other}).code == 200  # another visitor on the same address
+
+
+def test_auto_hands_out_passes_in_normal_times_and_challenges_only_when_full(start_edge):
+    # capacity 3: osaka-1 (drained) 1, tokyo-1 2, of which 1 for requests without a pass.
+    edge = start_edge(capacity={"concurrentRequests": 3}, exemptPaths=["/api/"], allowFrom=["10.9.3.0/24"])
+    normal = edge.get("/")
+    assert normal.code == 200 and normal.pass_cookie  # carried into the next attack
+    visitor = normal.pass_cookie
+    held = edge.hold("/?ms=2500")  # the open part is taken
+    assert edge.get("/").challenged
+    assert edge.get("/api/x").code == 503  # exempt: never a challenge, a fast 503
+    kept = edge.hold("/?ms=2500", cookies={"kokoa_pass": visitor})  # the pass holder's reserved place
+    full = edge.get("/", cookies={"kokoa_pass": visitor})
+    assert full.code == 503 and full.headers["retry-after"] == "1" and not full.challenged
+    monitor = edge.get("/", source=MONITOR)
+    assert monitor.code == 503 and not monitor.challenged  # allowFrom: never a challenge either
+    assert held.communicate(timeout=15)[0] == "200" and kept.communicate(timeout=15)[0] == "200"
+    assert "peak=2" in edge.get("/", cookies={"kokoa_pass": visitor}).body  # never above the share
+
+
+def test_capacity_without_challenge_is_a_fast_503_and_a_dead_origin_still_a_502(start_edge):
+    edge = start_edge(capacity={"concurrentRequests": 2}, underAttack="off")  # tokyo-1: 1
+    held = edge.hold("/?ms=2500")
+    started = time.monotonic()
+    busy = edge.get("/")
+    assert busy.code == 503 and busy.headers["retry-after"] == "1" and time.monotonic() - started < 1.5
+    assert held.communicate(timeout=15)[0] == "200"
+    subprocess.run(["ip", "netns", "exec", edge.origin, "pkill", "-f", "app.py"], check=False)
+    subprocess.run(["ip", "netns", "pids", edge.origin], capture_output=True)
+    time.sleep(0.3)
+    assert edge.get("/").code == 502
