@@ -196,7 +196,7 @@ def bundle(node: str, output: str | None, stack: str | None, outputs_file: str |
     click.echo(f"wrote {target} ({len(files)} files, mode 0600)")
 
 
-def _edit_edge(stack: str | None, file: str | None, change) -> None:
+def _edit_stack(stack: str | None, file: str | None, change) -> None:
     from kokoa_infra.stackfile import StackFileError, stack_file
 
     try:
@@ -222,7 +222,7 @@ def drain(stack, file, force, edge) -> None:
     """Take EDGE out of DNS (dns: false); it keeps running until removed."""
     from kokoa_infra.stackfile import set_edge_dns
 
-    _edit_edge(stack, file, lambda path: set_edge_dns(path, edge, serving=False, force=force))
+    _edit_stack(stack, file, lambda path: set_edge_dns(path, edge, serving=False, force=force))
 
 
 @main.command("undrain", epilog=EDIT_EPILOG)
@@ -232,7 +232,7 @@ def undrain(stack, file, edge) -> None:
     """Put EDGE back in DNS (drops dns: false)."""
     from kokoa_infra.stackfile import set_edge_dns
 
-    _edit_edge(stack, file, lambda path: set_edge_dns(path, edge, serving=True))
+    _edit_stack(stack, file, lambda path: set_edge_dns(path, edge, serving=True))
 
 
 @main.command("remove-edge", epilog=EDIT_EPILOG)
@@ -243,7 +243,19 @@ def remove_edge_command(stack, file, force, edge) -> None:
     """Delete EDGE's entry: the next `pulumi up` uninstalls it from its server."""
     from kokoa_infra.stackfile import remove_edge
 
-    _edit_edge(stack, file, lambda path: remove_edge(path, edge, force=force))
+    _edit_stack(stack, file, lambda path: remove_edge(path, edge, force=force))
+
+
+@main.command("under-attack", epilog=EDIT_EPILOG)
+@stack_file_options
+@click.argument("mode", type=click.Choice(["on", "off", "auto"]))
+@click.argument("origin")
+def under_attack(stack, file, mode, origin) -> None:
+    """Set ORIGIN's underAttack: on (challenge every visitor without a pass), auto (only while
+    the origin is at its capacity) or off. docs/operations.md, "Under a distributed flood"."""
+    from kokoa_infra.stackfile import set_under_attack
+
+    _edit_stack(stack, file, lambda path: set_under_attack(path, origin, mode))
 
 
 main.add_command(health)

@@ -1,4 +1,5 @@
-"""Edit `Pulumi.<stack>.yaml` in place: append an origin or edge with the next free allocation."""
+"""Edit `Pulumi.<stack>.yaml` in place: append an origin or edge with the next free allocation, drain,
+undrain or remove an edge, set an origin's underAttack."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from kokoa_infra.atomic_file import PRIVATE, write_atomically
 from kokoa_infra.conventions import STACK_ENV, selected_stack
-from kokoa_infra.model import DNS_TTL, EDGE_KEYS, OBJECT_KEYS, ORIGIN_KEYS, InvalidConfig, next_index, next_subnet, parse_topology
+from kokoa_infra.model import (DNS_TTL, EDGE_KEYS, OBJECT_KEYS, ORIGIN_KEYS, UNDER_ATTACK_MODES, InvalidConfig,
+                               next_index, next_subnet, parse_topology)
 
 PREFIX = "kokoa:"
 
@@ -216,7 +218,7 @@ def append_entry(path: Path, list_key: str, entry: dict[str, Any]) -> dict[str, 
 # --- drain, undrain, remove: one edge's entry, for `kokoa drain/undrain/remove-edge` ---------
 
 @dataclass(frozen=True)
-class EdgeChange:
+class StackChange:
     """What changed in the stack file, and what the next `pulumi up` will do because of it."""
 
     path: Path
@@ -295,7 +297,7 @@ def _record_lines(edge: _EdgeView, verb: str) -> list[str]:
             f"kokoa-dns {action} --ip {edge.public_ip} --name {edge.domain}"]
 
 
-def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> EdgeChange:
+def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> StackChange:
     """Drain (`serving=False`: `dns: false`) or undrain an edge, keeping the file's comments.
 
     Draining the last serving edge of an origin is refused unless `force`. On any problem
@@ -306,7 +308,7 @@ def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> E
     edge = _view(stack, edges[i])
     domain = edge.domain
     if edge.dns == serving:
-        return EdgeChange(path, False, f"edge {name} is already {'serving' if serving else 'drained'}; "
+        return StackChange(path, False, f"edge {name} is already {'serving' if serving else 'drained'}; "
                                        f"{path} is unchanged", [])
     entry = edges[i]
     if serving:
@@ -326,15 +328,15 @@ def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> E
     if serving:
         lines = [*_record_lines(edge, "creates"),
                  f"{domain} is then served by {', '.join(serving_now)}"]
-        return EdgeChange(path, True, f"undrained edge {name} in {path}", lines)
+        return StackChange(path, True, f"undrained edge {name} in {path}", lines)
     lines = [*_record_lines(edge, "deletes"), f"keeps {name} running and its tunnel up",
              (f"{domain} is then served by {', '.join(serving_now)}" if serving_now
               else f"WARNING: {domain} then has no serving edge: the site is unreachable"),
              f"then wait out the TTL before `kokoa remove-edge {name}`"]
-    return EdgeChange(path, True, f"drained edge {name} in {path} (dns: false)", lines)
+    return StackChange(path, True, f"drained edge {name} in {path} (dns: false)", lines)
 
 
-def remove_edge(path: Path, name: str, force: bool = False) -> EdgeChange:
+def remove_edge(path: Path, name: str, force: bool = False) -> StackChange:
     """Delete an edge's entry, keeping the file's comments.
 
     Removing an origin's last serving edge is refused unless `force`; drain it first and
@@ -363,4 +365,59 @@ def remove_edge(path: Path, name: str, force: bool = False) -> EdgeChange:
     lines += [f"removes its peer from origin {edge.origin} and its WireGuard keys from the state"]
     if not _serving(stack, edge.origin) and not edge.dns:
         lines.append(f"{edge.domain} has no serving edge (it had none before either)")
-    return EdgeChange(path, True, f"removed edge {name} from {path}", lines)
+    return StackChange(path, True, f"removed edge {name} from {path}", lines)
+
+
+# --- underAttack: one origin's entry, for `kokoa under-attack` --------------------------------
+
+def set_under_attack(path: Path, name: str, mode: str) -> StackChange:
+    """Set origin `name`'s `underAttack` to `mode`, keeping the file's comments.
+
+    `auto` needs the origin's `capacity` (it challenges only while the origin is full);
+    the default is written as no key at all. On any problem the file is left as it was.
+    """
+    if mode not in UNDER_ATTACK_MODES:
+        raise ChangeRefused(f"{mode!r} is not one of {', '.join(UNDER_ATTACK_MODES)}")
+    stack = StackDocument(path)
+    origins = stack.objects("origins")
+    entry = next((o for o in origins or [] if isinstance(o, dict) and o.get("name") == name), None)
+    if entry is None:
+        known = ", ".join(str(o.get("name")) for o in origins or [] if isinstance(o, dict)) or "none"
+        raise StackFileError(f"no origin is named {name!r} (origins: {known})")
+    capacity = entry.get("capacity")
+    concurrent = capacity.get("concurrentRequests") if isinstance(capacity, dict) else None
+    if mode == "auto" and capacity is None:
+        raise ChangeRefused(f"origin {name} has no capacity: auto challenges visitors only while the origin is "
+                            f"full. Set its capacity (kokoa:origins[].capacity: {{concurrentRequests: N}}, the "
+                            "most requests the application serves at once), or use on")
+    default = "auto" if capacity is not None else "off"
+    current = entry.get("underAttack", default)
+    if current == mode:
+        return StackChange(path, False, f"origin {name} is already underAttack: {mode}; {path} is unchanged", [])
+    if mode == default:
+        del entry["underAttack"]
+    elif "underAttack" in entry:
+        entry["underAttack"] = mode
+    else:
+        keys = list(entry)
+        position = next((k for k, key in enumerate(keys) if key in ORIGIN_KEYS[ORIGIN_KEYS.index("underAttack") + 1:]),
+                        len(keys))
+        _insert(entry, position, "underAttack", mode)
+    stack.write()
+    edges = [e.get("name") for e in stack.objects("edges") or []
+             if isinstance(e, dict) and e.get("origin") == name]
+    where = f"on {', '.join(edges)}" if edges else "on its edges (it has none yet)"
+    exempt = [*(entry.get("allowFrom") or []), *(entry.get("exemptPaths") or [])]
+    spared = f" ({', '.join(exempt)} and the health checker excepted)" if exempt else " (the health checker excepted)"
+    lines = {
+        "on": [f"{where}: every request without a visitor pass gets the challenge{spared}; visitors "
+               "who solve it, or came with a pass, go through"],
+        "auto": [f"{where}: requests without a visitor pass get the challenge only while {name} is at its "
+                 f"capacity ({concurrent} requests at once){spared}; visitors answered before get a pass"],
+        "off": [f"{where}: no visitor pass and no challenge"
+                + (f"; over {name}'s capacity ({concurrent} requests at once) a 503 with Retry-After"
+                   if capacity is not None else "")],
+    }[mode]
+    lines.append("reloads nginx on each edge (open connections finish)"
+                 + ("; installs libnginx-mod-http-js where it is missing" if mode != "off" else ""))
+    return StackChange(path, True, f"set underAttack: {mode} for origin {name} in {path}", lines)

@@ -55,7 +55,8 @@ def parse_checks(_ctx: click.Context | None, _param: click.Parameter | None,
 def read_targets(stack: str | None, outputs_file: str | None) -> list[Target]:
     """The nodes from the stack outputs; HealthError with the reason when they cannot be had."""
     try:
-        return parse_targets(load_outputs(stack=stack, outputs_file=outputs_file))
+        # With secrets: the health tokens that keep the edges from challenging the probes.
+        return parse_targets(load_outputs(stack=stack, outputs_file=outputs_file, show_secrets=True))
     except (OutputsError, TargetsError) as exc:
         raise HealthError(str(exc)) from exc
 

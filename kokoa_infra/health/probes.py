@@ -206,8 +206,11 @@ def _cert_recording_pool_class() -> type:
 
 
 def probe_https(domain: str, address: str, timeout_s: float, ca_bundle: str | None = None,
-                port: int = 443) -> HttpsResult:
+                port: int = 443, health_token: str | None = None) -> HttpsResult:
     """GET https://<domain>/ from `address` (SNI and Host = domain, certificate verified).
+
+    With its origin's `health_token`, the edge never answers the probe with its challenge
+    (underAttack on, or auto at capacity): the probe goes through to the origin.
 
     ok = an HTTP response with a status below 500: a 502/504 is the edge saying the
     tunnel or the origin behind it failed, while a 404 or a redirect still proves the path.
@@ -220,9 +223,11 @@ def probe_https(domain: str, address: str, timeout_s: float, ca_bundle: str | No
         timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s))
     started = time.monotonic()
     try:
+        headers = {"Host": domain, "User-Agent": "kokoa-health", "Connection": "close"}
+        if health_token:
+            headers["Kokoa-Health"] = health_token
         response = pool.urlopen(
-            "GET", "/", headers={"Host": domain, "User-Agent": "kokoa-health",
-                                 "Connection": "close"},
+            "GET", "/", headers=headers,
             preload_content=False, redirect=False, retries=False)
         latency_ms = round((time.monotonic() - started) * 1000, 3)
         peer_cert = getattr(response.connection, "peer_cert", None)
@@ -272,7 +277,7 @@ def run_sweep(targets: list[Target], options: SweepOptions, local: LocalNetwork,
             if "https" in options.checks and target.role == "edge":
                 probes[index] = https_pool.submit(
                     https, target.domain, target.public_ip, options.https_timeout_s,
-                    options.ca_bundle, options.https_port)
+                    options.ca_bundle, options.https_port, health_token=target.health_token)
         for index, target in enumerate(targets):
             if "ping" in options.checks:
                 address, via = ping_address(target, local, options.ping_via)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,6 +14,9 @@ from kokoa_infra.addressing import tunnel_network
 
 ROLES = ("origin", "edge")
 PingVia = Literal["auto", "wireguard", "public"]
+
+
+HEALTH_TOKEN_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class TargetsError(Exception):
@@ -30,6 +34,9 @@ class Target:
     wireguard_ip: IPv4Address
     public_ip: str   # an edge's IPv4 address; an origin's endpoint, which may be a hostname
     drained: bool = False   # an edge with `dns: false` in the `edges` output: running, no A record
+    # Sent in `Kokoa-Health` so that the edge never challenges the probe (its origin's entry of
+    # the secret `healthTokens` output; None when the outputs were read without secrets).
+    health_token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ def parse_targets(outputs: dict[str, Any]) -> list[Target]:
     problems: list[str] = []
     seen: set[tuple[str, str]] = set()
     drained = drained_edges(outputs)
+    tokens = health_tokens(outputs)
     for index, entry in enumerate(raw):
         where = f"healthTargets[{index}]"
         if not isinstance(entry, dict):
@@ -83,10 +91,21 @@ def parse_targets(outputs: dict[str, Any]) -> list[Target]:
         targets.append(Target(name=entry["name"], role=entry["role"], origin=entry["origin"],
                               domain=entry["domain"], wireguard_ip=wireguard_ip,
                               public_ip=entry["publicIp"],
-                              drained=entry["role"] == "edge" and entry["name"] in drained))
+                              drained=entry["role"] == "edge" and entry["name"] in drained,
+                              health_token=tokens.get(entry["origin"])))
     if problems:
         raise TargetsError("invalid `healthTargets`:\n  " + "\n  ".join(problems))
     return targets
+
+
+def health_tokens(outputs: dict[str, Any]) -> dict[str, str]:
+    """Each origin's health token from the `healthTokens` output; none when it is absent or
+    hidden (`pulumi stack output` without --show-secrets prints "[secret]")."""
+    tokens = outputs.get("healthTokens")
+    if not isinstance(tokens, dict):
+        return {}
+    return {origin: token for origin, token in tokens.items()
+            if isinstance(token, str) and HEALTH_TOKEN_RE.fullmatch(token)}
 
 
 def drained_edges(outputs: dict[str, Any]) -> set[str]:

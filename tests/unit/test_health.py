@@ -323,7 +323,7 @@ def test_a_sweep_of_slow_targets_takes_one_timeout_and_respects_the_pool_bound()
 def test_https_probes_only_edges_and_a_https_only_sweep_leaves_origins_out():
     probed = []
 
-    def fake_https(domain, address, timeout_s, ca_bundle, port):
+    def fake_https(domain, address, timeout_s, ca_bundle, port, health_token=None):
         probed.append(address)
         return https_result(200)
 
@@ -694,3 +694,19 @@ def test_sigterm_ends_the_interval_command_with_0(outputs_file, tmp_path):
             process.wait(timeout=10)
     assert process.returncode == 0, err
     assert "Traceback" not in err
+
+
+def test_each_edge_probe_carries_its_origins_health_token_when_the_outputs_hold_it():
+    token = "ab" * 32
+    sent = {}
+
+    def fake_https(domain, address, timeout_s, ca_bundle, port, health_token=None):
+        sent[address] = health_token
+        return https_result(200)
+
+    edges = [{**EDGE, "name": "e1", "publicIp": "127.0.0.2", "wireguardIp": "10.99.0.2"},
+             {**EDGE, "name": "e2", "origin": "other", "publicIp": "127.0.0.3", "wireguardIp": "10.99.0.3"}]
+    targets = parse_targets({"healthTargets": edges, "healthTokens": {EDGE["origin"]: token, "other": "[secret]"}})
+    run_sweep(targets, SweepOptions(checks=("https",)), LocalNetwork({}, ()), https=fake_https)
+    # Read without secrets, a token is "[secret]": the probe goes without one (and may be challenged).
+    assert sent == {"127.0.0.2": token, "127.0.0.3": None}
