@@ -42,7 +42,7 @@ def help_of(path: tuple[str, ...]) -> str:
 
 def test_the_tree_is_what_the_readme_lists():
     assert {" ".join(path) for path, _ in ALL} >= {
-        "", "add-origin", "add-edge", "bundle", "drain", "undrain", "remove-edge", "health", "dns", "dns list",
+        "", "add-origin", "add-edge", "bundle", "drain", "undrain", "remove-edge", "under-attack", "health", "dns", "dns list",
         "dns add", "dns remove", "lab", "lab up", "lab status", "lab down", "lab rotate-ssh-key"}
 
 
@@ -72,7 +72,7 @@ def test_stack_is_s_or_stack_with_the_same_default_everywhere():
                 assert param.opts == ["-s", "--stack"], path
                 assert param.envvar == conventions.STACK_ENV, path
                 assert conventions.STACK_DEFAULT in param.help, path
-    assert sorted(found) == ["add-edge", "add-origin", "bundle", "drain", "health", "remove-edge", "undrain"]
+    assert sorted(found) == ["add-edge", "add-origin", "bundle", "drain", "health", "remove-edge", "under-attack", "undrain"]
 
 
 def test_kokoa_dns_is_kokoa_dns():
