@@ -130,9 +130,10 @@ def chromium_binary() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def run_chromium(page: Path, *extra: str, netns: str | None = None,
+def run_chromium(page: Path | str, *extra: str, netns: str | None = None,
                  window: tuple[int, int] = PHONE_WINDOW) -> BrowserRun:
-    """Open `page` (file://) in headless Chromium with a new empty profile; `netns` confines it.
+    """Open `page` (a file, or a URL given as a string with its scheme) in headless Chromium
+    with a new empty profile; `netns` confines it.
 
     Started in its own process group, which is killed afterwards, so no renderer or zygote
     outlives the call even on a timeout.
@@ -143,7 +144,7 @@ def run_chromium(page: Path, *extra: str, netns: str | None = None,
     profile = tempfile.mkdtemp(prefix="kokoa-chromium-")
     argv = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr",
             "--v=1", f"--window-size={window[0]},{window[1]}", *extra,
-            Path(page).resolve().as_uri()]
+            page if isinstance(page, str) and "://" in page else Path(page).resolve().as_uri()]
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]
     env = {**os.environ, "HOME": profile, "XDG_CONFIG_HOME": profile, "XDG_CACHE_HOME": profile}

@@ -279,3 +279,20 @@ def test_capacity_without_challenge_is_a_fast_503_and_a_dead_origin_still_a_502(
     subprocess.run(["ip", "netns", "pids", edge.origin], capture_output=True)
     time.sleep(0.3)
     assert edge.get("/").code == 502
+
+
+def test_headless_chromium_solves_the_challenge_and_sees_the_page(start_edge):
+    from kokoa_infra.health.html_preview import chromium_binary, run_chromium
+
+    if chromium_binary() is None:
+        pytest.skip("chromium is not installed (make setup installs it)")
+    edge = start_edge(underAttack="on", challengeDifficulty=16)  # the default difficulty
+    started = time.monotonic()
+    browser = run_chromium(f"https://{DOMAIN}/", "--dump-dom", "--virtual-time-budget=20000",
+                           "--ignore-certificate-errors", f"--host-resolver-rules=MAP {DOMAIN} {VISITOR}",
+                           netns=edge.netns)
+    elapsed = time.monotonic() - started
+    assert browser.returncode == 0, browser.log[-2000:]
+    # The application's answer, after the script solved the challenge and loaded the page again.
+    assert "app path=/ health=-" in browser.stdout, browser.stdout[:2000]
+    assert elapsed < 15, elapsed
