@@ -68,6 +68,16 @@ def demo_answers(lab: Lab, host: Host) -> bool:
     return proc.returncode == 0
 
 
+def stop_demo(lab: Lab, host: Host) -> None:
+    """Stop the origin's demo application (a benchmark puts another on its port)."""
+    if lab.init_system(host.netns) == "systemd":
+        lab.on_host(host.netns, ["systemctl", "stop", "kokoa-demo.service"], check=True)
+    else:
+        lab.on_host(host.netns, ["nginx", "-c", str(lab.host_dir(host.netns) / "demo-nginx.conf"), "-s", "quit"],
+                    check=True)
+    wait_until(f"demo application on {host.netns} to stop", lambda: not demo_answers(lab, host))
+
+
 def start_demo(lab: Lab, host: Host) -> None:
     up = urlsplit(host.upstream)
     if up.scheme != "http" or not up.hostname:
