@@ -48,9 +48,11 @@ lab-down: venv
 	$(VENV)/bin/kokoa lab down
 
 # The data plane per hop, against a bare reference and under floods (bench/results/dataplane.json),
+# the distributed flood against an origin of limited capacity (bench/results/distributed.json),
 # then the health sweep and the program's evaluation. Each prints ratios within its own run.
 bench: setup
 	$(VENV)/bin/python bench/dataplane.py
+	$(VENV)/bin/python bench/distributed.py
 	$(VENV)/bin/python bench/health_sweep.py
 	$(VENV)/bin/python bench/program_eval.py
 

@@ -164,6 +164,7 @@ def render_edge_bundle(settings: Settings, origin: Origin, edge: Edge, private_k
         "defence": defence,
         "admission": admission,
         "limit_key": "$kokoa_visitor" if defence.passes else "$binary_remote_addr",
+        "zone_prefix": "kokoa_visitor_" if defence.passes else "kokoa_",
         "edge_nginx_dir": EDGE_NGINX_DIR,
         "js_package": JS_PACKAGE,
         "js_module": JS_MODULE,

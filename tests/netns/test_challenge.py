@@ -78,6 +78,18 @@ class Edge:
     netns: str
     origin: str
     ca: Path
+    directory: Path
+
+    def reload(self, **values: Any) -> None:
+        """Render blog with other values and reload the running nginx, as an install does."""
+        files = edge_files(values)
+        for name in ("challenge.js", "pass-key.conf"):
+            if name in files:
+                (self.directory / "kokoa" / name).write_text(files[name])
+        (self.directory / "nginx.conf").write_text(files["nginx.conf"])
+        master = (self.directory / "run" / "nginx.pid").read_text().strip()
+        subprocess.run(["kill", "-HUP", master], check=True)
+        time.sleep(1.5)  # the new workers start, the old ones finish
 
     def get(self, path: str = "/", source: str = VISITOR, cookies: dict[str, str] | None = None,
             headers: dict[str, str] | None = None) -> Response:
@@ -107,6 +119,12 @@ class Edge:
         return held
 
 
+def edge_files(values: dict[str, Any]) -> dict[str, str]:
+    config = copy.deepcopy(BASE_CONFIG)
+    config["kokoa:origins"][0].update({"challengeDifficulty": 8, **values})
+    return bundles(config)["edge/edge-tokyo-1"]
+
+
 @pytest.fixture
 def start_edge(make_netns, tmp_path) -> Callable[..., Edge]:
     """Renders edge-tokyo-1 with blog's entry updated by the given values and starts it with the
@@ -114,10 +132,8 @@ def start_edge(make_netns, tmp_path) -> Callable[..., Edge]:
 
     def start(**values: Any) -> Edge:
         edge_ns, origin_ns = make_netns(), make_netns()
-        config = copy.deepcopy(BASE_CONFIG)
-        config["kokoa:origins"][0].update({"challengeDifficulty": 8, **values})
-        files = bundles(config)["edge/edge-tokyo-1"]
-        ips = wireguard_ips(config)
+        files = edge_files(values)
+        ips = wireguard_ips(BASE_CONFIG)
         subprocess.run(["ip", "-n", edge_ns, "link", "add", "tun0", "type", "veth", "peer", "name", "tun0",
                         "netns", origin_ns], check=True)
         subprocess.run(["ip", "-n", origin_ns, "addr", "add", f"{ips['blog']}/24", "dev", "tun0"], check=True)
@@ -148,7 +164,7 @@ def start_edge(make_netns, tmp_path) -> Callable[..., Edge]:
         started = subprocess.run(["ip", "netns", "exec", edge_ns, "unshare", "--mount", "--propagation", "private",
                                   "sh", "-c", script], capture_output=True, text=True, timeout=30)
         assert started.returncode == 0, started.stderr
-        edge = Edge(edge_ns, origin_ns, live / "fullchain.pem")
+        edge = Edge(edge_ns, origin_ns, live / "fullchain.pem", tmp_path)
         for _ in range(50):  # the application's first answer
             if subprocess.run(["ip", "netns", "exec", edge_ns, "curl", "-s", "-o", "/dev/null",
                                f"http://{ips['blog']}/"], capture_output=True, timeout=10).returncode == 0:
@@ -296,3 +312,28 @@ def test_headless_chromium_solves_the_challenge_and_sees_the_page(start_edge):
     # The application's answer, after the script solved the challenge and loaded the page again.
     assert "app path=/ health=-" in browser.stdout, browser.stdout[:2000]
     assert elapsed < 15, elapsed
+
+
+def test_the_defence_switches_on_and_off_by_a_reload(start_edge):
+    # nginx keeps the old configuration when a reload gives a zone another key: the
+    # per-visitor limits must not reuse the per-address zones' names.
+    edge = start_edge()
+    assert edge.get("/").pass_cookie is None
+    edge.reload(capacity={"concurrentRequests": 3})
+    assert edge.get("/").pass_cookie  # auto: passes handed out
+    edge.reload(underAttack="on")
+    assert edge.get("/").challenged
+    edge.reload()
+    plain = edge.get("/")
+    assert plain.code == 200 and plain.pass_cookie is None
+
+
+def test_a_client_that_gives_up_keeps_its_place_until_the_origin_answers(start_edge):
+    edge = start_edge(capacity={"concurrentRequests": 2}, underAttack="off")  # tokyo-1: 1
+    impatient = subprocess.run(
+        ["ip", "netns", "exec", edge.netns, "curl", "-s", "-o", "/dev/null", "--max-time", "0.5", "--cacert",
+         str(edge.ca), "--resolve", f"{DOMAIN}:443:{VISITOR}", f"https://{DOMAIN}/?ms=2000"], timeout=30)
+    assert impatient.returncode == 28  # curl's timeout: it left, the application still works on it
+    assert edge.get("/").code == 503  # so its place is still taken
+    time.sleep(2)
+    assert "peak=1" in edge.get("/").body

@@ -185,7 +185,9 @@ def test_a_challenge_loads_njs_and_installs_its_module_and_secret_key():
     files = rendered(capacity={"concurrentRequests": 4}, exemptPaths=["/api/"], allowFrom=["10.9.3.0/24"])
     conf = files["nginx.conf"]
     assert conf.splitlines()[5].startswith("load_module /usr/lib/nginx/modules/ngx_http_js_module.so;")
-    assert "limit_req_zone $kokoa_visitor zone=kokoa_requests" in conf
+    # Zones of their own: a reload that gave kokoa_requests another key would be refused.
+    assert "limit_req_zone $kokoa_visitor zone=kokoa_visitor_requests:20m" in conf
+    assert "limit_conn_zone $kokoa_visitor zone=kokoa_visitor_connections:20m" in conf
     assert "limit_conn kokoa_open 2;" in conf and "        10.9.3.0/24 1;" in conf
     assert re.search(r"location /api/ \{\n(.*\n)*?            error_page 502 503 = @kokoa_full;", conf)
     assert f"js_var $kokoa_pass_key {PASS_KEY};" in files["pass-key.conf"]
