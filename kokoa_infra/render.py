@@ -132,6 +132,7 @@ def render_edge_bundle(settings: Settings, origin: Origin, edge: Edge, private_k
         "origin_public_key": origin_public_key,
         "refresh_interval": settings.cert_refresh_interval,
         "tls_dir": f"/etc/letsencrypt/live/{origin.domain}",
+        "edge_listen_port": edge_listen_port(origin),
     }
     limits = origin.rate_limit
     return {
@@ -148,13 +149,29 @@ def render_edge_bundle(settings: Settings, origin: Origin, edge: Edge, private_k
     }
 
 
+def edge_listen_port(origin: Origin) -> int:
+    """The UDP port an edge's WireGuard listens on: its origin's listenPort. Fixed, so that
+    the edge's firewall admits the origin's packets on that port alone (a random port
+    would leave every port open to whoever spoofs the origin's address)."""
+    return origin.listen_port
+
+
+# New connections a second (and burst) that all sources the flood shield cannot track share
+# at one edge: a bound that nginx serves with room to spare on one core.
+UNTRACKED_NEW_PER_SECOND = 1000
+UNTRACKED_NEW_BURST = 1000
+
+
 @dataclass(frozen=True)
 class FloodShield:
-    """An edge's per-source limits in its kernel firewall (from the origin's rateLimit)."""
+    """An edge's per-source limits in its kernel firewall (from the origin's rateLimit), and
+    the budget shared by the sources it cannot track."""
 
     new_per_second: int
     new_burst: int
     open: int
+    untracked_per_second: int = UNTRACKED_NEW_PER_SECOND
+    untracked_burst: int = UNTRACKED_NEW_BURST
 
 
 def _ipv4s(addresses: Iterable[str]) -> list[str]:
