@@ -32,6 +32,8 @@ STREAM_PACKAGE = "libnginx-mod-stream"
 # www-data cannot read the TLS key exported to the edges.
 GATEWAY_USER = "kokoa-gateway"
 RENEW_INTERVAL = 12 * 3600
+# The gateway's logs in /var/log/kokoa (gateway.conf.j2), and its relay's log when it relays.
+GATEWAY_LOGS = ("gateway-access.log", "gateway-error.log")
 
 BundleFiles = dict[str, str]
 
@@ -98,6 +100,7 @@ def render_origin_bundle(settings: Settings, origin: Origin, private_key: str,
         "relay": not upstream.path,
         "stream_module": STREAM_MODULE,
         "stream_package": STREAM_PACKAGE,
+        "gateway_logs": GATEWAY_LOGS + (("gateway-relay.log",) if not upstream.path else ()),
     }
     edges = [p.edge for p in peers]
     ctx["firewall"] = _render("common/firewall.nft.j2", **ctx, role="origin", node_name=origin.name,
@@ -112,6 +115,7 @@ def render_origin_bundle(settings: Settings, origin: Origin, private_key: str,
         "certificate.sh": _render("origin/certificate.sh.j2", **ctx),
         "install.sh": _render("origin/install.sh.j2", **ctx),
         "uninstall.sh": _render("origin/uninstall.sh.j2", **ctx),
+        "logrotate.conf": _render("origin/logrotate.conf.j2", **ctx),
     }
     if settings.acme_ca_bundle:
         files["acme-ca.pem"] = settings.acme_ca_bundle

@@ -34,6 +34,7 @@ cp -p /etc/nginx/nginx.conf "$SANDBOX/nginx.conf.before"
 KOKOA_TEST_BREAK=1 bash ${KOKOA_TEST_TRACE:+-x} "$BUNDLE/install.sh" >"$SANDBOX/install.log" 2>&1
 echo "install=$?"
 sed 's/^/install: /' "$SANDBOX/install.log"
+[ -z "$CHECK" ] || bash -c "$CHECK" 2>&1 | sed 's/^/check: /'
 sh -c "$DELETE" >"$SANDBOX/delete.log" 2>&1
 echo "delete=$?"
 sed 's/^/delete: /' "$SANDBOX/delete.log"
@@ -62,7 +63,7 @@ NODES = {
               f"/etc/letsencrypt/live/{DOMAIN}", "/etc/nginx/nginx.conf.kokoa-original"]),
     "origin": ("origin/blog", "blog-install", "wg0",
                [INSTALL_DIR, "/etc/wireguard/wg0.conf", "/etc/kokoa/firewall.nft", "/etc/kokoa/gateway.conf",
-                CERT_EXPORT_DIR, "/var/lib/kokoa/tls-key-holders"]),
+                CERT_EXPORT_DIR, "/var/lib/kokoa/tls-key-holders", "/etc/logrotate.d/kokoa-gateway"]),
 }
 # Each step of the install, in order, broken by making its first tool fail.
 STEPS = {"edge": ["nft", "wg-quick", "openssl", "nginx", None],
@@ -74,8 +75,11 @@ def program():
     return run_program(BASE_CONFIG)
 
 
-def install_then_remove(program, role: str, broken: str | None, netns: str, tmp_path: Path) -> list[str]:
-    for tool in ("unshare", "wg-quick", "wireguard-go", "nginx", "nft", "pgrep"):
+def install_then_remove(program, role: str, broken: str | None, netns: str, tmp_path: Path,
+                        check: str = "") -> list[str]:
+    """What is left after the install (with `broken` failing) and the delete command; `check`
+    runs between the two and prints lines that come back as "check: ..." (see `checked`)."""
+    for tool in ("unshare", "wg-quick", "wireguard-go", "nginx", "nft", "pgrep", "logrotate"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (make setup installs it)")
     node, command, iface, paths = NODES[role]
@@ -96,7 +100,7 @@ def install_then_remove(program, role: str, broken: str | None, netns: str, tmp_
     (tmp_path / "harness.sh").write_text(HARNESS)
     env = {"PATH": f"{stubs}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "SANDBOX": str(tmp_path / "sandbox"), "BUNDLE": str(bundle), "IFACE": iface,
-           "PATHS": " ".join(paths), "KOKOA_TEST_TRACE": os.environ.get("KOKOA_TEST_TRACE", ""), "DELETE": program.named(command).inputs["delete"]}
+           "PATHS": " ".join(paths), "KOKOA_TEST_TRACE": os.environ.get("KOKOA_TEST_TRACE", ""), "DELETE": program.named(command).inputs["delete"], "CHECK": check}
     result = subprocess.run(["ip", "netns", "exec", netns, "unshare", "--mount", "--pid", "--fork", "--mount-proc",
                              "--propagation", "private", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
                              "bash", str(tmp_path / "harness.sh")],
@@ -112,6 +116,7 @@ def install_then_remove(program, role: str, broken: str | None, netns: str, tmp_
     else:
         assert install_status == "install=0", result.stdout
     assert "delete=0" in lines, result.stdout
+    install_then_remove.checked = [line[len("check: "):] for line in lines if line.startswith("check: ")]
     return [line for line in lines if line.startswith("left: ")]
 
 
@@ -120,3 +125,30 @@ def install_then_remove(program, role: str, broken: str | None, netns: str, tmp_
 def test_removing_a_node_cleans_a_host_whose_install_stopped_at_any_step(program, role, broken, netns, tmp_path):
     assert install_then_remove(program, role, broken, netns, tmp_path) == []
 
+
+
+LOGS = "/var/log/kokoa"
+GATEWAY_LOGS_CHECK = f"""
+stat -c 'dir %a %U:%G' {LOGS}
+for f in {LOGS}/gateway-*.log; do stat -c 'file %n %a' "$f"; done
+for f in {LOGS}/gateway-*.log; do echo "a line to rotate" >> "$f"; done
+logrotate -f -s "$SANDBOX/logrotate.state" /etc/logrotate.d/kokoa-gateway && echo rotated
+sleep 0.5
+for f in {LOGS}/gateway-*.log {LOGS}/gateway-*.log.1; do stat -c 'after %n %a' "$f"; done
+# nginx writes into the new file after the rotation: its error log takes a reopen notice.
+kill -0 "$(cat /run/kokoa-gateway.pid)" && echo "gateway running"
+"""
+
+
+def test_the_gateways_logs_are_0640_in_a_0750_directory_and_rotate(program, netns, tmp_path):
+    assert install_then_remove(program, "origin", None, netns, tmp_path, check=GATEWAY_LOGS_CHECK) == []
+    checked = install_then_remove.checked
+    logs = ("gateway-access.log", "gateway-error.log", "gateway-relay.log")  # blog relays
+    assert checked[0] == "dir 750 root:adm", checked
+    assert sorted(line for line in checked if line.startswith("file ")) == [
+        f"file {LOGS}/{name} 640" for name in logs]
+    assert "rotated" in checked and "gateway running" in checked, checked
+    after = sorted(line for line in checked if line.startswith("after "))
+    # Each log rotated to .1, and a new one made 0640 (never 0644, whoever creates it).
+    assert after == sorted([f"after {LOGS}/{name} 640" for name in logs]
+                           + [f"after {LOGS}/{name}.1 640" for name in logs]), checked
