@@ -45,6 +45,13 @@ class EdgePeer:
     edge: Edge
     public_key: str
     preshared_key: str
+    # A keyed hash of the server the edge is on (components.node_server_tag); "" when unknown.
+    server_tag: str = ""
+
+    @property
+    def key_holder(self) -> str:
+        """How the origin records this edge among the holders of its TLS key: name and server."""
+        return f"{self.edge.name}@{self.server_tag}" if self.server_tag else self.edge.name
 
 
 def _environment() -> jinja2.Environment:
