@@ -76,9 +76,9 @@ def program():
 
 
 def install_then_remove(program, role: str, broken: str | None, netns: str, tmp_path: Path,
-                        check: str = "") -> list[str]:
-    """What is left after the install (with `broken` failing) and the delete command; `check`
-    runs between the two and prints lines that come back as "check: ..." (see `checked`)."""
+                        check: str = "") -> tuple[list[str], list[str]]:
+    """(what is left after the install, with `broken` failing, and the delete command; the
+    lines `check` printed, run between the two). KOKOA_TEST_TRACE=1 traces the install (bash -x)."""
     for tool in ("unshare", "wg-quick", "wireguard-go", "nginx", "nft", "pgrep", "logrotate"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (make setup installs it)")
@@ -116,14 +116,15 @@ def install_then_remove(program, role: str, broken: str | None, netns: str, tmp_
     else:
         assert install_status == "install=0", result.stdout
     assert "delete=0" in lines, result.stdout
-    install_then_remove.checked = [line[len("check: "):] for line in lines if line.startswith("check: ")]
-    return [line for line in lines if line.startswith("left: ")]
+    return ([line for line in lines if line.startswith("left: ")],
+            [line[len("check: "):] for line in lines if line.startswith("check: ")])
 
 
 @pytest.mark.parametrize("role, broken", [(role, step) for role, steps in STEPS.items() for step in steps],
                          ids=[f"{role}-{step or 'complete'}" for role, steps in STEPS.items() for step in steps])
 def test_removing_a_node_cleans_a_host_whose_install_stopped_at_any_step(program, role, broken, netns, tmp_path):
-    assert install_then_remove(program, role, broken, netns, tmp_path) == []
+    left, _ = install_then_remove(program, role, broken, netns, tmp_path)
+    assert left == []
 
 
 
@@ -135,14 +136,13 @@ for f in {LOGS}/gateway-*.log; do echo "a line to rotate" >> "$f"; done
 logrotate -f -s "$SANDBOX/logrotate.state" /etc/logrotate.d/kokoa-gateway && echo rotated
 sleep 0.5
 for f in {LOGS}/gateway-*.log {LOGS}/gateway-*.log.1; do stat -c 'after %n %a' "$f"; done
-# nginx writes into the new file after the rotation: its error log takes a reopen notice.
 kill -0 "$(cat /run/kokoa-gateway.pid)" && echo "gateway running"
 """
 
 
 def test_the_gateways_logs_are_0640_in_a_0750_directory_and_rotate(program, netns, tmp_path):
-    assert install_then_remove(program, "origin", None, netns, tmp_path, check=GATEWAY_LOGS_CHECK) == []
-    checked = install_then_remove.checked
+    left, checked = install_then_remove(program, "origin", None, netns, tmp_path, check=GATEWAY_LOGS_CHECK)
+    assert left == []
     logs = ("gateway-access.log", "gateway-error.log", "gateway-relay.log")  # blog relays
     assert checked[0] == "dir 750 root:adm", checked
     assert sorted(line for line in checked if line.startswith("file ")) == [
