@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -22,22 +23,51 @@ ORIGIN_TYPE = "kokoa:index:Origin"
 EDGE_TYPE = "kokoa:index:EdgeNode"
 
 
-def _wireguard_secret(name: str, parent: pulumi.Resource, generation: int = 1) -> pulumi.Output[str]:
+SERVER_KEY = "kokoa-server-key"
+
+
+def server_key() -> pulumi.Output[str]:
+    """The stack's secret for naming servers without their addresses (keyed hashes): 32
+    random bytes in state, made once."""
+    return pulumi.Output.secret(random.RandomBytes(SERVER_KEY, length=32).base64)
+
+
+def keyed_server_tag(key_base64: str, identity: str) -> str:
+    """HMAC-SHA256 of a server's identity under the stack's key, shortened: the same server
+    gives the same tag, another server another, and the tag does not give the address away
+    (there are few IPv4 addresses; without the key they cannot be tried)."""
+    return hmac.new(base64.b64decode(key_base64), identity.encode(), hashlib.sha256).hexdigest()[:24]
+
+
+def server_tag(key: pulumi.Output[str], identity: str) -> pulumi.Output[str]:
+    # Derived from a secret, hence secret by default; a keyed hash is meant to be shown.
+    return pulumi.Output.unsecret(key.apply(lambda k: keyed_server_tag(k, identity)))
+
+
+def _identity_text(ssh: Ssh) -> str:
+    identity = server_identity(ssh)
+    return identity if isinstance(identity, str) else f"{identity[0]}:{identity[1]}"
+
+
+def _wireguard_secret(name: str, parent: pulumi.Resource, generation: int,
+                      server: pulumi.Output[str]) -> pulumi.Output[str]:
     """32 random bytes kept in state: a private key or PSK that survives later runs.
 
-    A `keyGeneration` above 1 is a keeper: raising it replaces the RandomBytes, i.e. new
-    bytes. Generation 1 has no keeper, so a stack deployed before keepers existed keeps
-    its keys.
+    Its keepers replace it, i.e. new bytes: the server it is on (`server`, a keyed hash:
+    a node moved to another server under the same name must not take keys along that the
+    old server had) and a `keyGeneration` above 1.
     """
-    keepers = {"keyGeneration": str(generation)} if generation > 1 else None
+    keepers: dict[str, pulumi.Input[str]] = {"server": server}
+    if generation > 1:
+        keepers["keyGeneration"] = str(generation)
     raw = random.RandomBytes(name, length=32, keepers=keepers, opts=pulumi.ResourceOptions(parent=parent))
     return pulumi.Output.secret(raw.base64)
 
 
-def _wireguard_key_pair(name: str, parent: pulumi.Resource,
-                        generation: int = 1) -> tuple[pulumi.Output[str], pulumi.Output[str]]:
+def _wireguard_key_pair(name: str, parent: pulumi.Resource, generation: int,
+                        server: pulumi.Output[str]) -> tuple[pulumi.Output[str], pulumi.Output[str]]:
     """(secret private key, plain public key) of a node."""
-    private_key = _wireguard_secret(f"{name}-wireguard-key", parent, generation)
+    private_key = _wireguard_secret(f"{name}-wireguard-key", parent, generation, server)
     # Derived from a secret, so secret by default; a public key is meant to be shown.
     return private_key, pulumi.Output.unsecret(private_key.apply(public_key))
 
@@ -47,8 +77,10 @@ def _connection(ssh: Ssh, private_key: pulumi.Input[str]) -> remote.ConnectionAr
                                  private_key=private_key, host_key=ssh.host_key)
 
 
-def host_trigger(ssh: Ssh) -> str:
-    """What identifies the server a command runs on, for `triggers`.
+def host_trigger(ssh: Ssh, key: pulumi.Output[str]) -> pulumi.Output[str]:
+    """What identifies the server a command runs on, for `triggers`: a keyed hash of its
+    SSH address (triggers are plain in state and in every preview; an origin's address must
+    not be).
 
     pulumi-command replaces a Command only when `triggers` change (provider
     `common/inputs.go`); any other change, `connection` included, is an update run on the
@@ -56,8 +88,13 @@ def host_trigger(ssh: Ssh) -> str:
     key re-runs the idempotent install where it is, while a node moved to another server
     is replaced: the old state's uninstall runs on the old server first.
     """
-    identity = server_identity(ssh)
-    return "server " + (identity if isinstance(identity, str) else f"{identity[0]}:{identity[1]}")
+    return server_tag(key, _identity_text(ssh)).apply(lambda tag: f"server {tag}")
+
+
+def node_server_tag(ssh: Ssh, public_address: str, key: pulumi.Output[str]) -> pulumi.Output[str]:
+    """What identifies the server a node's secrets were made for: its SSH address and the
+    address it is reached at (an SSH tunnel on loopback may stay while the server behind changes)."""
+    return server_tag(key, f"{_identity_text(ssh)} {public_address}")
 
 
 def node_aliases(former_names: Sequence[str]) -> list[pulumi.Alias]:
@@ -68,7 +105,7 @@ def node_aliases(former_names: Sequence[str]) -> list[pulumi.Alias]:
 
 
 def _push_command(name: str, label: str, ssh: Ssh, ssh_private_key: pulumi.Input[str],
-                  files: pulumi.Output[dict[str, str]], parent: pulumi.Resource,
+                  files: pulumi.Output[dict[str, str]], parent: pulumi.Resource, key: pulumi.Output[str],
                   depends_on: Sequence[pulumi.Resource] = ()) -> remote.Command:
     """Copy the bundle over SSH (stdin) and run its install.sh; its uninstall.sh on delete.
 
@@ -86,7 +123,7 @@ def _push_command(name: str, label: str, ssh: Ssh, ssh_private_key: pulumi.Input
         create=command,
         delete=f"if [ -x {INSTALL_DIR}/uninstall.sh ]; then {_as_root(INSTALL_DIR + '/uninstall.sh')}; fi",
         stdin=pulumi.Output.secret(archive.apply(lambda data: base64.b64encode(data).decode())),
-        triggers=[host_trigger(ssh)],
+        triggers=[host_trigger(ssh, key)],
         # Otherwise update and delete setenv PULUMI_COMMAND_STDOUT/STDERR: a stock sshd refuses
         # them (one warning per command), and one that accepts them receives the old output.
         add_previous_output_in_env=False,
@@ -127,6 +164,7 @@ class EdgeNodeArgs:
     stack: str
     # The origin's visitor pass key (secret, hex), the same on all its edges.
     pass_key: pulumi.Output[str]
+    server_key: pulumi.Output[str]  # the stack's key for naming servers (server_key())
     # This edge's share of the origin's capacity; None when the origin sets none.
     admission: Admission | None = None
     former_names: tuple[str, ...] = ()
@@ -141,6 +179,7 @@ class EdgeNode(pulumi.ComponentResource):
 
     public_key: pulumi.Output[str]
     preshared_key: pulumi.Output[str]
+    server_tag: pulumi.Output[str]
     bundle: pulumi.Output[dict[str, str]]
     install: remote.Command
     dns_record: cloudflare.DnsRecord | None
@@ -151,14 +190,17 @@ class EdgeNode(pulumi.ComponentResource):
         edge, origin = args.edge, args.origin
         # A new generation replaces the edge's own key and its PSK (both sit on the edge);
         # its origin only learns the new public key and PSK.
-        private_key, self.public_key = _wireguard_key_pair(name, self, edge.key_generation)
-        self.preshared_key = _wireguard_secret(f"{name}-preshared-key", self, edge.key_generation)
+        # The server takes part too: a new server under the same name gets new keys.
+        self.server_tag = node_server_tag(edge.ssh, edge.public_ip, args.server_key)
+        private_key, self.public_key = _wireguard_key_pair(name, self, edge.key_generation, self.server_tag)
+        self.preshared_key = _wireguard_secret(f"{name}-preshared-key", self, edge.key_generation,
+                                               self.server_tag)
         self.bundle = pulumi.Output.secret(pulumi.Output.all(
             private_key, self.preshared_key, args.origin_public_key, args.pass_key,
         ).apply(lambda keys: render_edge_bundle(args.settings, origin, edge, *keys[:3], pass_key=keys[3],
                                                 admission=args.admission)))
         self.install = _push_command(f"{name}-install", f"edge/{edge.name}", edge.ssh,
-                                     args.ssh_private_key, self.bundle, self)
+                                     args.ssh_private_key, self.bundle, self, args.server_key)
 
         zone_id = args.zone_id
         self.dns_record = None
@@ -187,6 +229,7 @@ class OriginArgs:
     zone_id: str | None  # the Cloudflare zone of its edges' A records; None: no record is managed
     ssh_private_key: pulumi.Input[str]
     stack: str
+    server_key: pulumi.Output[str]  # the stack's key for naming servers (server_key())
     former_names: tuple[str, ...] = ()
     # Former names of its edges: {edge: (old name, ...)}.
     edge_former_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -213,7 +256,8 @@ class Origin(pulumi.ComponentResource):
         opts = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(aliases=node_aliases(args.former_names)))
         super().__init__(ORIGIN_TYPE, name, {}, opts)
         spec = args.origin
-        private_key, self.public_key = _wireguard_key_pair(name, self, spec.key_generation)
+        private_key, self.public_key = _wireguard_key_pair(
+            name, self, spec.key_generation, node_server_tag(spec.ssh, spec.endpoint, args.server_key))
         # Every origin has one, whatever its underAttack says: switching the challenge on
         # needs no new resource, and passes handed out before an attack stay valid.
         pass_key = pulumi.Output.secret(random.RandomBytes(
@@ -224,7 +268,7 @@ class Origin(pulumi.ComponentResource):
             edge.name: EdgeNode(edge.name, EdgeNodeArgs(
                 edge=edge, origin=spec, settings=args.settings, zone_id=args.zone_id,
                 origin_public_key=self.public_key, ssh_private_key=args.ssh_private_key, stack=args.stack,
-                pass_key=pass_key, admission=shares[edge.name],
+                pass_key=pass_key, admission=shares[edge.name], server_key=args.server_key,
                 former_names=args.edge_former_names.get(edge.name, ())),
                 opts=pulumi.ResourceOptions(parent=self))
             for edge in args.edges
@@ -233,16 +277,17 @@ class Origin(pulumi.ComponentResource):
         edge_nodes = [self.edges[edge.name] for edge in edge_specs]
 
         def render(values: list[str]) -> dict[str, str]:
-            origin_key, *edge_keys = values
-            peers = [EdgePeer(edge, edge_keys[2 * i], edge_keys[2 * i + 1])
-                     for i, edge in enumerate(edge_specs)]
+            origin_key, *edge_values = values
+            peers = [EdgePeer(edge, *edge_values[3 * i:3 * i + 3]) for i, edge in enumerate(edge_specs)]
             return render_origin_bundle(args.settings, spec, origin_key, peers)
 
+        # Each edge with its server's tag: the origin replaces its TLS key when a holder of
+        # the current one is gone, and an edge on a new server is a new holder.
         self.bundle = pulumi.Output.secret(pulumi.Output.all(
-            private_key, *[k for node in edge_nodes for k in (node.public_key, node.preshared_key)],
+            private_key, *[k for node in edge_nodes for k in (node.public_key, node.preshared_key, node.server_tag)],
         ).apply(render))
         self.install = _push_command(f"{name}-install", f"origin/{spec.name}", spec.ssh,
-                                     args.ssh_private_key, self.bundle, self)
+                                     args.ssh_private_key, self.bundle, self, args.server_key)
 
         # HTTP-01 validation needs an edge that relays it and DNS pointing there, so the
         # first certificate waits for the edges' installs and A records.

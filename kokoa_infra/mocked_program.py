@@ -57,6 +57,9 @@ class ProgramRun:
     resources: list[DeclaredResource] = field(default_factory=list)
     outputs: dict[str, Any] = field(default_factory=dict)
     secret_outputs: set[str] = field(default_factory=set)
+    # Each output's secret values as the engine stores them: "." for the whole output, else
+    # paths like "blog.endpoint" or "0.publicIp" (list items by index).
+    output_secret_paths: dict[str, set[str]] = field(default_factory=dict)
     logs: list[tuple[str, str]] = field(default_factory=list)
     # URN of each component that called register_outputs → the output names it registered.
     registered_outputs: dict[str, list[str]] = field(default_factory=dict)
@@ -123,6 +126,9 @@ def _secret_paths(value: Any, prefix: str = "") -> set[str]:
     if isinstance(value, dict):
         for key, item in value.items():
             found |= _secret_paths(item, f"{prefix}.{key}" if prefix else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found |= _secret_paths(item, f"{prefix}.{index}" if prefix else str(index))
     return found
 
 
@@ -262,6 +268,9 @@ def run_program(stack_config: Mapping[str, Any], *, stack: str = "test",
                 run.outputs[name] = json.loads(json.dumps(await out.future()))
                 if await out.is_secret():
                     run.secret_outputs.add(name)
+                # As the SDK sends it to the engine: nested secrets stay where they are.
+                serialized = await rpc.serialize_property(value, [], name)
+                run.output_secret_paths[name] = _secret_paths(json.loads(json.dumps(serialized)))
 
         try:
             loop.run_until_complete(evaluate())

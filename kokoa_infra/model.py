@@ -25,6 +25,10 @@ HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}\Z){LABEL}(\.{LABEL})*")
 # (inet_aton) read "203.000.113.010" as 203.0.113.8, and string comparisons miss that it
 # is an origin's address.
 DIGITS_AND_DOTS_RE = re.compile(r"[0-9.]+")
+# What else inet_aton (and so ping, curl, ssh, wg) reads as an IPv4 address: one to four
+# parts, each decimal, octal or 0x-hex ("0xcb00710a", "0xcb.0.113.10"). A host name of this
+# form would pass for a name while it is an address.
+INET_ATON_RE = re.compile(r"((0x[0-9a-f]*|[0-9]+)\.){0,3}(0x[0-9a-f]*|[0-9]+)", re.IGNORECASE)
 EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]{1,64}@" + rf"{LABEL}(\.{LABEL})+", re.IGNORECASE)
 HOST_KEY_RE = re.compile(r"(?P<type>[A-Za-z0-9@._-]{1,64}) (?P<data>[A-Za-z0-9+/]+={0,3})"
                          r"( [A-Za-z0-9@._-]{1,64})?")
@@ -76,6 +80,8 @@ CHALLENGE_DIFFICULTY_RANGE = (8, 24)
 PATH_PREFIX_RE = re.compile(r"/[A-Za-z0-9._~/-]{0,199}")
 MAX_EXEMPT_PATHS = 50
 MAX_ALLOW_FROM = 100
+# An edge's web ports: they go through the flood shield and nginx, never to sshd.
+EDGE_WEB_PORTS = (80, 443)
 
 # Every `kokoa:` config key, in one place. Top level: read as strings, or as JSON/YAML values
 # (`config.get_object`); the secret one is read apart. Entries: in the order an added entry
@@ -207,7 +213,10 @@ class Settings:
 
     @property
     def ssh_open_to_everyone(self) -> bool:
-        return EVERYONE in self.ssh_allow_from
+        """Whether the allow list covers every address, in one network or several
+        (0.0.0.0/1 and 128.0.0.0/1 are everyone too)."""
+        networks = [ipaddress.IPv4Network(n) for n in self.ssh_allow_from]
+        return list(ipaddress.collapse_addresses(networks)) == [ipaddress.IPv4Network(EVERYONE)]
 
 
 @dataclass(frozen=True)
@@ -267,6 +276,35 @@ def canonical_ipv4(value: str) -> str | None:
 
 
 LEADING_ZEROS = "{value!r} has leading zeros, which some tools read as octal; write {canonical}"
+
+
+def inet_aton_address(value: str) -> ipaddress.IPv4Address | None:
+    """The address inet_aton reads in `value` ("0xcb00710a" and "3405803786" are
+    203.0.113.10), else None."""
+    if not INET_ATON_RE.fullmatch(value):
+        return None
+    try:
+        numbers = [int(p, 16) if p.lower().startswith("0x") else int(p, 8) if p.startswith("0") and p != "0"
+                   else int(p) for p in (p if p.lower() != "0x" else "0x0" for p in value.split("."))]
+    except ValueError:  # "08": not octal, so inet_aton refuses it and it is no address
+        return None
+    # inet_aton: the last part fills the bytes the others leave (a.b.c.d, a.b.cd, a.bcd, abcd).
+    last_bits = 8 * (5 - len(numbers))
+    if any(n > 255 for n in numbers[:-1]) or numbers[-1] >= 1 << last_bits:
+        return None
+    packed = 0
+    for n in numbers[:-1]:
+        packed = packed << 8 | n
+    return ipaddress.IPv4Address(packed << last_bits | numbers[-1])
+
+
+def numeric_host_problem(value: str) -> str | None:
+    """Why a host of this inet_aton number form is refused, or None."""
+    address = inet_aton_address(value)
+    if address is None or str(address) == value:
+        return None
+    return (f"{value!r} is the IPv4 address {address} written as a number, which resolvers read as "
+            f"that address; write {address}")
 
 
 def ipv4_problem(value: str) -> str:
@@ -463,6 +501,10 @@ class _Checker:
                 self.fail(entry, key, problem)
                 return None
             return str(address)
+        numeric = numeric_host_problem(value)
+        if numeric:
+            self.fail(entry, key, numeric)
+            return None
         if not HOSTNAME_RE.fullmatch(value):
             self.fail(entry, key, f"{value!r} is not an IPv4 address or host name")
             return None
@@ -569,9 +611,14 @@ def _settings(c: _Checker, config: Mapping[str, Any], needs_acme: bool) -> Setti
         candidate = ipaddress.IPv4Network(raw_network) if isinstance(raw_network, str) else None
     except ValueError:
         candidate = None
+    # Python counts loopback, link-local and 0.0.0.0/8 as private; no tunnel can use them.
+    special = candidate and _special(candidate.network_address, loopback_ok=False)
     if candidate is None or not candidate.is_private or candidate.prefixlen > NETWORK_MAX_PREFIX:
         c.fail(entry, "network", f"{raw_network!r} is not a private IPv4 network of /{NETWORK_MAX_PREFIX} or larger "
                                  "(origin X gets <net>.X.1), e.g. 10.100.0.0/16")
+    elif special:
+        c.fail(entry, "network", f"{raw_network!r} {special}: tunnel addresses there do not route; use a "
+                                 "private network such as 10.100.0.0/16")
     else:
         network = candidate
     acme_email = c.string(entry, config, "acmeEmail", EMAIL_RE, "an e-mail address",
@@ -747,7 +794,38 @@ def _upstream(c: _Checker, entry: str, raw: Mapping[str, Any]) -> str | None:
     if port is not None and not PORT_RANGE[0] <= int(port) <= PORT_RANGE[1]:
         c.fail(entry, "upstream", f"{value!r}: port {port} is not from 1 to 65535")
         return None
+    numeric = numeric_host_problem(host)
+    if numeric:
+        c.fail(entry, "upstream", f"{value!r}: host {numeric}")
+        return None
+    problem = upstream_address_problem(host)
+    if problem:
+        c.fail(entry, "upstream", f"{value!r}: host {problem}")
+        return None
     return value
+
+
+def upstream_address_problem(host: str) -> str | None:
+    """Why an upstream's address cannot be the application's (the gateway would proxy the
+    edges' requests there), or None. Loopback is the usual application; the cloud metadata
+    service (link-local), unspecified, multicast and reserved addresses never are."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None  # a host name
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        elif address.is_unspecified:
+            return f"{address} is unspecified (::), not the address of an application"
+        elif address.is_link_local:
+            return f"{address} is link-local (fe80::/10), not the address of an application"
+        elif address.is_multicast:
+            return f"{address} is multicast (ff00::/8), not the address of an application"
+        else:
+            return None
+    problem = _special(address, loopback_ok=True)
+    return f"{address} {problem}, not the address of an application" if problem else None
 
 
 def parse_topology(config: Mapping[str, Any]) -> Topology:
@@ -830,6 +908,10 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
         ssh = _ssh(c, entry, raw, settings.ssh_user, public_ip, has_default=True)
         dns = c.boolean(entry, raw, "dns", True)
         key_generation = c.integer(entry, raw, "keyGeneration", 1, None, False, 1)
+        if ssh.port in EDGE_WEB_PORTS:
+            # The firewall admits SSH before the flood shield: on 80/443 it would bypass it.
+            c.fail(entry, "sshPort", f"{ssh.port} is one of the edge's web ports (80, 443), which go "
+                                     "through the flood shield to nginx; give SSH another port")
         # The whole point of the product: an origin's address never goes into DNS.
         if public_ip is not None and public_ip in origin_addresses:
             c.fail(entry, "publicIp", f"{public_ip} is the address of origin "

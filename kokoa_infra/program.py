@@ -6,7 +6,7 @@ from typing import Any
 
 import pulumi
 
-from kokoa_infra.components import Origin, OriginArgs
+from kokoa_infra.components import Origin, OriginArgs, server_key
 from kokoa_infra.model import (NAME_RE, OBJECT_KEYS, SECRET_KEYS, STRING_KEYS, InvalidConfig, Problem, Topology, keyscan_command,
                                parse_topology)
 
@@ -93,10 +93,11 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
     if ssh_private_key is not None:
         ssh_private_key = pulumi.Output.secret(ssh_private_key)
     renamed = former_names(pulumi.Config("kokoa").get_object("formerNames"), topology)
+    key = server_key()
     origins = {
         spec.name: Origin(spec.name, OriginArgs(
             origin=spec, edges=topology.edges_of(spec), settings=topology.settings, zone_id=topology.zone_for(spec),
-            ssh_private_key=ssh_private_key, stack=stack,
+            ssh_private_key=ssh_private_key, stack=stack, server_key=key,
             former_names=renamed.get(spec.name, ()),
             edge_former_names={e.name: renamed[e.name] for e in topology.edges_of(spec) if e.name in renamed}))
         for spec in topology.origins
@@ -121,7 +122,8 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
                 "subnet": o.subnet,
                 "wireguardIp": o.wireguard_ip,
                 "publicKey": origins[o.name].public_key,
-                "endpoint": o.endpoint,
+                # The one address Kokoa hides: secret in state, previews and CI logs.
+                "endpoint": pulumi.Output.secret(o.endpoint),
                 "listenPort": o.listen_port,
                 "edges": [e.name for e in topology.edges_of(o)],
             } for o in topology.origins
@@ -141,7 +143,8 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
         },
         "healthTargets": [
             {"name": o.name, "role": "origin", "origin": o.name, "domain": o.domain,
-             "wireguardIp": o.wireguard_ip, "publicIp": o.endpoint} for o in topology.origins
+             "wireguardIp": o.wireguard_ip, "publicIp": pulumi.Output.secret(o.endpoint)}
+            for o in topology.origins
         ] + [
             {"name": e.name, "role": "edge", "origin": e.origin,
              "domain": topology.origin(e.origin).domain,

@@ -46,6 +46,8 @@ PASS_KEY_CONF = "pass-key.conf"
 # Files that hold a secret: written 0600 (file_mode).
 PRIVATE_FILES = (PASS_KEY_CONF,)
 PASS_KEY_RE = re.compile(r"[0-9a-f]{64}")
+# The gateway's logs in /var/log/kokoa (gateway.conf.j2), and its relay's log when it relays.
+GATEWAY_LOGS = ("gateway-access.log", "gateway-error.log")
 
 BundleFiles = dict[str, str]
 
@@ -57,6 +59,13 @@ class EdgePeer:
     edge: Edge
     public_key: str
     preshared_key: str
+    # A keyed hash of the server the edge is on (components.node_server_tag); "" when unknown.
+    server_tag: str = ""
+
+    @property
+    def key_holder(self) -> str:
+        """How the origin records this edge among the holders of its TLS key: name and server."""
+        return f"{self.edge.name}@{self.server_tag}" if self.server_tag else self.edge.name
 
 
 def _environment() -> jinja2.Environment:
@@ -112,6 +121,7 @@ def render_origin_bundle(settings: Settings, origin: Origin, private_key: str,
         "relay": not upstream.path,
         "stream_module": STREAM_MODULE,
         "stream_package": STREAM_PACKAGE,
+        "gateway_logs": GATEWAY_LOGS + (("gateway-relay.log",) if not upstream.path else ()),
     }
     edges = [p.edge for p in peers]
     ctx["firewall"] = _render("common/firewall.nft.j2", **ctx, role="origin", node_name=origin.name,
@@ -126,6 +136,7 @@ def render_origin_bundle(settings: Settings, origin: Origin, private_key: str,
         "certificate.sh": _render("origin/certificate.sh.j2", **ctx),
         "install.sh": _render("origin/install.sh.j2", **ctx),
         "uninstall.sh": _render("origin/uninstall.sh.j2", **ctx),
+        "logrotate.conf": _render("origin/logrotate.conf.j2", **ctx),
     }
     if settings.acme_ca_bundle:
         files["acme-ca.pem"] = settings.acme_ca_bundle
@@ -170,6 +181,7 @@ def render_edge_bundle(settings: Settings, origin: Origin, edge: Edge, private_k
         "js_module": JS_MODULE,
         "js_file": f"{EDGE_NGINX_DIR}/{CHALLENGE_JS}",
         "pass_key_file": f"{EDGE_NGINX_DIR}/{PASS_KEY_CONF}",
+        "edge_listen_port": edge_listen_port(origin),
     }
     passes: BundleFiles = {}
     if defence.passes:
@@ -194,13 +206,29 @@ def render_edge_bundle(settings: Settings, origin: Origin, edge: Edge, private_k
     }
 
 
+def edge_listen_port(origin: Origin) -> int:
+    """The UDP port an edge's WireGuard listens on: its origin's listenPort. Fixed, so that
+    the edge's firewall admits the origin's packets on that port alone (a random port
+    would leave every port open to whoever spoofs the origin's address)."""
+    return origin.listen_port
+
+
+# New connections a second (and burst) that all sources the flood shield cannot track share
+# at one edge: a bound that nginx serves with room to spare on one core.
+UNTRACKED_NEW_PER_SECOND = 1000
+UNTRACKED_NEW_BURST = 1000
+
+
 @dataclass(frozen=True)
 class FloodShield:
-    """An edge's per-source limits in its kernel firewall (from the origin's rateLimit)."""
+    """An edge's per-source limits in its kernel firewall (from the origin's rateLimit), and
+    the budget shared by the sources it cannot track."""
 
     new_per_second: int
     new_burst: int
     open: int
+    untracked_per_second: int = UNTRACKED_NEW_PER_SECOND
+    untracked_burst: int = UNTRACKED_NEW_BURST
 
 
 def _ipv4s(addresses: Iterable[str]) -> list[str]:

@@ -52,11 +52,17 @@ def parse_checks(_ctx: click.Context | None, _param: click.Parameter | None,
     return tuple(check for check in CHECKS if check in names)
 
 
+# The stack outputs `kokoa health` reads (`pulumi stack output NAME --json --show-secrets`).
+HEALTH_OUTPUTS = ("healthTargets", "edges", "healthTokens")
+
+
 def read_targets(stack: str | None, outputs_file: str | None) -> list[Target]:
     """The nodes from the stack outputs; HealthError with the reason when they cannot be had."""
     try:
-        # With secrets: the health tokens that keep the edges from challenging the probes.
-        return parse_targets(load_outputs(stack=stack, outputs_file=outputs_file, show_secrets=True))
+        # The origins' public addresses and the health tokens are secret outputs; the bundles
+        # are not asked for.
+        return parse_targets(load_outputs(stack=stack, outputs_file=outputs_file, show_secrets=True,
+                                          names=HEALTH_OUTPUTS))
     except (OutputsError, TargetsError) as exc:
         raise HealthError(str(exc)) from exc
 
@@ -197,7 +203,7 @@ def run_interval(sweep_once: Callable[[], Sweep], report: Callable[[Sweep], None
               help="Show the origins' public addresses on the page (hidden by default).")
 @stack_option("Read this stack's outputs with `pulumi stack output`")
 @click.option("--outputs", "outputs_file", metavar="FILE",
-              help="Read the outputs from FILE (JSON of `pulumi stack output --json`).")
+              help="Read the outputs from FILE (JSON holding healthTargets, from `pulumi stack output --json --show-secrets`).")
 @click.option("--checks", default="ping,https", show_default=True, callback=parse_checks,
               help="Checks to run, comma-separated: ping, https.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.05, 60), default=1.0,

@@ -13,6 +13,8 @@ from typing import Any, Literal
 from kokoa_infra.addressing import tunnel_network
 
 ROLES = ("origin", "edge")
+# What `pulumi stack output --json` shows for a secret value without --show-secrets.
+SECRET_PLACEHOLDER = "[secret]"
 PingVia = Literal["auto", "wireguard", "public"]
 
 
@@ -74,6 +76,10 @@ def parse_targets(outputs: dict[str, Any]) -> list[Target]:
                 entry_problems.append(f"{where}: `{key}` must be a non-empty string")
         if entry_problems:
             problems += entry_problems
+            continue
+        if entry["publicIp"] == SECRET_PLACEHOLDER:
+            problems.append(f"{where}: `publicIp` is {SECRET_PLACEHOLDER}: an origin's address is a secret "
+                            "output; read it with `pulumi stack output healthTargets --json --show-secrets`")
             continue
         if entry["role"] not in ROLES:
             problems.append(f"{where}: `role` must be one of {', '.join(ROLES)}, not {entry['role']!r}")

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import uuid
 
 import pytest
 
@@ -200,3 +201,112 @@ def test_an_origin_admits_wireguard_only_from_its_edges(make_netns, tmp_path):
     assert answers == {edge: "answered", stranger: "silent"}
     # The gateway port is for the tunnel only: from the edge's public side it is closed.
     assert connect(edge, 80, host="10.9.1.1") == 0
+
+
+# --- issue 18: routing through an origin, a full shield, the edge's WireGuard port -----------
+
+def veth(ns_a: str, name_a: str, address_a: str, ns_b: str, name_b: str, address_b: str) -> None:
+    """A veth pair between two namespaces, each end named and addressed (CIDR) as given."""
+    temporary = f"kv{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "-n", ns_a, "link", "add", temporary, "type", "veth", "peer", "name", name_b,
+                    "netns", ns_b], check=True)
+    subprocess.run(["ip", "-n", ns_a, "link", "set", temporary, "name", name_a], check=True)
+    for ns, dev, address in ((ns_a, name_a, address_a), (ns_b, name_b, address_b)):
+        subprocess.run(["ip", "-n", ns, "addr", "add", address, "dev", dev], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+
+
+def listen(netns: str, tmp_path, *ports: int) -> subprocess.Popen:
+    script = tmp_path / "listener.py"
+    script.write_text(LISTENER)
+    process = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, str(script), *map(str, ports)],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    return process
+
+
+def test_an_edge_cannot_route_through_its_origin(make_netns, tmp_path):
+    """An origin that forwards (as Docker turns on) with a network behind it: a taken-over
+    edge, through the tunnel interface, reaches the gateway's ports on the origin's tunnel
+    address and nothing else: not the network behind, not the origin's other addresses;
+    and nothing behind the origin reaches the edge."""
+    origin, edge, behind = make_netns(), make_netns(), make_netns()
+    # The tunnel as the firewall sees it: an interface named wg0 on the origin, the edge at
+    # its tunnel address beyond it (a taken-over edge routes what it likes into it).
+    veth(origin, "wg0", "10.100.0.1/24", edge, "eth0", "10.100.0.10/24")
+    veth(origin, "v77", "192.168.77.1/24", behind, "eth0", "192.168.77.2/24")
+    subprocess.run(["ip", "-n", edge, "route", "add", "192.168.77.0/24", "via", "10.100.0.1"], check=True)
+    subprocess.run(["ip", "-n", behind, "route", "add", "default", "via", "192.168.77.1"], check=True)
+    subprocess.run(["ip", "netns", "exec", origin, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+    servers = [listen(ns, tmp_path, 80, 9080, 8081) for ns in (origin, behind, edge)]
+    try:
+        # Without the table the origin routes: the drops below are the firewall's doing.
+        assert connect(edge, 80, host="192.168.77.2") == 1
+        table = bundles(copy.deepcopy(BASE_CONFIG))["origin/blog"]["firewall.nft"]
+        applied = nft(origin, "-f", "-", stdin=table)
+        assert applied.returncode == 0, applied.stderr
+        assert connect(edge, 80, host="10.100.0.1") == 1  # the gateway
+        assert connect(edge, 9080, host="10.100.0.1") == 1  # the certificate export
+        assert connect(edge, 80, host="192.168.77.2") == 0  # a container or routed network
+        assert connect(edge, 80, host="192.168.77.1") == 0  # the origin's other address
+        assert connect(behind, 8081, host="10.100.0.10") == 0  # forwarded into the tunnel
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait(timeout=10)
+
+
+def test_a_full_shield_meters_newcomers_with_one_budget(shielded_edge):
+    """Sets that cannot take another source (as after a flood of spoofed sources) leave a
+    new source metered by the shared budget, and a source tracked before keeps its own
+    allowance."""
+    server, attacker, visitor = shielded_edge
+    config = copy.deepcopy(BASE_CONFIG)
+    config["kokoa:origins"][0]["rateLimit"] = dict(LIMITS)
+    config["kokoa:sshAllowFrom"] = ["10.9.2.0/24"]
+    table = bundles(config)["edge/edge-tokyo-1"]["firewall.nft"]
+    # Small sets and a small budget, so that a test fills and exhausts them.
+    small = table.replace("size 65535\n        flags dynamic", "size 8\n        flags dynamic")
+    small = small.replace("limit rate over 1000/second burst 1000 packets", "limit rate over 1/second burst 3 packets")
+    assert nft(server, "-f", "-", stdin=small).returncode == 0
+    assert connect(visitor, 443, count=2) == 2  # tracked while the sets have room
+    spoofed = ", ".join(f"10.77.0.{i}" for i in range(1, 8))
+    for shield_set in ("web_new", "web_open"):
+        added = nft(server, "add", "element", "inet", "kokoa", shield_set, f"{{ {spoofed} }}")
+        assert added.returncode == 0, added.stderr
+    full = nft(server, "add", "element", "inet", "kokoa", "web_new", "{ 10.77.0.99 }")
+    assert full.returncode != 0  # the set holds 8 sources: no room for another
+    # A newcomer floods: it cannot be tracked, so the budget (burst 3) meters it.
+    flood = connect(attacker, 443, count=40, pause=-1)
+    assert 1 <= flood <= 3 + 2, flood
+    # The source tracked before keeps its own allowance (its burst of 4).
+    assert connect(visitor, 443, count=2) == 2
+
+
+def test_an_edge_admits_its_origins_wireguard_on_its_wireguard_port_only(make_netns):
+    edge, origin = make_netns(), make_netns()
+    link(edge, origin, "10.9.1")  # the edge 10.9.1.1, the origin 10.9.1.2
+    config = copy.deepcopy(BASE_CONFIG)
+    config["kokoa:origins"][0]["host"] = "10.9.1.2"
+    table = bundles(config)["edge/edge-tokyo-1"]["firewall.nft"]
+    assert nft(edge, "-f", "-", stdin=table).returncode == 0
+    echo = ("import socket, sys, threading\n"
+            "def serve(port):\n"
+            " s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', port)); s.settimeout(10)\n"
+            " while True:\n  d, a = s.recvfrom(64); s.sendto(d, a)\n"
+            "threads = [threading.Thread(target=serve, args=(p,), daemon=True) for p in (51820, 40000)]\n"
+            "[t.start() for t in threads]; [t.join(12) for t in threads]")
+    server = subprocess.Popen(["ip", "netns", "exec", edge, sys.executable, "-c", echo])
+    # From the origin's address and WireGuard port, as anyone who spoofs it would send.
+    probe = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)\n"
+             "s.bind(('0.0.0.0', 51820))\n"
+             "for _ in range(6):\n s.sendto(b'hi', ('10.9.1.1', int(sys.argv[1])))\n"
+             " try: s.recvfrom(64); print('answered'); break\n except OSError: pass\nelse: print('silent')")
+    try:
+        answers = {port: subprocess.run(["ip", "netns", "exec", origin, sys.executable, "-c", probe, str(port)],
+                                        capture_output=True, text=True, timeout=30).stdout.strip()
+                   for port in (51820, 40000)}
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+    assert answers == {51820: "answered", 40000: "silent"}

@@ -135,3 +135,32 @@ def test_origin_gateway_conf_passes_nginx_t(bundles, tmp_path, netns):
 def test_nginx_t_would_reject_a_missing_certificate(bundles, tmp_path, netns):
     result = nginx_test(bundles["edge/edge-tokyo-1"]["nginx.conf"], [], tmp_path, netns)
     assert result.returncode != 0 and "fullchain.pem" in result.stderr
+
+
+def test_an_edges_wireguard_listens_on_its_origins_port(bundles, netns, tmp_path):
+    """The port the edge's firewall admits its origin on is the one its interface listens on
+    (wg setconf on a real wireguard-go interface, read back with `wg show`)."""
+    need("wg-quick")
+    need("wireguard-go")
+    expected = {"edge/edge-tokyo-1": "51820", "edge/edge-osaka-1": "51820", "edge/edge-tokyo-2": "51821"}
+    env = os.environ | {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
+    for node, name, text in wg_files(bundles):
+        if node not in expected:
+            continue
+        conf = tmp_path / name
+        conf.write_text(text)
+        conf.chmod(0o600)
+        stripped = tmp_path / "stripped.conf"
+        stripped.write_text(subprocess.run(["wg-quick", "strip", str(conf)], capture_output=True, text=True,
+                                           check=True).stdout)
+        iface = f"kt{uuid.uuid4().hex[:10]}"
+        subprocess.run(["ip", "netns", "exec", netns, "wireguard-go", iface], check=True, env=env, capture_output=True)
+        try:
+            subprocess.run(["ip", "netns", "exec", netns, "wg", "setconf", iface, str(stripped)], check=True)
+            port = subprocess.run(["ip", "netns", "exec", netns, "wg", "show", iface, "listen-port"],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+        finally:
+            subprocess.run(["ip", "-n", netns, "link", "del", iface], capture_output=True)
+            Path(f"/var/run/wireguard/{iface}.sock").unlink(missing_ok=True)
+        assert port == expected[node], node
+        assert f"udp dport {port} accept" in bundles[node]["firewall.nft"], node

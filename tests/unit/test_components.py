@@ -76,13 +76,15 @@ def test_an_edge_takes_its_own_origin_only(topology):
     shop, tokyo = topology.origin("shop"), topology.edges[0]
     with pytest.raises(ValueError, match="^edge edge-tokyo-1 serves origin blog, not shop$"):
         EdgeNodeArgs(edge=tokyo, origin=shop, settings=topology.settings, zone_id=None,
-                     origin_public_key=None, ssh_private_key=None, stack="test", pass_key=None)
+                     origin_public_key=None, ssh_private_key=None, stack="test", pass_key=None,
+                     server_key=None)
 
 
 def test_an_origin_takes_its_own_edges_in_index_order(topology):
     blog = topology.origin("blog")
     ours, theirs = topology.edges_of(blog), topology.edges_of(topology.origin("shop"))
-    common = dict(origin=blog, settings=topology.settings, zone_id=None, ssh_private_key=None, stack="test")
+    common = dict(origin=blog, settings=topology.settings, zone_id=None, ssh_private_key=None, stack="test",
+                  server_key=None)
     with pytest.raises(ValueError, match="^edges edge-tokyo-2 do not serve origin blog$"):
         OriginArgs(edges=ours + theirs, **common)
     with pytest.raises(ValueError, match="^the edges of origin blog must be in index order$"):

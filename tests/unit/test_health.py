@@ -710,3 +710,53 @@ def test_each_edge_probe_carries_its_origins_health_token_when_the_outputs_hold_
     run_sweep(targets, SweepOptions(checks=("https",)), LocalNetwork({}, ()), https=fake_https)
     # Read without secrets, a token is "[secret]": the probe goes without one (and may be challenged).
     assert sent == {"127.0.0.2": token, "127.0.0.3": None}
+
+
+# --- the origins' addresses are secret outputs (issue 18, item 3) ----------------------------
+
+FAKE_PULUMI = """#!/bin/sh
+echo "$*" >> "$(dirname "$0")/calls"
+case "$5" in
+  --show-secrets) ;;
+  *) echo "error: the test's pulumi shows secrets only" >&2; exit 1 ;;
+esac
+case "$3" in
+  healthTargets) cat "$(dirname "$0")/healthTargets.json" ;;
+  edges) cat "$(dirname "$0")/edges.json" ;;
+  healthTokens) cat "$(dirname "$0")/healthTokens.json" ;;
+  *) echo "error: not asked for in this test: $3" >&2; exit 1 ;;
+esac
+"""
+
+
+def test_health_reads_the_secret_origin_addresses_and_no_bundle(tmp_path, monkeypatch):
+    """`kokoa health` asks for healthTargets and edges with --show-secrets (an origin's
+    publicIp is a secret output), never for every output (the bundles hold private keys);
+    the targets it gets are the program's own, under the mocks."""
+    from conftest import BASE_CONFIG
+    from kokoa_infra.mocked_program import run_program
+
+    outputs = run_program(BASE_CONFIG).outputs
+    for name in ("healthTargets", "edges", "healthTokens"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(outputs[name]))
+    pulumi = tmp_path / "pulumi"
+    pulumi.write_text(FAKE_PULUMI)
+    pulumi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    targets = health_cli.read_targets("prod", None)
+    assert [t.public_ip for t in targets if t.role == "origin"] == ["203.0.113.10", "203.0.113.21"]
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "stack output healthTargets --json --show-secrets --stack prod",
+        "stack output edges --json --show-secrets --stack prod",
+        "stack output healthTokens --json --show-secrets --stack prod"]
+    assert {t.health_token for t in targets} == set(outputs["healthTokens"].values())
+
+
+def test_a_hidden_origin_address_is_named_with_its_fix():
+    outputs = {"healthTargets": [{"name": "blog", "role": "origin", "origin": "blog", "domain": "blog.example.com",
+                                  "wireguardIp": "10.100.0.1", "publicIp": "[secret]"}]}
+    with pytest.raises(TargetsError) as raised:
+        parse_targets(outputs)
+    assert str(raised.value) == (
+        "invalid `healthTargets`:\n  healthTargets[0] (blog): `publicIp` is [secret]: an origin's address is a "
+        "secret output; read it with `pulumi stack output healthTargets --json --show-secrets`")

@@ -754,3 +754,82 @@ def test_the_edges_interface_is_named_after_their_origin():
     topology = topology_after(lambda c: None)
     assert [o.edge_interface for o in topology.origins] == ["wg-origin-0", "wg-origin-1"]
     assert not hasattr(topology.edges[0], "interface")
+
+
+# --- issue 18, item 5: values that would weaken protection ---------------------------------
+
+NUMBER_FORMS = {"hex": "0xcb00710a", "hex parts": "0xcb.0.113.0xa", "upper-case hex": "0XCB00710A"}
+
+
+@pytest.mark.parametrize("value", NUMBER_FORMS.values(), ids=NUMBER_FORMS.keys())
+def test_an_address_written_as_a_number_is_not_a_host_name(value):
+    # inet_aton reads these as 203.0.113.10: as a "name", the same server could be an edge
+    # and be published in DNS.
+    why = (f"{value!r} is the IPv4 address 203.0.113.10 written as a number, which resolvers read as "
+           "that address; write 203.0.113.10")
+    assert_only_problem_of_its_entry(problems_after(set_origin(1, "endpoint", value)), f"{SHOP}: endpoint: {why}")
+    assert_only_problem_of_its_entry(problems_after(set_edge(0, "host", value)), f"{TOKYO}: host: {why}")
+    url = f"http://{value}:8080/"
+    assert_only_problem_of_its_entry(problems_after(set_origin(0, "upstream", url)),
+                                     f"{BLOG}: upstream: {url!r}: host {why}")
+
+
+def test_host_names_that_only_look_numeric_stay_names():
+    topology = topology_after(both(set_origin(1, "endpoint", "0x1.example.net"), set_edge(0, "host", "cafe.example")))
+    assert topology.origins[1].endpoint == "0x1.example.net" and topology.edges[0].ssh.host == "cafe.example"
+
+
+UPSTREAM_SPECIAL = {
+    "http://169.254.169.254/latest/meta-data": "169.254.169.254 is link-local / cloud metadata (169.254.0.0/16)",
+    "http://0.0.0.0:8080": "0.0.0.0 is unspecified (0.0.0.0/8)",
+    "http://224.0.0.1": "224.0.0.1 is multicast (224.0.0.0/4)",
+    "http://240.0.0.1": "240.0.0.1 is reserved (240.0.0.0/4)",
+    "http://[::ffff:a9fe:a9fe]/": "169.254.169.254 is link-local / cloud metadata (169.254.0.0/16)",
+    "http://[fe80::1]:8080": "fe80::1 is link-local (fe80::/10)",
+    "http://[::]:8080": ":: is unspecified (::)",
+}
+
+
+@pytest.mark.parametrize("url, why", UPSTREAM_SPECIAL.items(), ids=UPSTREAM_SPECIAL.keys())
+def test_upstream_refuses_what_host_and_endpoint_refuse_but_loopback(url, why):
+    assert_only_problem_of_its_entry(problems_after(set_origin(0, "upstream", url)),
+                                     f"{BLOG}: upstream: {url!r}: host {why}, not the address of an application")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080", "http://127.1.2.3:80/app", "https://[::1]:8443",
+                                 "http://10.0.0.5:8080", "https://app.internal"])
+def test_upstream_on_loopback_or_a_private_network_stays_fine(url):
+    assert topology_after(set_origin(0, "upstream", url)).origins[0].upstream == url
+
+
+SPECIAL_NETWORKS = {
+    "127.0.0.0/8": "127.0.0.0 is a loopback address (127.0.0.0/8)",
+    "169.254.0.0/16": "169.254.0.0 is link-local / cloud metadata (169.254.0.0/16)",
+    "0.0.0.0/8": "0.0.0.0 is unspecified (0.0.0.0/8)",
+}
+
+
+@pytest.mark.parametrize("network, why", SPECIAL_NETWORKS.items(), ids=SPECIAL_NETWORKS.keys())
+def test_network_is_not_loopback_link_local_or_this_network(network, why):
+    why = why.split(" ", 1)[1]
+    assert problems_after(set_setting("network", network)) == [
+        f"kokoa: network: {network!r} {why}: tunnel addresses there do not route; use a private network "
+        "such as 10.100.0.0/16"]
+
+
+@pytest.mark.parametrize("port", [80, 443])
+def test_an_edges_ssh_port_is_not_a_web_port(port):
+    assert_only_problem_of_its_entry(problems_after(set_edge(0, "sshPort", port)),
+                                     f"{TOKYO}: sshPort: {port} is one of the edge's web ports (80, 443), which "
+                                     "go through the flood shield to nginx; give SSH another port")
+    # An origin drops 80 and 443 from outside the tunnel: SSH there passes no shield.
+    assert topology_after(set_origin(0, "sshPort", 443)).origins[0].ssh.port == 443
+
+
+@pytest.mark.parametrize("networks", [["0.0.0.0/1", "128.0.0.0/1"], ["0.0.0.0/2", "64.0.0.0/2", "128.0.0.0/1"],
+                                      ["0.0.0.0/0"]])
+def test_an_allow_list_that_covers_everyone_is_open_to_everyone(networks):
+    settings = topology_after(set_setting("sshAllowFrom", networks)).settings
+    assert settings.ssh_open_to_everyone
+    almost = topology_after(set_setting("sshAllowFrom", ["0.0.0.0/1", "128.0.0.0/2"])).settings
+    assert not almost.ssh_open_to_everyone

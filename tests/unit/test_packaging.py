@@ -96,7 +96,7 @@ def test_the_installed_package_renders_bundles_from_its_own_templates(installed)
     assert Path(found["package"]).is_relative_to(venv), found["package"]
     assert Path(found["templates"]).is_relative_to(venv)
     assert found["origin"] == ["certificate.sh", "firewall.nft", "gateway.conf", "install.sh",
-                               "uninstall.sh", "wg0.conf"]
+                               "logrotate.conf", "uninstall.sh", "wg0.conf"]
     assert found["edge"] == ["cert-refresh.sh", "firewall.nft", "install.sh", "nginx.conf", "uninstall.sh",
                              "wg-origin-0.conf"]
     assert "server_name blog.example.com" in found["nginx"]

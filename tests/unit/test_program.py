@@ -7,6 +7,7 @@ import copy
 import gzip
 import hashlib
 import io
+import re
 import tarfile
 
 import pytest
@@ -31,13 +32,15 @@ def test_components_own_their_children(program):
         assert program.named(child).parent == edge.urn
     for child in ("blog-wireguard-key", "blog-install", "blog-certificate"):
         assert program.named(child).parent == blog.urn
-    assert all(r.parent in by_urn or r.type == "kokoa:index:Origin" for r in program.resources)
+    # At the top: the origins, and the stack's key for naming servers (one for all).
+    assert all(r.parent in by_urn or r.type == "kokoa:index:Origin" or r.name == "kokoa-server-key"
+               for r in program.resources)
 
 
 def test_keys_are_32_random_bytes_per_node_and_pair(program):
     keys = program.of_type(RANDOM_BYTES)
     assert sorted(r.name for r in keys) == sorted(
-        ["blog-wireguard-key", "shop-wireguard-key", "blog-pass-key", "shop-pass-key"]
+        ["blog-wireguard-key", "shop-wireguard-key", "kokoa-server-key", "blog-pass-key", "shop-pass-key"]
         + [f"{e}-{k}" for e in ("edge-tokyo-1", "edge-osaka-1", "edge-tokyo-2")
            for k in ("wireguard-key", "preshared-key")])
     assert all(r.inputs["length"] == 32 for r in keys)
@@ -70,8 +73,46 @@ def test_outputs_have_the_contract_shape(program):
     assert set(out["bundles"]["origin/blog"]) >= {"wg0.conf", "install.sh"}
 
 
-def test_only_bundles_and_health_tokens_are_secret_and_public_keys_match_private_keys(program):
-    assert program.secret_outputs == {"bundles", "healthTokens"}
+def test_bundles_and_origin_addresses_are_the_secret_outputs(program):
+    # As `await out.is_secret()` sees each output: a secret inside makes it secret...
+    assert program.secret_outputs == {"bundles", "origins", "healthTargets", "healthTokens"}
+    # ...while the engine keeps the rest of it plain: only the origins' addresses are hidden.
+    assert program.output_secret_paths == {
+        "bundles": {"."}, "origins": {"blog.endpoint", "shop.endpoint"}, "edges": set(), "dnsRecords": set(),
+        "healthTargets": {"0.publicIp", "1.publicIp"}, "healthTokens": {"."}}
+    assert [t["role"] for t in program.outputs["healthTargets"][:2]] == ["origin", "origin"]
+
+
+ORIGIN_ADDRESSES = ("203.0.113.10", "203.0.113.20", "203.0.113.21")  # blog's host, shop's host and endpoint
+
+
+def plain_strings(value, secret_paths, path=""):
+    """Every string in `value` that is not under one of `secret_paths` ("." is all of it)."""
+    if "." in secret_paths or path in secret_paths:
+        return
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from plain_strings(item, secret_paths, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from plain_strings(item, secret_paths, f"{path}.{index}" if path else str(index))
+
+
+def test_no_origin_address_is_plain_in_outputs_or_state(program):
+    """Outputs, and the inputs every resource stores in state, name an origin's address only
+    inside secrets (triggers were `server 203.0.113.10`)."""
+    leaks = [(name, path) for name, value in program.outputs.items()
+             for path, text in plain_strings(value, program.output_secret_paths[name])
+             if any(a in text for a in ORIGIN_ADDRESSES)]
+    leaks += [(resource.name, path) for resource in program.resources
+              for path, text in plain_strings(resource.inputs, resource.secret_paths)
+              if any(a in text for a in ORIGIN_ADDRESSES)]
+    assert leaks == []
+
+
+def test_public_keys_match_private_keys(program):
     wg0 = program.outputs["bundles"]["origin/blog"]["wg0.conf"]
     private = next(line.split(" = ", 1)[1] for line in wg0.splitlines() if line.startswith("PrivateKey"))
     assert public_key(private) == program.outputs["origins"]["blog"]["publicKey"]
@@ -112,7 +153,24 @@ def test_changed_bundle_changes_create_but_not_connection(config):
     # An in-place update (create/stdin) rather than a replacement (triggers).
     assert old.inputs["create"] != new.inputs["create"]
     assert old.inputs["connection"] == new.inputs["connection"]
-    assert old.inputs["triggers"] == new.inputs["triggers"] == ["server 198.51.100.7"]
+    # The server, named by a keyed hash (its address stays out of the plain state).
+    trigger, = old.inputs["triggers"]
+    assert new.inputs["triggers"] == [trigger] and re.fullmatch(r"server [0-9a-f]{24}", trigger)
+    assert trigger != program_trigger_of(before, "edge-osaka-1-install")
+
+
+def program_trigger_of(run, command):
+    return run.named(command).inputs["triggers"][0]
+
+
+def test_the_trigger_is_a_keyed_hash_of_the_server(config):
+    base = run_program(config)
+    # The same server under another stack key: another tag (the key is the stack's secret).
+    other_key = run_program(config, seed=b"another stack")
+    assert program_trigger_of(other_key, "blog-install") != program_trigger_of(base, "blog-install")
+    # Another server: another trigger, hence a replacement (uninstall there, install here).
+    config["kokoa:origins"][0]["host"] = "203.0.113.11"
+    assert program_trigger_of(run_program(config), "blog-install") != program_trigger_of(base, "blog-install")
 
 
 def test_dns_records_only_for_undrained_edges(program):

@@ -52,3 +52,9 @@ def test_insecure_any_host_key_warns_naming_each_node_and_pins_nothing(config):
     assert "hostKey" not in run.named("blog-install").inputs["connection"]
     assert (run.named("edge-tokyo-1-install").inputs["connection"]["hostKey"]
             == BASE_CONFIG["kokoa:edges"][0]["hostKey"])
+
+
+def test_an_allow_list_that_covers_everyone_warns_like_0_0_0_0_0(config):
+    # Two halves of the internet are the internet: the same warning as 0.0.0.0/0.
+    config["kokoa:sshAllowFrom"] = ["0.0.0.0/1", "128.0.0.0/1"]
+    assert warnings(run_program(config)) == [OPEN_SSH]

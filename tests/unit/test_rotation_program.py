@@ -131,9 +131,10 @@ def test_raising_an_edges_key_generation_rotates_its_keys_only(config):
     old_psk = old_bundles["edge/edge-tokyo-1"]["wg-origin-0.conf"].split("PresharedKey = ")[1].split()[0]
     assert old_psk not in bundles["origin/blog"]["wg0.conf"]  # the PSK rotates with the edge
     keepers = run.named("edge-tokyo-1-wireguard-key").inputs["keepers"]
-    assert keepers == {"keyGeneration": "2"}
-    # Generation 1 has no keeper: stacks deployed before keyGeneration keep their keys.
-    assert "keepers" not in base.named("edge-tokyo-1-wireguard-key").inputs
+    assert keepers["keyGeneration"] == "2"
+    # Generation 1 has no such keeper; both have the server's.
+    old_keepers = base.named("edge-tokyo-1-wireguard-key").inputs["keepers"]
+    assert "keyGeneration" not in old_keepers and old_keepers["server"] == keepers["server"]
 
 
 def test_raising_an_origins_key_generation_changes_its_own_key(config):
@@ -152,3 +153,79 @@ def test_key_rotation_updates_the_two_installs_in_place(deployed):
     report, runner = deploy(config, state)
     assert sorted(report.changed) == ["updated blog-install", "updated edge-tokyo-1-install"]
     assert uninstalls(runner) == []
+
+
+# --- a node moved to another server under the same name (issue 18, item 4) -----------------
+
+def psk_of(run, edge, interface):
+    return run.outputs["bundles"][f"edge/{edge}"][interface].split("PresharedKey = ")[1].split()[0]
+
+
+# (the edge's entry before, what the move changes)
+MOVES = {
+    "publicIp and host": ({}, {"publicIp": "198.51.100.70"}),
+    "host alone": ({}, {"host": "198.51.100.71"}),
+    # The same SSH tunnel on loopback, another server behind it.
+    "publicIp behind one tunnel": ({"host": "127.0.0.1", "sshPort": 2201}, {"publicIp": "198.51.100.72"}),
+}
+
+
+@pytest.mark.parametrize("entry, move", MOVES.values(), ids=MOVES.keys())
+def test_an_edge_moved_to_another_server_gets_new_keys(config, entry, move):
+    config["kokoa:edges"][0].update(entry)
+    base = run_program(config)
+    config["kokoa:edges"][0].update(move)
+    run = run_program(config)
+    before, after = keys(base), keys(run)
+    assert after["edge-tokyo-1"] != before["edge-tokyo-1"]
+    assert psk_of(run, "edge-tokyo-1", "wg-origin-0.conf") != psk_of(base, "edge-tokyo-1", "wg-origin-0.conf")
+    # The old server's keys are no longer admitted by the origin; nothing else changes.
+    assert before["edge-tokyo-1"] not in run.outputs["bundles"]["origin/blog"]["wg0.conf"]
+    assert {k: v for k, v in after.items() if k != "edge-tokyo-1"} == \
+           {k: v for k, v in before.items() if k != "edge-tokyo-1"}
+
+
+def test_an_origin_moved_to_another_server_gets_a_new_key(config):
+    base = run_program(config)
+    config["kokoa:origins"][0]["host"] = "203.0.113.11"
+    assert keys(run_program(config))["blog"] != keys(base)["blog"]
+
+
+def key_holder_block(install_sh):
+    """The part of an origin's install.sh that records the TLS key's holders."""
+    start = install_sh.index('EDGES="')
+    end = install_sh.index('mv -f "$KEY_HOLDERS.kokoa-new" "$KEY_HOLDERS"\n', start)
+    return install_sh[start:end] + 'mv -f "$KEY_HOLDERS.kokoa-new" "$KEY_HOLDERS"\n'
+
+
+def run_key_holders(run, state_dir):
+    """Run that block of the origin blog's install.sh against KEY_HOLDERS in `state_dir`;
+    True when it asks for a new TLS key."""
+    import subprocess
+
+    script = ('set -euo pipefail\nlog() { echo "$*"; }\n'
+              f'KEY_HOLDERS={state_dir}/tls-key-holders\nROTATE_KEY={state_dir}/rotate-tls-key\n'
+              + key_holder_block(run.outputs["bundles"]["origin/blog"]["install.sh"]))
+    subprocess.run(["bash", "-c", script], check=True, capture_output=True, text=True, timeout=30)
+    rotate = state_dir / "rotate-tls-key"
+    asked = rotate.exists()
+    rotate.unlink(missing_ok=True)
+    return asked
+
+
+def test_the_origin_replaces_its_tls_key_when_a_holder_moves_to_another_server(config, tmp_path):
+    base = run_program(config)
+    assert run_key_holders(base, tmp_path) is False  # the first holders
+    assert run_key_holders(base, tmp_path) is False  # the same edges on the same servers
+    config["kokoa:edges"][0]["publicIp"] = "198.51.100.70"  # edge-tokyo-1, same name, new server
+    assert run_key_holders(run_program(config), tmp_path) is True
+
+
+def test_holders_recorded_by_name_before_the_upgrade_replace_no_key(program, tmp_path):
+    (tmp_path / "tls-key-holders").write_text("edge-osaka-1\nedge-tokyo-1\n")
+    assert run_key_holders(program, tmp_path) is False
+    holders = (tmp_path / "tls-key-holders").read_text().split()
+    assert [h.split("@")[0] for h in holders] == ["edge-osaka-1", "edge-tokyo-1"] and all("@" in h for h in holders)
+    # A name that is gone still counts as gone.
+    (tmp_path / "tls-key-holders").write_text("edge-kyoto-9\nedge-tokyo-1\n")
+    assert run_key_holders(program, tmp_path) is True
