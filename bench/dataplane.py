@@ -10,8 +10,9 @@ origins serve a static nginx, and measures with wrk (1 thread, 32 connections):
   bare edge     ... and nginx TLS with upstream keepalive in front of it (no gateway)
 
 then, with the stack's own limits, a legitimate client (new TLS connection per request,
-10 req/s) with no flood, against one attacker address with 200 connections, and against
-20 attacker addresses with 10 connections each. Rounds are interleaved and the median
+10 req/s) with no flood, against one attacker address with 200 connections, against 20
+attacker addresses with 10 connections each, and against one address with 200 HTTP/2
+streams at a time (h2load), where a 429 cannot close the connection. Rounds are interleaved and the median
 kept, because this machine is shared and noisy: compare the ratios, not the absolutes.
 
 Every wrk and client run is bounded in time; all traffic stays in the namespaces this
@@ -57,6 +58,7 @@ TARGETS = {
     "edge / bare edge": 0.6,
     "one-address flood: p99 / no-flood p99 (at most)": 1.5,
     "20-address flood: p99 / no-flood p99 (at most)": 2.0,
+    "HTTP/2 one-address flood: p99 / no-flood p99 (at most)": 1.5,
 }
 
 
@@ -100,6 +102,19 @@ def parse_wrk(text: str) -> WrkResult:
                                map(int, errors.groups()))) if errors else {},
         latency_ms=float(latency.group(1)) * _UNITS[latency.group(2)] if latency else 0.0,
     )
+
+
+def parse_h2load(text: str, seconds: float) -> WrkResult:
+    """h2load's summary as a WrkResult: answers, 2xx/3xx, failures (connection errors in `read`)."""
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, \d+ succeeded, (\d+) failed, "
+                     r"(\d+) errored, (\d+) timeout", text)
+    if not codes or not done:
+        raise LabError(f"unexpected h2load output:\n{text}")
+    answered = sum(int(n) for n in codes.groups())
+    return WrkResult(requests=answered, seconds=seconds, non_2xx=int(codes[3]) + int(codes[4]),
+                     socket_errors={"connect": 0, "read": int(done[3]), "write": 0, "timeout": int(done[4])},
+                     latency_ms=0.0)
 
 
 def wrk_argv(url: str, seconds: float, connections: int, host: str | None = None) -> list[str]:
@@ -259,15 +274,19 @@ class Bench:
                 "p50Ms": percentile(ok, 50), "p99Ms": percentile(ok, 99),
                 "errors": sorted(set(document["errors"]))[:5]}
 
-    def flood(self, attackers: list[Host], connections: int, count: int) -> dict[str, Any]:
-        """Attackers run wrk against the site's edge while the legitimate client measures."""
+    def flood(self, attackers: list[Host], connections: int, count: int, http2: bool = False) -> dict[str, Any]:
+        """Attackers run wrk (or h2load, `http2`) against the site's edge while the legitimate client measures."""
         origin, _ = self.site()
         duration = count / 10 + 4
         before = self.lab.demo_requests(origin["netns"])
         started = time.monotonic()
+        url = f"https://{origin['domain']}/"
+        # h2load: one connection at a time with `connections` streams on it, opening the next
+        # when the edge ends one (timing-based mode), for the flood's duration.
+        argv = (["h2load", "-c", "1", "-m", str(connections), "-D", f"{duration:g}", url] if http2
+                else wrk_argv(url, duration, connections))
         floods = [subprocess.Popen(
-            ["timeout", "-k", "2", str(int(duration + 20)), "ip", "netns", "exec", a.netns,
-             *wrk_argv(f"https://{origin['domain']}/", duration, connections)],
+            ["timeout", "-k", "2", str(int(duration + 20)), "ip", "netns", "exec", a.netns, *argv],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in attackers]
         try:
             time.sleep(2)  # the flood is at full strength before the first legitimate request
@@ -276,7 +295,7 @@ class Bench:
             outputs = [f.communicate(timeout=duration + 30)[0] for f in floods]
         elapsed = time.monotonic() - started
         reached = self.lab.demo_requests(origin["netns"]) - before
-        results = [parse_wrk(out) for out in outputs]
+        results = [parse_h2load(out, duration) if http2 else parse_wrk(out) for out in outputs]
         return {
             "attackers": len(attackers), "connectionsEach": connections, "legit": legit,
             "attackerRequestsPerSec": sum(r.rate for r in results),
@@ -318,7 +337,8 @@ def report(hops: dict[str, Any], floods: dict[str, Any]) -> tuple[str, dict[str,
                          f"{run_.get('attackerServedPerSec', 0):.0f}",
                          f"{run_.get('originRequestsPerSec', 0):.0f}"))
         lines += [table(rows), ""]
-        for key, label in (("one address", "one-address flood"), ("20 addresses", "20-address flood")):
+        for key, label in (("one address", "one-address flood"), ("20 addresses", "20-address flood"),
+                           ("HTTP/2, one address", "HTTP/2 one-address flood")):
             if key in floods and base["p99Ms"] and floods[key]["legit"]["p99Ms"]:
                 ratios[f"{label}: p99 / no-flood p99 (at most)"] = floods[key]["legit"]["p99Ms"] / base["p99Ms"]
     rows = [("ratio", "value", "target")]
@@ -378,6 +398,8 @@ def main() -> int:
             floods["none"] = {"legit": bench.legit(args.legit_requests)}
             floods["one address"] = bench.flood(attackers[:1], 200, args.legit_requests)
             floods["20 addresses"] = bench.flood(attackers, 10, args.legit_requests)
+            if shutil.which("h2load"):
+                floods["HTTP/2, one address"] = bench.flood(attackers[:1], 200, args.legit_requests, http2=True)
     finally:
         if not args.keep:
             left = lab.down(echo=lambda _: None)

@@ -18,7 +18,7 @@ import jinja2
 
 from kokoa_infra.addressing import TUNNEL_PREFIX
 from kokoa_infra.admission import Admission
-from kokoa_infra.model import Edge, Origin, Settings
+from kokoa_infra.model import Edge, Origin, RateLimit, Settings
 
 # Shipped inside the package (package-data), so an installed `kokoa` finds them from any directory.
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -46,6 +46,7 @@ PASS_KEY_CONF = "pass-key.conf"
 # Files that hold a secret: written 0600 (file_mode).
 PRIVATE_FILES = (PASS_KEY_CONF,)
 PASS_KEY_RE = re.compile(r"[0-9a-f]{64}")
+CONNECTION_REQUESTS_RANGE = (100, 1000)
 # The gateway's logs in /var/log/kokoa (gateway.conf.j2), and its relay's log when it relays.
 GATEWAY_LOGS = ("gateway-access.log", "gateway-error.log")
 
@@ -176,6 +177,7 @@ def render_edge_bundle(settings: Settings, origin: Origin, edge: Edge, private_k
         "admission": admission,
         "limit_key": "$kokoa_visitor" if defence.passes else "$binary_remote_addr",
         "zone_prefix": "kokoa_visitor_" if defence.passes else "kokoa_",
+        "connection_requests": connection_requests(origin.rate_limit),
         "edge_nginx_dir": EDGE_NGINX_DIR,
         "js_package": JS_PACKAGE,
         "js_module": JS_MODULE,
@@ -217,6 +219,14 @@ def edge_listen_port(origin: Origin) -> int:
 # at one edge: a bound that nginx serves with room to spare on one core.
 UNTRACKED_NEW_PER_SECOND = 1000
 UNTRACKED_NEW_BURST = 1000
+
+
+def connection_requests(limits: RateLimit) -> int:
+    """Requests one connection to an edge's HTTPS server may make (HTTP/2 above all): twice the
+    burst, at least CONNECTION_REQUESTS_RANGE[0] so that a page with many resources loads on
+    one connection, at most [1] (nginx's http-level keepalive_requests of the edge)."""
+    low, high = CONNECTION_REQUESTS_RANGE
+    return min(high, max(low, 2 * limits.burst))
 
 
 @dataclass(frozen=True)

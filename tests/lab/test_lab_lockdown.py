@@ -16,7 +16,7 @@ import pytest
 from kokoa_infra.lab.executor import ExecutorError
 from kokoa_infra.lab.hosts import topology
 from kokoa_infra.render import CERT_PORT, GATEWAY_PORT
-from test_firewall import CONNECTOR
+from tests.netns.test_firewall import CONNECTOR
 
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -119,6 +121,23 @@ def test_over_the_limit_requests_wait_then_a_429_ends_the_connection(edge):
     assert [code for code, _ in answers] == ["200"] * 4 + ["429"] * 4, answers
     assert sum(1 for t in served if t > 0.8) == 2, served  # the two that waited
     assert log.count("< Connection: close") == 4  # every 429 ended its connection
+
+
+def test_one_http2_connection_gets_a_bounded_number_of_answers(edge):
+    netns, ca = edge
+    if shutil.which("h2load") is None:
+        pytest.skip("h2load is not installed (make setup installs nghttp2-client)")
+    # 300 requests, 100 at a time, on one HTTP/2 connection (the review's attacker): a 429
+    # cannot end an HTTP/2 connection, so nginx ends it after keepalive_requests with GOAWAY
+    # (min 100 here: burst 3), and the rest must come on a new connection the shield meters.
+    run = subprocess.run(["ip", "netns", "exec", netns, "h2load", "-n", "300", "-c", "1", "-m", "100",
+                          "--connect-to", "127.0.0.1:443", f"https://{DOMAIN}/"],
+                         capture_output=True, text=True, timeout=60)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", run.stdout)
+    assert codes, run.stdout + run.stderr
+    answered = sum(int(n) for n in codes.groups())
+    assert 0 < answered <= 100, run.stdout
+    assert int(codes[1]) <= 4  # the rest refused: 2 at once, 2 after waiting (1 r/s, burst 3)
 
 
 def test_a_redirect_to_https_ends_its_connection(edge):
