@@ -53,6 +53,7 @@ lab-down: venv
 bench: setup
 	$(VENV)/bin/python bench/dataplane.py
 	$(VENV)/bin/python bench/distributed.py
+	$(VENV)/bin/python bench/challenge_cost.py
 	$(VENV)/bin/python bench/health_sweep.py
 	$(VENV)/bin/python bench/program_eval.py
 

@@ -62,4 +62,4 @@ def test_under_attack_on_challenges_newcomers_lets_browsers_through_and_keeps_he
     finally:
         lab.apply({"kokoa:origins": before})
     code, body = get(lab, origin["domain"], edge["publicIp"])
-    assert (code, body) == ("200", f"hello from origin {SITE}")
+    assert (code, body.strip()) == ("200", f"hello from origin {SITE}")
