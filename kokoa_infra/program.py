@@ -83,6 +83,12 @@ def warn_about_exposure(topology: Topology) -> None:
                             f"{ssh.host} accepts ANY host key, so whoever answers there receives "
                             f"its bundle and WireGuard keys; pin hostKey ({keyscan_command(ssh.host, ssh.port)}) "
                             "unless this host is throwaway")
+    for origin in topology.origins:
+        capacity, edges = origin.defence.capacity, topology.edges_of(origin)
+        if capacity is not None and len(edges) > capacity:
+            pulumi.log.warn(f"kokoa: origin {origin.name} has capacity {capacity} for {len(edges)} edges: each edge "
+                            f"still lets 1 request through at once, so the origin may get {len(edges)}; raise "
+                            "capacity.concurrentRequests or remove edges")
     if topology.settings.ssh_open_to_everyone:
         pulumi.log.warn("kokoa: SSH on every host is open to the internet; set kokoa:sshAllowFrom "
                         "to the networks you administer from (e.g. [\"198.51.100.0/24\"])")

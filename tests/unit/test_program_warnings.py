@@ -58,3 +58,13 @@ def test_an_allow_list_that_covers_everyone_warns_like_0_0_0_0_0(config):
     # Two halves of the internet are the internet: the same warning as 0.0.0.0/0.
     config["kokoa:sshAllowFrom"] = ["0.0.0.0/1", "128.0.0.0/1"]
     assert warnings(run_program(config)) == [OPEN_SSH]
+
+
+def test_a_capacity_below_the_number_of_edges_is_warned_naming_what_the_origin_may_get(config):
+    config["kokoa:sshAllowFrom"] = ["198.51.100.0/24"]
+    config["kokoa:origins"][0]["capacity"] = {"concurrentRequests": 1}  # blog: tokyo-1 and osaka-1
+    assert warnings(run_program(config)) == [
+        "kokoa: origin blog has capacity 1 for 2 edges: each edge still lets 1 request through at once, so "
+        "the origin may get 2; raise capacity.concurrentRequests or remove edges"]
+    config["kokoa:origins"][0]["capacity"] = {"concurrentRequests": 2}
+    assert warnings(run_program(config)) == []
