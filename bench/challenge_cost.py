@@ -1,6 +1,6 @@
 """`make bench`, third part: what the edge's challenge costs a browser, per difficulty.
 
-Runs the challenge page's own solver (the `first32` SHA-256 of kokoa_infra/templates/edge/
+Runs the challenge page's own solver (the SHA-256 part of kokoa_infra/templates/edge/
 challenge.js) in headless Chromium on a local page, in a namespace with no network, for 30
 challenges of the real shape at each difficulty, and prints the hash rate and the solve times
 (mean, p95, max). A phone-class CPU is taken as PHONE_FACTOR times slower than this machine's
@@ -25,7 +25,7 @@ from kokoa_infra.health.html_preview import chromium_binary, run_chromium  # noq
 from kokoa_infra.model import CHALLENGE_DIFFICULTY_RANGE, DEFAULT_CHALLENGE_DIFFICULTY  # noqa: E402
 
 CHALLENGE_JS = REPO / "kokoa_infra" / "templates" / "edge" / "challenge.js"
-DIFFICULTIES = (12, 14, 16, 18)
+DIFFICULTIES = (12, 14, 15, 16, 18)
 SOLVES = 30
 PHONE_FACTOR = 5
 RESULTS = REPO / "bench" / "results" / "challenge_cost.json"
@@ -39,8 +39,8 @@ for (var d = 0; d < difficulties.length; d++) {{
   for (var i = 0; i < solves; i++) {{
     var id = (Math.random().toString(16) + "0000000000000000").slice(2, 18);
     var prefix = "1796524183." + id + "." + bits + ".W0xUvaDVxWFsi21wY47r7oxMOrtfZnbzXEMBcQGSy5U.";
-    var started = performance.now(), counter = 0;
-    while (first32(prefix + counter) >= limit) counter++;
+    var started = performance.now(), counter = 0, first32 = hasher(prefix);
+    while (first32(counter) >= limit) counter++;
     times.push(performance.now() - started);
     hashes += counter + 1;
   }}
@@ -52,11 +52,11 @@ document.getElementById("out").textContent = "RESULT " + JSON.stringify(results)
 
 
 def solver_source() -> str:
-    """The page's own K table and first32 function, out of challenge.js."""
+    """The page's own SHA-256 (its `hasher`), out of challenge.js."""
     text = CHALLENGE_JS.read_text()
-    found = re.search(r"(  var K = \[.*?\n  function first32\(s\) \{.*?\n    return H\[0\] >>> 0;\n  \})", text, re.S)
+    found = re.search(r"// --- sha256 .*?\n(.*?)  // --- end sha256 ---", text, re.S)
     if not found:
-        raise SystemExit(f"no first32 in {CHALLENGE_JS}")
+        raise SystemExit(f"no sha256 part in {CHALLENGE_JS}")
     return found[1]
 
 

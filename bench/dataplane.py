@@ -73,6 +73,7 @@ class WrkResult:
     non_2xx: int
     socket_errors: dict[str, int]
     latency_ms: float
+    connections: int | None = None  # connections opened (h2load), when known
 
     @property
     def rate(self) -> float:
@@ -105,16 +106,17 @@ def parse_wrk(text: str) -> WrkResult:
 
 
 def parse_h2load(text: str, seconds: float) -> WrkResult:
-    """h2load's summary as a WrkResult: answers, 2xx/3xx, failures (connection errors in `read`)."""
-    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
-    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, \d+ succeeded, (\d+) failed, "
-                     r"(\d+) errored, (\d+) timeout", text)
-    if not codes or not done:
-        raise LabError(f"unexpected h2load output:\n{text}")
-    answered = sum(int(n) for n in codes.groups())
-    return WrkResult(requests=answered, seconds=seconds, non_2xx=int(codes[3]) + int(codes[4]),
-                     socket_errors={"connect": 0, "read": int(done[3]), "write": 0, "timeout": int(done[4])},
-                     latency_ms=0.0)
+    """The summaries of successive h2load runs (one connection each) as one WrkResult: answers,
+    refused (4xx/5xx), connections opened, and requests that got no answer (in `read`)."""
+    codes = re.findall(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+    done = re.findall(r"requests: (\d+) total, \d+ started, \d+ done, \d+ succeeded, \d+ failed", text)
+    if not codes or len(codes) != len(done):
+        raise LabError(f"unexpected h2load output:\n{text[-2000:]}")
+    answered = sum(int(n) for run in codes for n in run)
+    return WrkResult(requests=answered, seconds=seconds, non_2xx=sum(int(r[2]) + int(r[3]) for r in codes),
+                     socket_errors={"connect": 0, "read": sum(int(t) for t in done) - answered,
+                                    "write": 0, "timeout": 0},
+                     latency_ms=0.0, connections=len(codes))
 
 
 def wrk_argv(url: str, seconds: float, connections: int, host: str | None = None) -> list[str]:
@@ -281,10 +283,11 @@ class Bench:
         before = self.lab.demo_requests(origin["netns"])
         started = time.monotonic()
         url = f"https://{origin['domain']}/"
-        # h2load: one connection at a time with `connections` streams on it, opening the next
-        # when the edge ends one (timing-based mode), for the flood's duration.
-        argv = (["h2load", "-c", "1", "-m", str(connections), "-D", f"{duration:g}", url] if http2
-                else wrk_argv(url, duration, connections))
+        # h2load: one connection with `connections` streams at a time, asking for 1,000; when the
+        # edge ends the connection the next h2load opens a new one, for the flood's duration.
+        loop = (f'end=$(($(date +%s) + {int(duration)})); while [ "$(date +%s)" -lt "$end" ]; do '
+                f'h2load -n 1000 -c 1 -m {connections} {url}; done')
+        argv = ["sh", "-c", loop] if http2 else wrk_argv(url, duration, connections)
         floods = [subprocess.Popen(
             ["timeout", "-k", "2", str(int(duration + 20)), "ip", "netns", "exec", a.netns, *argv],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in attackers]
@@ -300,6 +303,7 @@ class Bench:
             "attackers": len(attackers), "connectionsEach": connections, "legit": legit,
             "attackerRequestsPerSec": sum(r.rate for r in results),
             "attackerServedPerSec": sum(r.served_rate for r in results),
+            **({"attackerConnectionsPerSec": sum(r.connections for r in results) / elapsed} if http2 else {}),
             "attackerSocketErrors": {k: sum(r.socket_errors.get(k, 0) for r in results)
                                      for k in ("connect", "read", "write", "timeout")},
             # Minus the legitimate client's own requests.

@@ -11,7 +11,7 @@ replaces shop's demo application with bench/capacity_app.py: 4 requests at a tim
 
 it measures, with no flood and with 20 and 50 attacker addresses (each its own namespace, `wrk
 -t1 -c4`, each inside its per-address limits when the origin answers at its pace), three
-visitors at once:
+visitors (the first two at once, then the browser, while the flood goes on):
 
   returning  keeps cookies and had a pass before the flood; 10 req/s, new TLS each
   new        headless Chromium with a fresh profile: time until it shows the origin's page
@@ -177,7 +177,9 @@ class Distributed:
     def scenario(self, attackers: int) -> dict[str, Any]:
         origin, _ = self.site()
         count = self.legit_requests
-        duration = count / 10 + 6
+        # 2 s for the flood to build, the visitors' requests, then the browser (its start-up
+        # takes a core for a second: it comes after the others' measurement, not during it).
+        duration = 2 + count / 10 + 4 + 12
         self.app_stats(reset=True)
         cpu_before, started = self.edge_cpu_seconds(), time.monotonic()
         floods = [subprocess.Popen(
@@ -189,10 +191,9 @@ class Distributed:
             time.sleep(2 if attackers else 0)  # the flood at full strength before the visitors come
             returning = self.legit(self.visitors["returning"], count, 10, "/", returning=True)
             api = self.legit(self.visitors["api"], count // 5, 2, "/api/status", returning=False)
-            time.sleep(2)
-            newcomer = self.newcomer() if chromium_binary() else None
             returning_result = self.legit_result(returning, count)
             api_result = self.legit_result(api, count // 5)
+            newcomer = self.newcomer() if chromium_binary() else None
         finally:
             outputs = [f.communicate(timeout=duration + 30)[0] for f in floods]
         elapsed = time.monotonic() - started
