@@ -62,6 +62,13 @@ TARGETS = {
 }
 
 
+def site_of(status: dict[str, Any]) -> tuple[dict, dict]:
+    """The origin under test and its one edge, as `kokoa lab status` lists them."""
+    origin = next(o for o in status["origins"] if o["name"] == SITE)
+    edge = next(e for e in status["edges"] if e["origin"] == SITE)
+    return origin, edge
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -133,8 +140,22 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+class OnTheLab:
+    """What a benchmark on its own lab knows: the lab, and what its last deployment reported."""
+
+    lab: Lab
+    status: dict[str, Any]
+
+    @property
+    def topology(self):
+        return topology(load_stack(STACK_FILE), self.lab.prefix)
+
+    def site(self) -> tuple[dict, dict]:
+        return site_of(self.status)
+
+
 @dataclass
-class Bench:
+class Bench(OnTheLab):
     lab: Lab
     seconds: float
     rounds: int
@@ -171,15 +192,6 @@ class Bench:
         log(f"deploying the lab ({'limits lifted' if lifted else 'the stack limits'})")
         self.status = up(self.lab, {"kokoa:origins": origins}, echo=log).status
         verify_sites(self.lab, self.status)
-
-    @property
-    def topology(self):
-        return topology(load_stack(STACK_FILE), self.lab.prefix)
-
-    def site(self) -> tuple[dict, dict]:
-        origin = next(o for o in self.status["origins"] if o["name"] == SITE)
-        edge = next(e for e in self.status["edges"] if e["origin"] == SITE)
-        return origin, edge
 
     def wireguard_ip(self, name: str) -> str:
         outputs = json.loads((self.lab.dir / "outputs.json").read_text())

@@ -42,17 +42,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from dataplane import parse_wrk, percentile, table  # noqa: E402
+from dataplane import SITE, OnTheLab, log, parse_wrk, percentile, table  # noqa: E402
 from kokoa_infra.health.html_preview import chromium_binary, run_chromium  # noqa: E402
 from kokoa_infra.lab.deploy import STACK_FILE, load_stack, up, verify_sites  # noqa: E402
-from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, Host, topology  # noqa: E402
+from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, Host  # noqa: E402
 from kokoa_infra.lab.lab import Lab, lab_unavailable  # noqa: E402
-from kokoa_infra.lab.processes import LabError, run  # noqa: E402
+from kokoa_infra.lab.processes import LabError  # noqa: E402
 from kokoa_infra.lab.services import stop_demo  # noqa: E402
 
 LAB_DIR = Path("/var/lib/kokoa-lab-distributed")
 PREFIX = "kokoad-"
-SITE = "shop"
 CAPACITY = 4
 APP = REPO / "bench" / "capacity_app.py"
 APP_STATS = "127.0.0.1:8079"
@@ -74,12 +73,8 @@ TARGETS = {
 }
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 @dataclass
-class Distributed:
+class Distributed(OnTheLab):
     lab: Lab
     legit_requests: int
     status: dict[str, Any]
@@ -88,15 +83,6 @@ class Distributed:
     app: subprocess.Popen | None = None
 
     # --- the lab ----------------------------------------------------------------------
-    @property
-    def topo(self):
-        return topology(load_stack(STACK_FILE), self.lab.prefix)
-
-    def site(self) -> tuple[dict, dict]:
-        origin = next(o for o in self.status["origins"] if o["name"] == SITE)
-        edge = next(e for e in self.status["edges"] if e["origin"] == SITE)
-        return origin, edge
-
     def deploy(self, defence: str) -> None:
         origins = copy.deepcopy(load_stack(STACK_FILE)["kokoa:origins"])
         next(o for o in origins if o["name"] == SITE).update(DEFENCES[defence])
@@ -107,7 +93,7 @@ class Distributed:
     def start_app(self) -> None:
         """shop's demo application out, the one of limited capacity in (on the same port)."""
         origin, _ = self.site()
-        host = next(h for h in self.topo.hosts if h.name == SITE)
+        host = next(h for h in self.topology.hosts if h.name == SITE)
         stop_demo(self.lab, host)
         self.app = subprocess.Popen(
             ["timeout", "-k", "2", "3600", *self.lab.host_argv(origin["netns"], [
@@ -136,9 +122,6 @@ class Distributed:
         ticks = sum(int(fields[11]) + int(fields[12])
                     for fields in (line.rsplit(")", 1)[1].split() for line in proc.stdout.splitlines()))
         return ticks / os.sysconf("SC_CLK_TCK")
-
-    def in_netns(self, netns: str, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-        return run(["timeout", "-k", "2", str(int(timeout)), *self.lab.host_argv(netns, argv)])
 
     # --- the visitors -------------------------------------------------------------------
     def legit(self, host: Host, count: int, rate: float, path: str, returning: bool) -> subprocess.Popen:
@@ -282,7 +265,7 @@ def main() -> int:
         hosts = list(network.hosts())
         origin, edge = bench.site()
         names = {origin["domain"]: edge["publicIp"]}
-        topo = bench.topo
+        topo = bench.topology
         bench.attackers = [lab.add_visitor(topo, f"atk{i}", str(hosts[99 + i]), names) for i in range(max(FLOODS))]
         bench.visitors = {kind: lab.add_visitor(topo, kind, str(hosts[160 + i]), names)
                           for i, kind in enumerate(("returning", "api", "new"))}

@@ -100,6 +100,22 @@ def loopback_only(monkeypatch):
     monkeypatch.setattr(socket.socket, "sendto", guard(socket.socket.sendto))
 
 
+def kokoa(*args: str):
+    """`kokoa ARGS` through click's test runner; exceptions propagate."""
+    from click.testing import CliRunner
+
+    from kokoa_infra.cli import main
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def stack_in(directory: Path, monkeypatch, text: str) -> Path:
+    """`text` as Pulumi.prod.yaml in `directory`, which becomes the working directory (`--stack prod`)."""
+    monkeypatch.chdir(directory)
+    path = directory / "Pulumi.prod.yaml"
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture
 def config() -> dict[str, Any]:
     """A fresh deep copy of a valid stack config: tests change it freely."""

@@ -6,10 +6,10 @@ never challenged; the origin never sees more than the edge's share."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import hmac
-import base64
 import re
 import subprocess
 import sys
@@ -21,9 +21,10 @@ from typing import Any, Callable
 import pytest
 
 from conftest import BASE_CONFIG
-from kokoa_infra.render import JS_MODULE, health_token
 from kokoa_infra.model import parse_topology
+from kokoa_infra.render import JS_MODULE, health_token
 from kokoa_infra.stackfile import kokoa_config
+from tests.edge_serving import link_tunnel, start_edge_nginx, throwaway_certificate, write_edge_files
 from tests.rendering import PASS_KEY, bundles, wireguard_ips
 
 DOMAIN = "blog.example.com"
@@ -82,11 +83,7 @@ class Edge:
 
     def reload(self, **values: Any) -> None:
         """Render blog with other values and reload the running nginx, as an install does."""
-        files = edge_files(values)
-        for name in ("challenge.js", "pass-key.conf"):
-            if name in files:
-                (self.directory / "kokoa" / name).write_text(files[name])
-        (self.directory / "nginx.conf").write_text(files["nginx.conf"])
+        write_edge_files(self.directory, edge_files(values))
         master = (self.directory / "run" / "nginx.pid").read_text().strip()
         subprocess.run(["kill", "-HUP", master], check=True)
         time.sleep(1.5)  # the new workers start, the old ones finish
@@ -134,37 +131,16 @@ def start_edge(make_netns, tmp_path) -> Callable[..., Edge]:
         edge_ns, origin_ns = make_netns(), make_netns()
         files = edge_files(values)
         ips = wireguard_ips(BASE_CONFIG)
-        subprocess.run(["ip", "-n", edge_ns, "link", "add", "tun0", "type", "veth", "peer", "name", "tun0",
-                        "netns", origin_ns], check=True)
-        subprocess.run(["ip", "-n", origin_ns, "addr", "add", f"{ips['blog']}/24", "dev", "tun0"], check=True)
-        subprocess.run(["ip", "-n", edge_ns, "addr", "add", f"{ips['edge-tokyo-1']}/24", "dev", "tun0"], check=True)
-        for ns in (edge_ns, origin_ns):
-            subprocess.run(["ip", "-n", ns, "link", "set", "tun0", "up"], check=True)
+        link_tunnel(edge_ns, origin_ns, ips["edge-tokyo-1"], ips["blog"])
         for address in (VISITOR, NEIGHBOUR, STRANGER, MONITOR):
             subprocess.run(["ip", "-n", edge_ns, "addr", "add", f"{address}/32", "dev", "lo"], check=True)
         app = tmp_path / "app.py"
         app.write_text(APP)
         subprocess.Popen(["ip", "netns", "exec", origin_ns, sys.executable, str(app), ips["blog"]],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        live = tmp_path / "letsencrypt" / "live" / DOMAIN
-        live.mkdir(parents=True)
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                        "-nodes", "-days", "1", "-subj", f"/CN={DOMAIN}", "-addext", f"subjectAltName=DNS:{DOMAIN}",
-                        "-keyout", str(live / "privkey.pem"), "-out", str(live / "fullchain.pem")],
-                       check=True, capture_output=True)
-        for sub in ("log/nginx", "run", "kokoa"):
-            (tmp_path / sub).mkdir(parents=True)
-        for name in ("challenge.js", "pass-key.conf"):
-            if name in files:
-                (tmp_path / "kokoa" / name).write_text(files[name])
-        (tmp_path / "nginx.conf").write_text(files["nginx.conf"])
-        script = (f"mkdir -p /etc/letsencrypt && mount --bind {tmp_path / 'letsencrypt'} /etc/letsencrypt && "
-                  f"mount --bind {tmp_path / 'log'} /var/log && mount --bind {tmp_path / 'run'} /run && "
-                  f"mount --bind {tmp_path / 'kokoa'} /etc/nginx/kokoa && exec nginx -c {tmp_path / 'nginx.conf'}")
-        started = subprocess.run(["ip", "netns", "exec", edge_ns, "unshare", "--mount", "--propagation", "private",
-                                  "sh", "-c", script], capture_output=True, text=True, timeout=30)
-        assert started.returncode == 0, started.stderr
-        edge = Edge(edge_ns, origin_ns, live / "fullchain.pem", tmp_path)
+        ca = throwaway_certificate(tmp_path, DOMAIN)
+        start_edge_nginx(edge_ns, tmp_path, files)
+        edge = Edge(edge_ns, origin_ns, ca, tmp_path)
         for _ in range(50):  # the application's first answer
             if subprocess.run(["ip", "netns", "exec", edge_ns, "curl", "-s", "-o", "/dev/null",
                                f"http://{ips['blog']}/"], capture_output=True, timeout=10).returncode == 0:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BASE_CONFIG
+from tests.edge_serving import link_tunnel, start_edge_nginx, throwaway_certificate
 from tests.rendering import bundles, wireguard_ips
 
 
@@ -40,37 +41,18 @@ def edge(make_netns, tmp_path):
     config["kokoa:origins"][0]["rateLimit"] = {"requestsPerSecond": 1, "burst": 3, "connections": 50}
     conf = bundles(config)["edge/edge-tokyo-1"]["nginx.conf"]
     ips = wireguard_ips(config)
-    origin_address, edge_address = ips["blog"], ips["edge-tokyo-1"]
-    subprocess.run(["ip", "-n", netns, "link", "add", "tun0", "type", "veth", "peer", "name", "tun0",
-                    "netns", origin], check=True)
-    subprocess.run(["ip", "-n", origin, "addr", "add", f"{origin_address}/24", "dev", "tun0"], check=True)
-    subprocess.run(["ip", "-n", netns, "addr", "add", f"{edge_address}/24", "dev", "tun0"], check=True)
-    for ns in (netns, origin):
-        subprocess.run(["ip", "-n", ns, "link", "set", "tun0", "up"], check=True)
+    origin_address = ips["blog"]
+    link_tunnel(netns, origin, ips["edge-tokyo-1"], origin_address)
     echo = echo_app(tmp_path, f"{origin_address}:80", ECHO)
     # The gateway's certificate port, where the edge relays ACME challenges.
     certificate_port = echo_app(tmp_path, f"{origin_address}:9080", "certificate port $request_uri")
-    live = tmp_path / "letsencrypt" / "live" / DOMAIN
-    live.mkdir(parents=True)
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-days", "1", "-subj", f"/CN={DOMAIN}", "-addext", f"subjectAltName=DNS:{DOMAIN}",
-                    "-keyout", str(live / "privkey.pem"), "-out", str(live / "fullchain.pem")],
-                   check=True, capture_output=True)
-    (tmp_path / "log" / "nginx").mkdir(parents=True)
-    (tmp_path / "run").mkdir()
-    (tmp_path / "nginx.conf").write_text(conf)
-    # Private mounts: the edge's paths (/etc/letsencrypt, /var/log, /run) without touching the machine's.
-    script = (f"mkdir -p /etc/letsencrypt && mount --bind {tmp_path / 'letsencrypt'} /etc/letsencrypt && "
-              f"mount --bind {tmp_path / 'log'} /var/log && mount --bind {tmp_path / 'run'} /run && "
-              f"exec nginx -c {tmp_path / 'nginx.conf'}")
-    for conf in (echo, certificate_port):
-        started_echo = subprocess.run(["ip", "netns", "exec", origin, "nginx", "-c", str(conf)],
+    for app in (echo, certificate_port):
+        started_echo = subprocess.run(["ip", "netns", "exec", origin, "nginx", "-c", str(app)],
                                       capture_output=True, text=True, timeout=30)
         assert started_echo.returncode == 0, started_echo.stderr
-    started = subprocess.run(["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
-                              "sh", "-c", script], capture_output=True, text=True, timeout=30)
-    assert started.returncode == 0, started.stderr
-    yield netns, live / "fullchain.pem"
+    ca = throwaway_certificate(tmp_path, DOMAIN)
+    start_edge_nginx(netns, tmp_path, {"nginx.conf": conf})
+    yield netns, ca
     # make_netns kills every process left in the namespace.
 
 

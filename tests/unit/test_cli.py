@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from kokoa_infra.cli import main
+from conftest import kokoa, stack_in
 from kokoa_infra.model import RSA_HOST_KEY
 
 STACK = """\
@@ -49,14 +48,10 @@ OTHER_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPowORvosOn8lf/cameLjUW3dnXMoGI
 
 @pytest.fixture
 def stack_file(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    path = tmp_path / "Pulumi.prod.yaml"
-    path.write_text(STACK)
-    return path
+    return stack_in(tmp_path, monkeypatch, STACK)
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+invoke = kokoa
 
 
 def test_add_origin_takes_the_next_free_subnet_and_keeps_comments(stack_file):

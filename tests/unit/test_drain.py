@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from click.testing import CliRunner
 from ruamel.yaml import YAML
 
-from conftest import BASE_CONFIG
-from kokoa_infra.cli import main
+from conftest import BASE_CONFIG, kokoa, stack_in
 
 HOST_KEY = BASE_CONFIG["kokoa:edges"][0]["hostKey"]
 ORIGIN_KEY = BASE_CONFIG["kokoa:origins"][0]["hostKey"]
@@ -40,15 +40,11 @@ config:
 
 
 @pytest.fixture
-def stack_file(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    path = tmp_path / "Pulumi.prod.yaml"
-    path.write_text(STACK)
-    return path
+def stack_file(tmp_path, monkeypatch) -> Path:
+    return stack_in(tmp_path, monkeypatch, STACK)
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+invoke = kokoa
 
 
 def edges(path) -> dict[str, dict]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
-from click.testing import CliRunner
 from ruamel.yaml import YAML
 
-from conftest import BASE_CONFIG
-from kokoa_infra.cli import main
+from conftest import BASE_CONFIG, kokoa, stack_in
 from kokoa_infra.model import parse_topology
 from kokoa_infra.stackfile import kokoa_config
 
@@ -48,15 +48,11 @@ config:
 
 
 @pytest.fixture
-def stack_file(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    path = tmp_path / "Pulumi.prod.yaml"
-    path.write_text(STACK)
-    return path
+def stack_file(tmp_path, monkeypatch) -> Path:
+    return stack_in(tmp_path, monkeypatch, STACK)
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+invoke = kokoa
 
 
 def origin(path, name: str) -> dict:
