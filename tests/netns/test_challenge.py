@@ -313,3 +313,15 @@ def test_a_client_that_gives_up_keeps_its_place_until_the_origin_answers(start_e
     assert edge.get("/").code == 503  # so its place is still taken
     time.sleep(2)
     assert "peak=1" in edge.get("/").body
+
+
+@pytest.mark.parametrize("values, answer", [
+    ({"capacity": {"concurrentRequests": 65535}, "challengeDifficulty": 24}, "a pass"),  # the upper bounds
+    ({"capacity": {"concurrentRequests": 1}, "challengeDifficulty": 8, "underAttack": "on"}, "the challenge"),
+    ({"capacity": {"concurrentRequests": 65535}, "underAttack": "off"}, "the application"),
+], ids=["auto at the upper bounds", "on at the lower bounds", "off at the upper bound"])
+def test_the_bounds_of_the_new_keys_are_what_nginx_accepts(start_edge, values, answer):
+    # The fixture's nginx starts only with a file it accepted (max_conns, limit_conn < 65536).
+    first = start_edge(**values).get("/")
+    got = "the challenge" if first.challenged else "a pass" if first.pass_cookie else "the application"
+    assert got == answer and (first.code == 200) == (answer != "the challenge")
