@@ -231,6 +231,7 @@ class FailoverAgent:
         self.log, self.clock = log, clock
         # Tests widen the race window here: after the re-read, before the rename.
         self.between_read_and_park = between_read_and_park
+        self.said: set[str] = set()   # the notes of the last sweep, logged once while they hold
         self.state, warning = load_state(state_file)
         if warning:
             log(f"kokoa health: {warning}")
@@ -257,6 +258,10 @@ class FailoverAgent:
             report.errors.append(f"cannot write {self.state_file}: {exc.strerror or exc}")
         for line in report.errors:
             self.log(f"kokoa health: failover: {line}")
+        for line in report.notes:
+            if line not in self.said:
+                self.log(f"kokoa health: failover: {line}")
+        self.said = set(report.notes)
         return report
 
     @staticmethod
