@@ -215,7 +215,11 @@ class EdgeNode(pulumi.ComponentResource):
                 ttl=DNS_TTL,
                 proxied=False,
                 comment=f"kokoa edge {edge.name} (stack {args.stack})",
-                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.install]))
+                # With failover the agent parks a failing edge's record under another name and
+                # votes in its comment; ignoring both keeps a refreshed `pulumi up` from undoing
+                # that, while creating and deleting the record stay the program's (docs/dns.md).
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.install],
+                                            ignore_changes=["name", "comment"] if args.settings.dns_failover else None))
         self.register_outputs({"publicKey": self.public_key})
 
 

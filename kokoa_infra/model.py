@@ -87,7 +87,7 @@ EDGE_WEB_PORTS = (80, 443)
 # (`config.get_object`); the secret one is read apart. Entries: in the order an added entry
 # is written (`kokoa add-origin/add-edge`), as stacks/reference.yaml shows them.
 STRING_KEYS = ("acmeEmail", "acmeServer", "acmeCaBundle", "network", "sshUser", "cloudflareZoneId")
-OBJECT_KEYS = ("origins", "edges", "certRefreshInterval", "sshAllowFrom", "formerNames")
+OBJECT_KEYS = ("origins", "edges", "certRefreshInterval", "sshAllowFrom", "formerNames", "dnsFailover")
 SECRET_KEYS = ("sshPrivateKey",)
 ORIGIN_KEYS = ("name", "domain", "subnet", "host", "endpoint", "listenPort", "upstream", "sshPort",
                "sshUser", "hostKey", "insecureAnyHostKey", "rateLimit", "capacity", "underAttack",
@@ -210,6 +210,8 @@ class Settings:
     cert_refresh_interval: int
     # Networks allowed to reach SSH on every host, normalised ("198.51.100.0/24").
     ssh_allow_from: tuple[str, ...] = DEFAULT_SSH_ALLOW_FROM
+    # `kokoa health --failover` owns the A records' name and comment (docs/dns.md).
+    dns_failover: bool = False
 
     @property
     def ssh_open_to_everyone(self) -> bool:
@@ -643,6 +645,7 @@ def _settings(c: _Checker, config: Mapping[str, Any], needs_acme: bool) -> Setti
         cert_refresh_interval=c.integer(entry, config, "certRefreshInterval", 5, 86400,
                                         required=False, default=DEFAULT_CERT_REFRESH_INTERVAL),
         ssh_allow_from=_ssh_allow_from(c, config),
+        dns_failover=bool(c.boolean(entry, config, "dnsFailover", False)),
     )
 
 

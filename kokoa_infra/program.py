@@ -144,6 +144,8 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
                 "dns": e.dns,
             } for e in topology.edges
         },
+        # Whether `kokoa health --failover` may take records out of DNS (it refuses otherwise).
+        "dnsFailover": topology.settings.dns_failover,
         "dnsRecords": {
             o.domain: [e.public_ip for e in topology.edges_of(o) if e.dns] for o in topology.origins
         },

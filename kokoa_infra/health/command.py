@@ -16,6 +16,7 @@ import click
 
 from kokoa_infra.atomic_file import write_atomically
 from kokoa_infra.conventions import CONTEXT, STACK_ENVIRONMENT, CouldNotRun, epilog, stack_option
+from kokoa_infra.health import failover as fo
 from kokoa_infra.health.html import DEFAULT_HISTORY, MAX_HISTORY, StatusPage
 from kokoa_infra.health.probes import (
     CHECKS, PingPermissionError, SweepOptions, check_ping_permission, fit_file_descriptors,
@@ -87,6 +88,8 @@ class Reporter:
     previous: dict[str, str] | None   # None: no memory of earlier states, log no transitions
     interval_s: float | None = None
     status_page: StatusPage | None = None
+    # --failover: acts on the sweep; its outcome joins the JSON, Prometheus text and page.
+    failover: Callable[[Sweep], fo.FailoverReport] | None = None
     # Looked up when the Reporter is made, so a redirected sys.stdout is honoured.
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
@@ -101,11 +104,13 @@ class Reporter:
                 self.recent_changes.append(line)
                 print(line, file=self.err, flush=True)
             self.previous = statuses(sweep)
-        self.out.write(self._stdout_text(sweep))
+        failover = self.failover(sweep) if self.failover is not None else None
+        self.out.write(self._stdout_text(sweep, failover))
         self.out.flush()
         failed = []
-        for path, render in ((self.status_file, lambda: dumps(sweep_document(sweep), pretty=True)),
-                             (self.prometheus_file, lambda: render_prometheus(sweep))):
+        prometheus_extra = "" if failover is None else "\n".join(fo.prometheus_lines(failover)) + "\n"
+        for path, render in ((self.status_file, lambda: dumps(self._document(sweep, failover), pretty=True)),
+                             (self.prometheus_file, lambda: render_prometheus(sweep) + prometheus_extra)):
             if path is None:
                 continue
             try:
@@ -113,15 +118,24 @@ class Reporter:
             except OSError as exc:
                 failed.append(f"cannot write {path}: {exc.strerror or exc}")
         if self.status_page is not None:
+            if failover is not None:
+                self.status_page.out_of_dns = failover.out_of_dns()
             page_failed, warnings = self.status_page.write(sweep)
             for warning in warnings:
                 print(f"kokoa health: {warning}", file=self.err, flush=True)
             failed += page_failed
         return failed
 
-    def _stdout_text(self, sweep: Sweep) -> str:
+    @staticmethod
+    def _document(sweep: Sweep, failover: fo.FailoverReport | None) -> dict:
+        document = sweep_document(sweep)
+        if failover is not None:
+            document["failover"] = failover.document()
+        return document
+
+    def _stdout_text(self, sweep: Sweep, failover: fo.FailoverReport | None = None) -> str:
         if self.as_json:
-            return dumps(sweep_document(sweep), pretty=self.interval_s is None)
+            return dumps(self._document(sweep, failover), pretty=self.interval_s is None)
         if self.interval_s is None:
             return render_table(sweep)
         if not self.live:
@@ -154,6 +168,22 @@ class NodeList:
                       file=sys.stderr, flush=True)
             self.last_error = exc.message
         return self.targets
+
+
+def make_failover_agent(stack: str | None, outputs_file: str | None, agent: str, state_file: str,
+                        fail_after: int, recover_after: int) -> fo.FailoverAgent:
+    """The failover agent, once the stack says it owns the records' names and the API is configured."""
+    import os
+
+    from kokoa_infra.cloudflare import CloudflareDns, ConfigError, RetryPolicy, read_settings
+
+    try:
+        fo.require_failover_on(load_outputs(stack=stack, outputs_file=outputs_file, names=("dnsFailover",)))
+        dns = CloudflareDns(read_settings(os.environ), RetryPolicy(), user_agent="kokoa-health-failover")
+        return fo.FailoverAgent(dns, agent, state_file, fail_after, recover_after,
+                                log=lambda line: print(line, file=sys.stderr, flush=True))
+    except (OutputsError, fo.FailoverError, ConfigError) as exc:
+        raise HealthError(f"--failover: {exc}") from exc
 
 
 def run_interval(sweep_once: Callable[[], Sweep], report: Callable[[Sweep], None],
@@ -221,12 +251,27 @@ def run_interval(sweep_once: Callable[[], Sweep], report: Callable[[Sweep], None
 @click.option("--ping-via", type=click.Choice(["auto", "wireguard", "public"]), default="auto",
               show_default=True,
               help="Address to ping: auto = WireGuard IP when this host is on its tunnel network.")
+@click.option("--failover", is_flag=True,
+              help="Take a failing edge's A records out of DNS and put them back when it passes "
+                   "(needs kokoa:dnsFailover: true and CLOUDFLARE_API_TOKEN, CLOUDFLARE_ZONE_ID; docs/dns.md).")
+@click.option("--fail-after", type=click.IntRange(1, 100), default=fo.DEFAULT_FAIL_AFTER, show_default=True,
+              metavar="K", help="With --failover: consecutive failed HTTPS sweeps before an edge leaves DNS.")
+@click.option("--recover-after", type=click.IntRange(1, 100), default=fo.DEFAULT_RECOVER_AFTER,
+              show_default=True, metavar="M",
+              help="With --failover: consecutive passing sweeps before it is put back.")
+@click.option("--failover-state", metavar="FILE", default=fo.DEFAULT_STATE_FILE, show_default=True,
+              help="With --failover: the agent's counts, kept across restarts (written atomically).")
+@click.option("--agent", metavar="NAME", default=None,
+              help="With --failover: this agent's name in the records' votes (default: the host name).")
 def health(once: bool, interval: float | None, as_json: bool, status_file: str | None,
            prometheus_file: str | None, html_file: str | None, html_history: int,
            html_interval: float | None, html_show_origin_addresses: bool,
            stack: str | None, outputs_file: str | None,
            checks: tuple[str, ...], timeout_s: float, count: int, https_timeout_s: float,
-           ca_bundle: str | None, concurrency: int, https_concurrency: int, ping_via: str) -> None:
+           ca_bundle: str | None, concurrency: int, https_concurrency: int, ping_via: str,
+           failover: bool = False, fail_after: int = fo.DEFAULT_FAIL_AFTER,
+           recover_after: int = fo.DEFAULT_RECOVER_AFTER, failover_state: str = fo.DEFAULT_STATE_FILE,
+           agent: str | None = None) -> None:
     """Ping every node and probe HTTPS through every edge.
 
     The result goes to stdout (a table, a line per sweep, or JSON); state changes and
@@ -245,7 +290,19 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
         checks=checks, timeout_s=timeout_s, count=count, https_timeout_s=https_timeout_s,
         ca_bundle=ca_bundle, concurrency=concurrency, https_concurrency=https_concurrency,
         ping_via=ping_via))  # type: ignore[arg-type]
+    failover_given = [name for name, given in (
+        ("--fail-after", fail_after != fo.DEFAULT_FAIL_AFTER),
+        ("--recover-after", recover_after != fo.DEFAULT_RECOVER_AFTER),
+        ("--failover-state", failover_state != fo.DEFAULT_STATE_FILE), ("--agent", agent is not None)) if given]
+    if failover_given and not failover:
+        raise click.UsageError(f"{', '.join(failover_given)} need{'s' if len(failover_given) == 1 else ''} --failover")
+    if failover and "https" not in checks:
+        raise click.UsageError("--failover decides on the HTTPS probe: keep https in --checks")
+    if agent is not None and fo.agent_problem(agent):
+        raise click.BadParameter(fo.agent_problem(agent), param_hint="--agent")
     targets = read_targets(stack, outputs_file)
+    failover_agent = make_failover_agent(stack, outputs_file, agent or fo.default_agent_name(),
+                                         failover_state, fail_after, recover_after) if failover else None
     if "ping" in checks:
         try:
             check_ping_permission()
@@ -261,7 +318,8 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
     remembers = interval is not None or status_file is not None
     reporter = Reporter(as_json=as_json, live=sys.stdout.isatty(), status_file=status_file,
                         prometheus_file=prometheus_file, interval_s=interval, status_page=page,
-                        previous=read_previous_statuses(status_file) if remembers else None)
+                        previous=read_previous_statuses(status_file) if remembers else None,
+                        failover=None if failover_agent is None else failover_agent.after_sweep)
     if interval is None:
         try:
             sweep = run_sweep(targets, options, local_network())

@@ -294,12 +294,14 @@ def _strip(history: NodeHistory | None, sweeps: tuple[tuple[str, float], ...]) -
 
 
 def _node_row(node: NodeResult, index: int, history: History, checked_at: datetime,
-              redact: _Redactor, show_origin_addresses: bool) -> str:
+              redact: _Redactor, show_origin_addresses: bool, out_of_dns: dict[str, str] | None = None) -> str:
     target, ping, https = node.target, node.ping, node.https
     state = node_state(node)
     is_origin = target.role == "origin"
     address_shown = show_origin_addresses or not is_origin
     role = target.role + (" \u00b7 drained (no A record)" if target.drained else "")
+    if target.role == "edge" and target.name in (out_of_dns or {}):
+        role += f" \u00b7 out of DNS since {(out_of_dns or {})[target.name]} (failover)"
     if address_shown:
         role += f" \u00b7 {target.public_ip}"
     why = "".join(f'<span class="why">{_e(redact(reason))}</span>' for reason in failing_checks(node))
@@ -360,7 +362,7 @@ def _node_row(node: NodeResult, index: int, history: History, checked_at: dateti
 
 
 def render_page(sweep: Sweep, history: History, interval_s: float,
-                show_origin_addresses: bool = False) -> str:
+                show_origin_addresses: bool = False, out_of_dns: dict[str, str] | None = None) -> str:
     """The whole page: inline style and script only, nothing fetched from anywhere."""
     redact = _Redactor(sweep, show_origin_addresses)
     written_at = sweep.checked_at + timedelta(seconds=sweep.duration_s)
@@ -396,7 +398,7 @@ def render_page(sweep: Sweep, history: History, interval_s: float,
                      + (f" ({detail})" if detail else "")
                      + (": no edge serves this site" if edges and not serving else "") + "</p>")
         rows = "".join(_node_row(node, index_of[id(node)], history, sweep.checked_at, redact,
-                                 show_origin_addresses) for node in section.nodes)
+                                 show_origin_addresses, out_of_dns) for node in section.nodes)
         heading_id = f"origin-{number}"
         sections.append(
             f'<section aria-labelledby="{heading_id}">'
@@ -470,6 +472,7 @@ class StatusPage:
 
     def __post_init__(self) -> None:
         self.history: History | None = None   # read from the file at the first sweep
+        self.out_of_dns: dict[str, str] = {}   # edge -> since when failover keeps it out of DNS
 
     @property
     def history_path(self) -> str:
@@ -498,7 +501,8 @@ class StatusPage:
         interval = self.interval_s or measured_interval(history) or DEFAULT_INTERVAL_S
         failed = []
         for path, render in (
-                (self.path, lambda: render_page(sweep, history, interval, self.show_origin_addresses)),
+                (self.path, lambda: render_page(sweep, history, interval, self.show_origin_addresses,
+                                                     self.out_of_dns)),
                 (self.history_path, lambda: json.dumps(history_document(history), indent=1) + "\n")):
             try:
                 write_atomically(path, render())

@@ -1,4 +1,4 @@
-"""`kokoa lab up | status | down | rotate-ssh-key`: the whole system on this machine.
+"""`kokoa lab up | status | health | down | rotate-ssh-key`: the whole system on this machine.
 
 Deploying (`up`) imports the program and Pulumi's SDK; they are imported when a command
 runs, so that `kokoa --help` and `kokoa health` never load them.
@@ -149,6 +149,40 @@ def status_command(as_json: bool, lab_dir: str, prefix: str) -> None:
     click.echo(how_to_reach(status))
     if problems:
         sys.exit(1)
+
+
+@lab.command("health", context_settings={**CONTEXT, "ignore_unknown_options": True},
+             epilog=epilog("some node is unhealthy (as kokoa health)", "no lab here, or kokoa health could not run",
+                           LAB_ENVIRONMENT))
+@lab_dir_option
+@prefix_option
+@click.argument("health_args", nargs=-1, type=click.UNPROCESSED)
+def health_command(lab_dir: str, prefix: str, health_args: tuple[str, ...]) -> None:
+    """Run `kokoa health [HEALTH_ARGS]` against the lab.
+
+    From the first origin's network (it reaches every node), with the lab's outputs, CA
+    bundle and Cloudflare stand-in; `--failover` keeps its state in the lab directory.
+    Example: `kokoa lab health --failover --interval 2`.
+    """
+    from kokoa_infra.lab.dns import LabDns
+    from kokoa_infra.lab.health import run_health
+
+    the_lab = _lab(lab_dir, prefix)
+    status_file = the_lab.dir / "status.json"
+    if not status_file.exists() or not (the_lab.dir / "outputs.json").exists():
+        raise CouldNotRun(f"no lab in {the_lab.dir}: run `kokoa lab up`")
+    status = json.loads(status_file.read_text())
+    if not status.get("origins"):
+        raise CouldNotRun("the lab has no origin to run the sweep from")
+    dns = LabDns(the_lab)
+    if not dns.url_file.exists():
+        raise CouldNotRun("the lab's Cloudflare stand-in is not running: run `kokoa lab up`")
+    try:
+        code = run_health(status["origins"][0]["netns"], the_lab.dir / "outputs.json", status["caBundle"],
+                          dns.environment(), the_lab.dir, health_args, PROJECT_DIR)
+    except OSError as exc:
+        raise CouldNotRun(str(exc)) from exc
+    sys.exit(code)
 
 
 @lab.command("down", epilog=epilog("something the lab made is still there", COULD_NOT_RUN, LAB_ENVIRONMENT))

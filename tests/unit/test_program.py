@@ -48,7 +48,7 @@ def test_keys_are_32_random_bytes_per_node_and_pair(program):
 
 def test_outputs_have_the_contract_shape(program):
     out = program.outputs
-    assert set(out) == {"origins", "edges", "dnsRecords", "healthTargets", "bundles", "healthTokens"}
+    assert set(out) == {"origins", "edges", "dnsRecords", "dnsFailover", "healthTargets", "bundles", "healthTokens"}
     assert out["origins"]["blog"] == {
         "domain": "blog.example.com", "subnet": 0, "wireguardIp": "10.100.0.1",
         "publicKey": out["origins"]["blog"]["publicKey"], "endpoint": "203.0.113.10",
@@ -79,7 +79,7 @@ def test_bundles_and_origin_addresses_are_the_secret_outputs(program):
     # ...while the engine keeps the rest of it plain: only the origins' addresses are hidden.
     assert program.output_secret_paths == {
         "bundles": {"."}, "origins": {"blog.endpoint", "shop.endpoint"}, "edges": set(), "dnsRecords": set(),
-        "healthTargets": {"0.publicIp", "1.publicIp"}, "healthTokens": {"."}}
+        "dnsFailover": set(), "healthTargets": {"0.publicIp", "1.publicIp"}, "healthTokens": {"."}}
     assert [t["role"] for t in program.outputs["healthTargets"][:2]] == ["origin", "origin"]
 
 

@@ -1,0 +1,440 @@
+"""`kokoa health --failover`: take a failing edge's A records out of DNS and put them back when it passes.
+
+Ownership (docs/dns.md "Automatic failover"): `pulumi up` creates and deletes the edges' A
+records, as always. With `kokoa:dnsFailover: true` the program declares them with
+`ignore_changes: [name, comment]`, and the agent owns exactly those two fields: it takes a
+record out of DNS by renaming it to a parking name (`kokoa-out-<edge>.<domain>`) and puts it
+back by renaming it to the domain. The record keeps its id, so a refreshed `pulumi up`
+finds it, sees only ignored fields changed, and leaves it parked; a drained or removed
+edge's record is deleted by the program as before, whatever its name. The agent never
+creates or deletes an A record.
+
+The records also carry the agents' votes, in their comment after the program's marker:
+`kokoa edge edge-1 (stack prod); a=down; b=up; out=2025-05-01T03:00:00Z`. A record is
+parked only when every agent that voted on it says down, and put back by an agent that
+says up, so two agents never park and restore a record in turns. Parking a hostname's
+record happens under a lock made of a TXT record (`_kokoa-failover.<domain>`): Cloudflare
+refuses a second identical record (81057), which makes creating it the one atomic step the
+API offers; the holder re-reads the hostname's records and keeps at least one in DNS.
+
+Decision rules (one sweep = one HTTPS probe per edge, the end-to-end check):
+- K (`--fail-after`) consecutive failed sweeps make this agent's vote `down`, M
+  (`--recover-after`) consecutive passing sweeps make it `up`; a new agent votes `up` at
+  its first passing sweep.
+- When every edge of an origin fails in the same sweep, this checker's own network is the
+  likelier cause: the counts of those edges stay as they were and a note says why.
+- The last A record of a hostname is never parked; a drained edge (`dns: false`) or one no
+  longer in the outputs is never put back.
+- Every API failure is reported and nothing is believed done: the state is what the
+  records say at the next read.
+
+The agent's counts, votes and the changes counter are kept in a JSON state file written
+atomically after every sweep, so a restart carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kokoa_infra.atomic_file import write_atomically
+from kokoa_infra.cloudflare import CloudflareApiError, CloudflareDns
+from kokoa_infra.health.results import Sweep
+from kokoa_infra.health.targets import Target
+
+DEFAULT_FAIL_AFTER = 3
+DEFAULT_RECOVER_AFTER = 3
+DEFAULT_STATE_FILE = "/var/lib/kokoa-health/failover.json"
+STATE_VERSION = 1
+AGENT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,15}")
+# The program's marker (components.py: `kokoa edge NAME (stack STACK)`), then the agents' fields.
+MARKER_RE = re.compile(r"kokoa edge (?P<edge>[a-z][a-z0-9-]{0,30}) \(stack (?P<stack>[^)]*)\)")
+PARKED_PREFIX = "kokoa-out-"
+LOCK_PREFIX = "_kokoa-failover."
+LOCK_CONTENT = "kokoa failover lock"
+# A lock older than this was left by an agent that died holding it: taken over.
+LOCK_STALE_S = 120.0
+DUPLICATE_RECORD = (81057, 81058)
+UP, DOWN = "up", "down"
+
+
+class FailoverError(Exception):
+    """Failover cannot run with these outputs or options (exit 2)."""
+
+
+def now_text(moment: datetime | None = None) -> str:
+    return (moment or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def default_agent_name() -> str:
+    """This host's short name, cut to an agent name (letters, digits, hyphens, 16 at most)."""
+    name = re.sub(r"[^a-z0-9-]", "-", socket.gethostname().split(".")[0].lower()).strip("-")
+    return (name or "agent")[:16].rstrip("-") or "agent"
+
+
+def agent_problem(name: str) -> str | None:
+    if not AGENT_RE.fullmatch(name):
+        return (f"{name!r} is not an agent name: 1 to 16 lower-case letters, digits and hyphens, "
+                "starting with a letter or digit (it is written into the records' comments)")
+    return None
+
+
+def parked_name(edge: str, domain: str) -> str:
+    return f"{PARKED_PREFIX}{edge}.{domain}"
+
+
+def require_failover_on(outputs: dict[str, Any]) -> None:
+    """Failover acts only on a stack whose program leaves the records' names to it."""
+    if outputs.get("dnsFailover") is not True:
+        raise FailoverError(
+            "the stack does not set kokoa:dnsFailover: true (output `dnsFailover`), so the next "
+            "`pulumi up` would put every removed record back: set it, run `pulumi up`, and refresh "
+            "the outputs file")
+
+
+# --- the records' comments --------------------------------------------------------------------
+
+@dataclass
+class EdgeRecord:
+    """One of the program's A records as Cloudflare has it now."""
+
+    id: str
+    edge: str
+    name: str
+    content: str
+    marker: str                      # the program's comment, kept as it is
+    votes: dict[str, str]            # agent -> up | down
+    out_since: str | None
+
+    def comment(self) -> str:
+        fields = [self.marker] + [f"{agent}={vote}" for agent, vote in sorted(self.votes.items())]
+        if self.out_since:
+            fields.append(f"out={self.out_since}")
+        return "; ".join(fields)
+
+
+def parse_record(record: dict[str, Any]) -> EdgeRecord | None:
+    """The program's record with its votes; None for any other record."""
+    comment = str(record.get("comment") or "")
+    found = MARKER_RE.match(comment)
+    if record.get("type") != "A" or not found:
+        return None
+    votes, out_since = {}, None
+    for part in comment[found.end():].split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == "out" and value:
+            out_since = value
+        elif AGENT_RE.fullmatch(key) and value in (UP, DOWN):
+            votes[key] = value
+    return EdgeRecord(id=str(record["id"]), edge=found["edge"], name=str(record.get("name", "")).lower(),
+                      content=str(record.get("content", "")), marker=found.group(0), votes=votes,
+                      out_since=out_since)
+
+
+# --- the agent's own memory ---------------------------------------------------------------
+
+@dataclass
+class EdgeCount:
+    fails: int = 0
+    passes: int = 0
+    vote: str | None = None
+
+
+@dataclass
+class AgentState:
+    edges: dict[str, EdgeCount] = field(default_factory=dict)
+    changes: int = 0
+
+    def document(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "changes": self.changes,
+                "edges": {name: {"fails": c.fails, "passes": c.passes, "vote": c.vote}
+                          for name, c in sorted(self.edges.items())}}
+
+
+def load_state(path: str) -> tuple[AgentState, str | None]:
+    """The saved state; a fresh one (and why) when the file is missing or unreadable."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return AgentState(), None
+    except (OSError, ValueError) as exc:
+        return AgentState(), f"starting with no failover counts: cannot read {path}: {exc}"
+    try:
+        if document.get("version") != STATE_VERSION:
+            raise ValueError(f"version {document.get('version')!r}")
+        edges = {str(name): EdgeCount(int(c["fails"]), int(c["passes"]),
+                                      c["vote"] if c.get("vote") in (UP, DOWN) else None)
+                 for name, c in document["edges"].items()}
+        return AgentState(edges=edges, changes=int(document.get("changes", 0))), None
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        return AgentState(), f"starting with no failover counts: {path} is not a failover state file ({exc})"
+
+
+# --- one sweep's outcome ----------------------------------------------------------------
+
+@dataclass
+class FailoverReport:
+    agent: str
+    events: list[str] = field(default_factory=list)       # changes made (also logged)
+    notes: list[str] = field(default_factory=list)        # why something was not done
+    errors: list[str] = field(default_factory=list)       # API failures: nothing believed done
+    removed: dict[str, dict[str, str]] = field(default_factory=dict)   # edge -> hostname, address, since
+    in_dns: dict[str, str] = field(default_factory=dict)  # edge -> hostname, records in DNS
+    changes: int = 0
+
+    def document(self) -> dict[str, Any]:
+        return {"agent": self.agent, "changes": self.changes,
+                "removed": [{"edge": edge, **info} for edge, info in sorted(self.removed.items())],
+                "events": self.events, "notes": self.notes, "errors": self.errors}
+
+    def out_of_dns(self) -> dict[str, str]:
+        """edge name -> since when it is out of DNS (the status page's mark)."""
+        return {edge: info.get("since") or "?" for edge, info in self.removed.items()}
+
+
+def prometheus_lines(report: FailoverReport) -> list[str]:
+    """kokoa_failover_removed{edge,hostname} (1 out of DNS, 0 in) and the changes counter."""
+    def labels(edge: str, hostname: str) -> str:
+        return f'{{edge="{edge}",hostname="{hostname}"}}'
+    lines = ["# HELP kokoa_failover_removed 1 while failover keeps the edge's A record out of DNS.",
+             "# TYPE kokoa_failover_removed gauge"]
+    rows = {(edge, info["hostname"]): 1 for edge, info in report.removed.items()}
+    rows |= {(edge, hostname): 0 for edge, hostname in report.in_dns.items() if edge not in report.removed}
+    lines += [f"kokoa_failover_removed{labels(edge, hostname)} {value}"
+              for (edge, hostname), value in sorted(rows.items())]
+    lines += ["# HELP kokoa_failover_changes_total Records this agent took out of DNS or put back.",
+              "# TYPE kokoa_failover_changes_total counter",
+              f'kokoa_failover_changes_total{{agent="{report.agent}"}} {report.changes}']
+    return lines
+
+
+# --- the agent ------------------------------------------------------------------------------
+
+class FailoverAgent:
+    """Counts each edge's sweeps, votes in its records, parks and restores them."""
+
+    def __init__(self, dns: CloudflareDns, agent: str, state_file: str, fail_after: int = DEFAULT_FAIL_AFTER,
+                 recover_after: int = DEFAULT_RECOVER_AFTER, log: Callable[[str], None] = print,
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 between_read_and_park: Callable[[], None] = lambda: None) -> None:
+        problem = agent_problem(agent)
+        if problem:
+            raise FailoverError(problem)
+        self.dns, self.agent, self.state_file = dns, agent, state_file
+        self.fail_after, self.recover_after = fail_after, recover_after
+        self.log, self.clock = log, clock
+        # Tests widen the race window here: after the re-read, before the rename.
+        self.between_read_and_park = between_read_and_park
+        self.said: set[str] = set()   # the notes of the last sweep, logged once while they hold
+        self.state, warning = load_state(state_file)
+        if warning:
+            log(f"kokoa health: {warning}")
+
+    # The whole of one sweep's failover work; never raises for an API failure.
+    def after_sweep(self, sweep: Sweep) -> FailoverReport:
+        report = FailoverReport(agent=self.agent)
+        edges = {node.target.name: node for node in sweep.nodes if node.target.role == "edge"}
+        self._count(sweep, report)
+        try:
+            records = [r for r in map(parse_record, self.dns.list_a_records()) if r is not None]
+        except CloudflareApiError as exc:
+            report.errors.append(f"reading the A records: {exc.message}")
+        else:
+            mine = [r for r in records if r.edge in edges and self._is_of(r, edges[r.edge].target)]
+            self._vote(mine, edges, report)
+            self._restore(mine, edges, report)
+            self._park(mine, edges, report)
+            self._describe(mine, edges, report)
+        report.changes = self.state.changes
+        try:
+            write_atomically(self.state_file, json.dumps(self.state.document(), indent=1) + "\n", 0o600)
+        except OSError as exc:
+            report.errors.append(f"cannot write {self.state_file}: {exc.strerror or exc}")
+        for line in report.errors:
+            self.log(f"kokoa health: failover: {line}")
+        for line in report.notes:
+            if line not in self.said:
+                self.log(f"kokoa health: failover: {line}")
+        self.said = set(report.notes)
+        return report
+
+    @staticmethod
+    def _is_of(record: EdgeRecord, target: Target) -> bool:
+        """The record is this edge's: its address, under its domain or its parking name."""
+        return (record.content == target.public_ip
+                and record.name in (target.domain.lower(), parked_name(target.name, target.domain.lower())))
+
+    def _count(self, sweep: Sweep, report: FailoverReport) -> None:
+        by_origin: dict[str, list[Any]] = {}
+        for node in sweep.nodes:
+            if node.target.role == "edge" and node.https is not None:
+                by_origin.setdefault(node.target.origin, []).append(node)
+        for origin, nodes in sorted(by_origin.items()):
+            all_failed = all(not node.https.ok for node in nodes)
+            if all_failed and len(nodes) > 0:
+                report.notes.append(
+                    f"every edge of {origin} fails from here ({', '.join(n.target.name for n in nodes)}): "
+                    "more likely this checker's own network; nothing removed, counts held")
+                continue
+            for node in nodes:
+                count = self.state.edges.setdefault(node.target.name, EdgeCount())
+                if node.https.ok:
+                    count.passes, count.fails = count.passes + 1, 0
+                    if count.vote is None or count.passes >= self.recover_after:
+                        count.vote = UP
+                else:
+                    count.fails, count.passes = count.fails + 1, 0
+                    if count.fails >= self.fail_after:
+                        count.vote = DOWN
+
+    def _event(self, report: FailoverReport, text: str) -> None:
+        line = f"{now_text(self.clock())} kokoa-failover {text}"
+        report.events.append(line)
+        self.state.changes += 1
+        self.log(line)
+
+    def _vote(self, records: list[EdgeRecord], edges: dict[str, Any], report: FailoverReport) -> None:
+        """Write this agent's vote into each of its edges' records where it differs."""
+        for record in records:
+            vote = self.state.edges.get(record.edge, EdgeCount()).vote
+            if vote is None or record.votes.get(self.agent) == vote:
+                continue
+            votes = {**record.votes, self.agent: vote}
+            try:
+                self.dns.patch_record(record.id, {"comment": EdgeRecord(**{**record.__dict__, "votes": votes}).comment()})
+            except CloudflareApiError as exc:
+                report.errors.append(f"recording the vote on {record.edge}'s record: {exc.message}")
+                continue
+            record.votes = votes
+
+    def _restore(self, records: list[EdgeRecord], edges: dict[str, Any], report: FailoverReport) -> None:
+        for record in records:
+            target = edges[record.edge].target
+            if record.name == target.domain.lower() or self.state.edges.get(record.edge, EdgeCount()).vote != UP:
+                continue
+            if target.drained:
+                report.notes.append(f"{record.edge} passes but is drained (dns: false): left out of DNS; "
+                                    "the next `pulumi up` deletes its record")
+                continue
+            try:
+                self.dns.patch_record(record.id, {"name": target.domain.lower(),
+                                                  "comment": EdgeRecord(**{**record.__dict__, "out_since": None}).comment()})
+            except CloudflareApiError as exc:
+                report.errors.append(f"putting {record.edge}'s record back: {exc.message}")
+                continue
+            record.name, record.out_since = target.domain.lower(), None
+            self._event(report, f"restored {record.edge} ({record.content}) to {target.domain}: "
+                                f"https passed {self.recover_after} sweeps in a row")
+
+    def _park(self, records: list[EdgeRecord], edges: dict[str, Any], report: FailoverReport) -> None:
+        wanted: dict[str, list[EdgeRecord]] = {}
+        for record in records:
+            target = edges[record.edge].target
+            if record.name != target.domain.lower():
+                continue
+            if self.state.edges.get(record.edge, EdgeCount()).vote != DOWN:
+                continue
+            waiting = sorted(agent for agent, vote in record.votes.items() if vote != DOWN)
+            if waiting:
+                report.notes.append(f"{record.edge} fails from here; not removed while "
+                                    f"{', '.join(waiting)} see{'s' if len(waiting) == 1 else ''} it up")
+                continue
+            wanted.setdefault(target.domain.lower(), []).append(record)
+        for hostname, candidates in sorted(wanted.items()):
+            self._park_under_lock(hostname, sorted(candidates, key=lambda r: r.edge), report)
+
+    def _park_under_lock(self, hostname: str, candidates: list[EdgeRecord], report: FailoverReport) -> None:
+        lock = self._lock(hostname, report)
+        if lock is None:
+            return
+        try:
+            try:
+                # Read again under the lock: what is in DNS now, whoever changed it meanwhile.
+                live = [r for r in self.dns.list_a_records(name=hostname)
+                        if str(r.get("name", "")).lower() == hostname]
+            except CloudflareApiError as exc:
+                report.errors.append(f"reading {hostname}'s records: {exc.message}")
+                return
+            self.between_read_and_park()
+            live_ids = {str(r["id"]) for r in live}
+            remaining = len(live_ids)
+            for record in candidates:
+                if record.id not in live_ids:
+                    continue
+                if remaining <= 1:
+                    report.notes.append(f"{record.edge} fails but its record is the last of {hostname}: "
+                                        "a name is never emptied")
+                    continue
+                since = now_text(self.clock())
+                try:
+                    self.dns.patch_record(record.id, {
+                        "name": parked_name(record.edge, hostname),
+                        "comment": EdgeRecord(**{**record.__dict__, "out_since": since}).comment()})
+                except CloudflareApiError as exc:
+                    report.errors.append(f"removing {record.edge}'s record: {exc.message}")
+                    continue
+                remaining -= 1
+                record.name, record.out_since = parked_name(record.edge, hostname), since
+                self._event(report, f"removed {record.edge} ({record.content}) from {hostname}: "
+                                    f"https failed {self.fail_after} sweeps in a row")
+        finally:
+            self._unlock(lock, hostname, report)
+
+    def _lock(self, hostname: str, report: FailoverReport) -> str | None:
+        """The lock record's id, or None (with a note) when another agent holds it."""
+        name = LOCK_PREFIX + hostname
+        for _ in range(2):
+            try:
+                return str(self.dns.create_record("TXT", name, LOCK_CONTENT,
+                                                  f"kokoa failover agent {self.agent} at {now_text(self.clock())}")["id"])
+            except CloudflareApiError as exc:
+                if not set(exc.codes) & set(DUPLICATE_RECORD):
+                    report.errors.append(f"taking the lock of {hostname}: {exc.message}")
+                    return None
+            try:
+                held = [r for r in self.dns.list_records("TXT", name=name) if r.get("content") == LOCK_CONTENT]
+            except CloudflareApiError as exc:
+                report.errors.append(f"reading the lock of {hostname}: {exc.message}")
+                return None
+            stale = [r for r in held if self._lock_age(r) > LOCK_STALE_S]
+            if not stale or len(stale) < len(held):
+                report.notes.append(f"another agent is changing {hostname}'s records: trying again next sweep")
+                return None
+            for record in stale:
+                try:
+                    self.dns.delete_record(str(record["id"]))
+                except CloudflareApiError:
+                    pass   # someone else took it over first; the create below says who won
+        report.notes.append(f"could not take the lock of {hostname}: trying again next sweep")
+        return None
+
+    def _lock_age(self, record: dict[str, Any]) -> float:
+        found = re.search(r" at (\S+)$", str(record.get("comment") or ""))
+        try:
+            taken = datetime.strptime(found[1], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        except (TypeError, ValueError):
+            return LOCK_STALE_S + 1   # not one of ours, or unreadable: treat as left behind
+        return (self.clock() - taken).total_seconds()
+
+    def _unlock(self, lock_id: str, hostname: str, report: FailoverReport) -> None:
+        try:
+            self.dns.delete_record(lock_id)
+        except CloudflareApiError as exc:
+            report.errors.append(f"releasing the lock of {hostname} (taken over after {LOCK_STALE_S:.0f} s): "
+                                 f"{exc.message}")
+
+    def _describe(self, records: list[EdgeRecord], edges: dict[str, Any], report: FailoverReport) -> None:
+        for record in records:
+            target = edges[record.edge].target
+            if record.name == target.domain.lower():
+                report.in_dns[record.edge] = target.domain
+            else:
+                report.removed[record.edge] = {"hostname": target.domain, "address": record.content,
+                                               "since": record.out_since or "?"}
+
