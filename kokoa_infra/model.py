@@ -79,6 +79,19 @@ CHALLENGE_DIFFICULTY_RANGE = (8, 24)
 # semicolon, quote or `#`): unreserved URL characters only.
 PATH_PREFIX_RE = re.compile(r"/[A-Za-z0-9._~/-]{0,199}")
 MAX_EXEMPT_PATHS = 50
+MAX_STREAMING_PATHS = 50
+# Seconds an upgraded (WebSocket) or streaming connection may stay silent before the edge and
+# the gateway close it. nginx takes any time; an hour is a sanity bound (an application that
+# keeps a connection open longer sends pings).
+DEFAULT_IDLE_TIMEOUT = 60
+IDLE_TIMEOUT_RANGE = (1, 3600)
+# The largest request body, in nginx's size syntax (client_max_body_size: a number, then k or
+# m; g is refused to keep the bound readable). The default is what every edge and gateway
+# accepted before the key existed. The bound: a body is held on the edge (docs/security.md,
+# "Request bodies") until it is complete, in the edge's body space.
+DEFAULT_MAX_BODY_SIZE = "16m"
+MAX_BODY_SIZE_RE = re.compile(r"(?P<number>[1-9][0-9]{0,9})(?P<unit>[kKmM]?)")
+MAX_BODY_SIZE_RANGE = (1024, 1024 * 1024 * 1024)
 MAX_ALLOW_FROM = 100
 # An edge's web ports: they go through the flood shield and nginx, never to sshd.
 EDGE_WEB_PORTS = (80, 443)
@@ -91,8 +104,8 @@ OBJECT_KEYS = ("origins", "edges", "certRefreshInterval", "sshAllowFrom", "forme
 SECRET_KEYS = ("sshPrivateKey",)
 ORIGIN_KEYS = ("name", "domain", "subnet", "host", "endpoint", "listenPort", "upstream", "sshPort",
                "sshUser", "hostKey", "insecureAnyHostKey", "rateLimit", "capacity", "underAttack",
-               "allowFrom", "exemptPaths", "challengeDifficulty", "hstsMaxAge", "zoneId",
-               "keyGeneration")
+               "allowFrom", "exemptPaths", "challengeDifficulty", "hstsMaxAge", "idleTimeout",
+               "maxBodySize", "streamingPaths", "zoneId", "keyGeneration")
 EDGE_KEYS = ("name", "origin", "publicIp", "index", "host", "sshPort", "sshUser", "hostKey",
              "insecureAnyHostKey", "dns", "keyGeneration")
 RATE_LIMIT_KEYS = ("requestsPerSecond", "burst", "connections", "newConnectionsPerSecond",
@@ -177,6 +190,12 @@ class Origin:
     hsts_max_age: int = DEFAULT_HSTS_MAX_AGE
     key_generation: int = 1
     defence: Defence = Defence()
+    # Seconds an upgraded or streaming connection may stay silent (proxy_read/send_timeout).
+    idle_timeout: int = DEFAULT_IDLE_TIMEOUT
+    # nginx size syntax ("16m"), as client_max_body_size takes it.
+    max_body_size: str = DEFAULT_MAX_BODY_SIZE
+    # Path prefixes whose request bodies go to the origin as they arrive (not buffered first).
+    streaming_paths: tuple[str, ...] = ()
 
     interface = "wg0"
 
@@ -764,24 +783,47 @@ def _origin_list(c: _Checker, entry: str, raw: Mapping[str, Any], key: str, most
     return items
 
 
-def _path_prefixes(c: _Checker, entry: str, raw: list) -> tuple[str, ...] | None:
+def _path_prefixes(c: _Checker, entry: str, raw: list, key: str = "exemptPaths") -> tuple[str, ...] | None:
     """Path prefixes that nginx takes as `location` prefixes and that match what they say."""
     prefixes = []
     for i, value in enumerate(raw):
-        where = f"exemptPaths[{i}]"
+        where = f"{key}[{i}]"
         if not isinstance(value, str) or not PATH_PREFIX_RE.fullmatch(value):
             c.fail(entry, where, f"{value!r} is not a path prefix like /api/ (a leading /, then at most "
                                  "199 of A-Z a-z 0-9 . _ ~ / -)")
-        elif value == "/":
+        elif value == "/" and key == "exemptPaths":
             c.fail(entry, where, "'/' exempts every path, which is underAttack: off")
         elif "//" in value or any(part in (".", "..") for part in value.split("/")):
             # nginx matches the normalised path: such a prefix would never match anything.
             c.fail(entry, where, f"{value!r} has an empty, . or .. segment, which a normalised path never has")
-        elif value.startswith("/.well-known/acme-challenge"):
+        elif value.startswith("/.well-known/acme-challenge") and key == "exemptPaths":
             c.fail(entry, where, "ACME challenges are never challenged already")
         else:
             prefixes.append(value)
     return tuple(prefixes) if len(prefixes) == len(raw) else None
+
+
+def _max_body_size(c: _Checker, entry: str, raw: Mapping[str, Any]) -> str:
+    """maxBodySize: nginx's size syntax, within MAX_BODY_SIZE_RANGE."""
+    value = raw.get("maxBodySize")
+    if value is None:
+        return DEFAULT_MAX_BODY_SIZE
+    match = MAX_BODY_SIZE_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        c.fail(entry, "maxBodySize", f"{value!r} is not a size like 10m or 512k (a number, then k or m)")
+        return DEFAULT_MAX_BODY_SIZE
+    size = int(match["number"]) * {"": 1, "k": 1024, "m": 1024 * 1024}[match["unit"].lower()]
+    low, high = MAX_BODY_SIZE_RANGE
+    if not low <= size <= high:
+        c.fail(entry, "maxBodySize", f"{value!r} is not from 1k to 1024m")
+        return DEFAULT_MAX_BODY_SIZE
+    return value
+
+
+def _streaming_paths(c: _Checker, entry: str, raw: Mapping[str, Any]) -> tuple[str, ...]:
+    """streamingPaths: path prefixes of the HTTPS server ("/" streams every body)."""
+    return _origin_list(c, entry, raw, "streamingPaths", MAX_STREAMING_PATHS, "path prefixes like [\"/upload/\"]",
+                        lambda items: _path_prefixes(c, entry, items, "streamingPaths"))
 
 
 def _upstream(c: _Checker, entry: str, raw: Mapping[str, Any]) -> str | None:
@@ -869,6 +911,9 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
                                  DEFAULT_HSTS_MAX_AGE)
         key_generation = c.integer(entry, raw, "keyGeneration", 1, None, False, 1)
         defence = _defence(c, entry, raw)
+        idle_timeout = c.integer(entry, raw, "idleTimeout", *IDLE_TIMEOUT_RANGE, False, DEFAULT_IDLE_TIMEOUT)
+        max_body_size = _max_body_size(c, entry, raw)
+        streaming_paths = _streaming_paths(c, entry, raw)
         seen_origins.append((entry, name, domain, subnet, ssh, endpoint, listen_port))
         if None in (name, domain, subnet, endpoint, listen_port, upstream) or not ssh.host:
             continue
@@ -876,7 +921,9 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
                               wireguard_ip=tunnel_address(settings.network, subnet, ORIGIN_HOST),
                               endpoint=endpoint, listen_port=listen_port, upstream=upstream,
                               ssh=ssh, rate_limit=rate_limit, zone_id=zone_id,
-                              hsts_max_age=hsts_max_age, key_generation=key_generation, defence=defence))
+                              hsts_max_age=hsts_max_age, key_generation=key_generation, defence=defence,
+                              idle_timeout=idle_timeout, max_body_size=max_body_size,
+                              streaming_paths=streaming_paths))
 
     c.unique([(label, name, repr(name)) for label, name, *_ in seen_origins], "name", "origin name",
              by_position=True)

@@ -47,6 +47,22 @@ PASS_KEY_CONF = "pass-key.conf"
 PRIVATE_FILES = (PASS_KEY_CONF,)
 PASS_KEY_RE = re.compile(r"[0-9a-f]{64}")
 CONNECTION_REQUESTS_RANGE = (100, 1000)
+# Client headers that frameworks or proxies read as the client's address, the scheme, the host
+# or the path (Rails, Rack, Symfony, IIS, Akamai, Cloudflare, Fastly...): the edge and the
+# gateway send them empty, that is not at all (docs/security.md, "What the application can trust").
+DROPPED_CLIENT_HEADERS = ("True-Client-IP", "X-Client-IP", "Client-IP", "CF-Connecting-IP", "Fastly-Client-IP",
+                          "X-Cluster-Client-IP", "X-Original-Forwarded-For", "Forwarded-For", "X-Forwarded",
+                          "X-Original-URL", "X-Rewrite-URL", "X-Original-Host", "X-Host", "X-Forwarded-Server",
+                          "X-Forwarded-Prefix", "X-Forwarded-Scheme", "X-Forwarded-Ssl", "X-Url-Scheme",
+                          "Front-End-Https")
+# A reload leaves open WebSockets, streams and uploads with the old workers (edge and gateway);
+# after this many seconds they are closed and clients reconnect (docs/security.md).
+WORKER_SHUTDOWN_TIMEOUT = 300
+# The edge's request bodies beyond nginx's memory buffer: a tmpfs of BODY_SPACE_SIZE (of RAM,
+# used only by what is written) that install.sh mounts, so a flood of uploads fills it and
+# never the edge's disk (docs/security.md, "Request bodies").
+BODY_SPACE = "/var/lib/kokoa/bodies"
+BODY_SPACE_SIZE = "25%"
 # The gateway's logs in /var/log/kokoa (gateway.conf.j2), and its relay's log when it relays.
 GATEWAY_LOGS = ("gateway-access.log", "gateway-error.log")
 
@@ -101,6 +117,10 @@ def _common(settings: Settings, origin: Origin) -> dict:
         "gateway_user": GATEWAY_USER,
         "tunnel_prefix": TUNNEL_PREFIX,
         "ssh_allow_from": settings.ssh_allow_from,
+        "dropped_headers": DROPPED_CLIENT_HEADERS,
+        "worker_shutdown_timeout": WORKER_SHUTDOWN_TIMEOUT,
+        "body_space": BODY_SPACE,
+        "body_space_size": BODY_SPACE_SIZE,
     }
 
 
