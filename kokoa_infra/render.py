@@ -63,6 +63,8 @@ WORKER_SHUTDOWN_TIMEOUT = 300
 # never the edge's disk (docs/security.md, "Request bodies").
 BODY_SPACE = "/var/lib/kokoa/bodies"
 BODY_SPACE_SIZE = "25%"
+BODY_SPACE_UNIT = "var-lib-kokoa-bodies.mount"  # systemd's name for a mount on BODY_SPACE
+BODY_SPACE_OPTIONS = f"size={BODY_SPACE_SIZE},mode=0700,nosuid,nodev,noexec"
 # The gateway's logs in /var/log/kokoa (gateway.conf.j2), and its relay's log when it relays.
 GATEWAY_LOGS = ("gateway-access.log", "gateway-error.log")
 
@@ -121,6 +123,8 @@ def _common(settings: Settings, origin: Origin) -> dict:
         "worker_shutdown_timeout": WORKER_SHUTDOWN_TIMEOUT,
         "body_space": BODY_SPACE,
         "body_space_size": BODY_SPACE_SIZE,
+        "body_space_unit": BODY_SPACE_UNIT,
+        "body_space_options": BODY_SPACE_OPTIONS,
     }
 
 

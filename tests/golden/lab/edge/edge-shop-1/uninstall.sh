@@ -315,6 +315,15 @@ if has_systemd; then
 elif nginx_running /run/nginx.pid nginx; then
   nginx -s quit || true
 fi
+# The request body space (a tmpfs) goes with nginx.
+if has_systemd; then
+  systemctl disable --now var-lib-kokoa-bodies.mount >/dev/null 2>&1 || true
+  rm -f /etc/systemd/system/var-lib-kokoa-bodies.mount
+  systemctl daemon-reload
+elif mountpoint -q /var/lib/kokoa/bodies; then
+  umount /var/lib/kokoa/bodies || true
+fi
+rmdir /var/lib/kokoa/bodies 2>/dev/null || true
 wireguard_down wg-origin-1
 firewall_remove
 rm -rf /etc/wireguard/wg-origin-1.conf /etc/letsencrypt/live/shop.kokoa.test "$INSTALL_DIR" /etc/nginx/kokoa
