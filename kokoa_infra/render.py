@@ -61,9 +61,11 @@ WORKER_SHUTDOWN_TIMEOUT = 300
 # The edge's request bodies beyond nginx's memory buffer: a tmpfs of BODY_SPACE_SIZE (of RAM,
 # used only by what is written) that install.sh mounts, so a flood of uploads fills it and
 # never the edge's disk (docs/security.md, "Request bodies").
-BODY_SPACE = "/var/lib/kokoa/bodies"
+# Debian's nginx has it as its default (--http-client-body-temp-path), named in nginx.conf so
+# that no other build's default bypasses the tmpfs.
+BODY_SPACE = "/var/lib/nginx/body"
 BODY_SPACE_SIZE = "25%"
-BODY_SPACE_UNIT = "var-lib-kokoa-bodies.mount"  # systemd's name for a mount on BODY_SPACE
+BODY_SPACE_UNIT = "var-lib-nginx-body.mount"  # systemd's name for a mount on BODY_SPACE
 BODY_SPACE_OPTIONS = f"size={BODY_SPACE_SIZE},mode=0700,nosuid,nodev,noexec"
 # The gateway's logs in /var/log/kokoa (gateway.conf.j2), and its relay's log when it relays.
 GATEWAY_LOGS = ("gateway-access.log", "gateway-error.log")

@@ -344,24 +344,24 @@ mkdir -p /var/log/nginx
 # Request bodies wait in a tmpfs of their own, at most 25% of memory (docs/security.md,
 # "Request bodies"): a flood of uploads fills it, never the edge's disk. nginx's master
 # gives it to its workers' user when it starts.
-mkdir -p /var/lib/kokoa/bodies
+mkdir -p /var/lib/nginx/body
 if has_systemd; then
-  if write_unit /etc/systemd/system/var-lib-kokoa-bodies.mount <<'UNIT'; then systemctl daemon-reload; fi
+  if write_unit /etc/systemd/system/var-lib-nginx-body.mount <<'UNIT'; then systemctl daemon-reload; fi
 [Unit]
 Description=Kokoa edge: request bodies, size-limited
 
 [Mount]
 What=tmpfs
-Where=/var/lib/kokoa/bodies
+Where=/var/lib/nginx/body
 Type=tmpfs
 Options=size=25%,mode=0700,nosuid,nodev,noexec
 
 [Install]
 WantedBy=local-fs.target
 UNIT
-  systemctl enable --now var-lib-kokoa-bodies.mount >/dev/null 2>&1 || die "could not mount the request body space /var/lib/kokoa/bodies"
-elif ! mountpoint -q /var/lib/kokoa/bodies; then
-  mount -t tmpfs -o size=25%,mode=0700,nosuid,nodev,noexec tmpfs /var/lib/kokoa/bodies
+  systemctl enable --now var-lib-nginx-body.mount >/dev/null 2>&1 || die "could not mount the request body space /var/lib/nginx/body"
+elif ! mountpoint -q /var/lib/nginx/body; then
+  mount -t tmpfs -o size=25%,mode=0700,nosuid,nodev,noexec tmpfs /var/lib/nginx/body
 fi
 # The distribution's nginx.conf comes back when the edge is uninstalled.
 if [ -f /etc/nginx/nginx.conf ] && [ ! -f /etc/nginx/nginx.conf.kokoa-original ] \

@@ -317,13 +317,12 @@ elif nginx_running /run/nginx.pid nginx; then
 fi
 # The request body space (a tmpfs) goes with nginx.
 if has_systemd; then
-  systemctl disable --now var-lib-kokoa-bodies.mount >/dev/null 2>&1 || true
-  rm -f /etc/systemd/system/var-lib-kokoa-bodies.mount
+  systemctl disable --now var-lib-nginx-body.mount >/dev/null 2>&1 || true
+  rm -f /etc/systemd/system/var-lib-nginx-body.mount
   systemctl daemon-reload
-elif mountpoint -q /var/lib/kokoa/bodies; then
-  umount /var/lib/kokoa/bodies || true
+elif mountpoint -q /var/lib/nginx/body; then
+  umount /var/lib/nginx/body || true
 fi
-rmdir /var/lib/kokoa/bodies 2>/dev/null || true
 wireguard_down wg-origin-0
 firewall_remove
 rm -rf /etc/wireguard/wg-origin-0.conf /etc/letsencrypt/live/blog.example.com "$INSTALL_DIR" /etc/nginx/kokoa
