@@ -44,10 +44,12 @@ def write_edge_files(directory: Path, files: dict[str, str]) -> None:
 def start_edge_nginx(netns: str, directory: Path, files: dict[str, str]) -> None:
     """The edge's nginx from its rendered `files`, in `netns`, with `directory` holding its paths
     (throwaway_certificate first). nginx.pid ends up in `directory`/run."""
-    for sub in ("log/nginx", "run", "kokoa"):
+    for sub in ("log/nginx", "run", "kokoa", "var-lib/nginx"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
     write_edge_files(directory, files)
-    script = (f"mkdir -p /etc/letsencrypt && mount --bind {directory / 'letsencrypt'} /etc/letsencrypt && "
+    # A /var/lib of its own: the request bodies nginx keeps there (BODY_SPACE) stay in `directory`.
+    script = (f"mount --bind {directory / 'var-lib'} /var/lib && "
+              f"mkdir -p /etc/letsencrypt && mount --bind {directory / 'letsencrypt'} /etc/letsencrypt && "
               f"mount --bind {directory / 'log'} /var/log && mount --bind {directory / 'run'} /run && "
               f"mkdir -p {EDGE_NGINX_DIR} && mount --bind {directory / 'kokoa'} {EDGE_NGINX_DIR} && "
               f"exec nginx -c {directory / 'nginx.conf'}")
