@@ -182,3 +182,21 @@ def test_the_edge_buffers_a_body_except_under_streaming_paths(site):
         finally:
             sender.kill()
         assert out.endswith(f"body={3 * 1024 * 1024}\n"), (path, out, err)
+
+
+def test_a_websocket_survives_reloads_of_the_edge_and_the_gateway(site, tmp_path):
+    # A reload hands open connections to the old workers, which worker_shutdown_timeout ends:
+    # the relay's 10 s of before cut a WebSocket 10 s after any gateway reload.
+    netns, ca, origin_ns, edge_dir = site()
+    client = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, WEBSOCKET, "echo", f"wss://{DOMAIN}/s",
+                               "--ca", str(ca), "--connect", "127.0.0.1:443", "--count", "2", "--pause", "13"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)
+        for pidfile in (edge_dir / "run" / "nginx.pid", tmp_path / "origin" / "run" / "kokoa-gateway.pid"):
+            subprocess.run(["kill", "-HUP", pidfile.read_text().strip()], check=True)
+        out, err = client.communicate(timeout=40)
+    finally:
+        client.kill()
+    assert client.returncode == 0, err
+    assert out.split() == ["hello", "hello"]
