@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import time
@@ -13,6 +14,7 @@ import pytest
 from conftest import BASE_CONFIG
 from kokoa_infra.addressing import TUNNEL_PREFIX
 from kokoa_infra.render import GATEWAY_USER
+from tests.rendering import bundles as render_bundles
 from tests.rendering import wireguard_ips
 from tests.unit.test_render import bundles, need, render_all, wg_files  # noqa: F401 (bundles: a fixture)
 
@@ -164,3 +166,20 @@ def test_an_edges_wireguard_listens_on_its_origins_port(bundles, netns, tmp_path
             Path(f"/var/run/wireguard/{iface}.sock").unlink(missing_ok=True)
         assert port == expected[node], node
         assert f"udp dport {port} accept" in bundles[node]["firewall.nft"], node
+
+
+@pytest.mark.parametrize("keys", [
+    {"idleTimeout": 1, "maxBodySize": "1k", "streamingPaths": ["/"]},
+    {"idleTimeout": 3600, "maxBodySize": "1024m", "exemptPaths": ["/up/", "/api/"],
+     "streamingPaths": ["/up/", "/" + "a" * 199]},
+], ids=["lower bounds", "upper bounds"])
+def test_the_site_keys_at_their_bounds_pass_nginx_t(keys, tmp_path, netns):
+    config = copy.deepcopy(BASE_CONFIG)
+    config["kokoa:origins"][0] |= {"upstream": "http://127.0.0.1:8080/app"} | keys
+    rendered = render_bundles(config)
+    subprocess.run(["ip", "-n", netns, "addr", "add", f"{wireguard_ips(BASE_CONFIG)['blog']}/{TUNNEL_PREFIX}",
+                    "dev", "lo"], check=True)
+    for node, name, domains in (("edge/edge-tokyo-1", "nginx.conf", ["blog.example.com"]),
+                                ("origin/blog", "gateway.conf", [])):
+        result = nginx_test(rendered[node][name], domains, tmp_path, netns)
+        assert result.returncode == 0, f"{node}: {result.stderr}"
