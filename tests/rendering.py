@@ -33,9 +33,9 @@ def wireguard_ips(config: dict) -> dict[str, str]:
     return {node.name: node.wireguard_ip for node in (*topology.origins, *topology.edges)}
 
 
-def lab_config() -> dict:
+def lab_config(stack_file=None) -> dict:
     from kokoa_infra.lab.deploy import STACK_FILE, load_stack
-    config = {k: v for k, v in load_stack(STACK_FILE).items() if not k.startswith("lab:")}
+    config = {k: v for k, v in load_stack(stack_file or STACK_FILE).items() if not k.startswith("lab:")}
     for entry in config["kokoa:origins"] + config["kokoa:edges"]:
         entry["hostKey"] = BASE_CONFIG["kokoa:origins"][0]["hostKey"]
     return config | {"kokoa:sshPrivateKey": BASE_CONFIG["kokoa:sshPrivateKey"]}
