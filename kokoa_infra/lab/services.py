@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 from urllib.parse import urlsplit
 
@@ -30,16 +31,41 @@ http {{
     access_log off;
     server_tokens off;
     keepalive_requests 100000;
+    # Any body: what an upload may be is the edges' and the gateway's to say (maxBodySize).
+    client_max_body_size 0;
     server {{
         listen {listen};
         default_type text/plain;
         location / {{ return 200 "{body}"; }}
+        # The second application, a WebSocket echo server, under /ws/.
+        location /ws/ {{
+            proxy_pass http://127.0.0.1:{ws_port};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_read_timeout 3600s;
+        }}
     }}
     server {{
         listen unix:{status};
         location / {{ stub_status; }}
     }}
 }}
+"""
+# The second demo application: a WebSocket echo server (standard library), on loopback.
+WEBSOCKET_PORT = 9000
+WEBSOCKET_SCRIPT = Path(__file__).resolve().parent / "websocket.py"
+WEBSOCKET_PATH = "/usr/local/lib/kokoa-lab/websocket.py"
+WEBSOCKET_UNIT = f"""\
+[Unit]
+Description=Kokoa lab WebSocket echo application on 127.0.0.1:{WEBSOCKET_PORT}
+After=network.target
+
+[Service]
+ExecStart=/usr/bin/python3 {WEBSOCKET_PATH} serve 127.0.0.1 {WEBSOCKET_PORT}
+
+[Install]
+WantedBy=multi-user.target
 """
 # On a systemd machine the demo application is a unit of the origin, enabled, so it comes
 # back when the machine boots again.
@@ -84,19 +110,27 @@ def start_demo(lab: Lab, host: Host) -> None:
         raise LabError(f"origin {host.name}: the lab's demo application needs an http:// upstream, "
                        f"not {host.upstream!r}")
     listen = f"{up.hostname}:{up.port or 80}"
-    text = DEMO_NGINX.format(listen=listen, body=f"hello from origin {host.name}\\n", status=DEMO_STATUS_SOCKET)
+    text = DEMO_NGINX.format(listen=listen, body=f"hello from origin {host.name}\\n", status=DEMO_STATUS_SOCKET,
+                             ws_port=WEBSOCKET_PORT)
     if lab.init_system(host.netns) == "systemd":
         # A unit of the machine, enabled: it starts again when the origin boots again.
         merged = machines.root(lab.host_dir(host.netns))
+        machines.write_file(merged, WEBSOCKET_PATH, WEBSOCKET_SCRIPT.read_text())
+        machines.write_file(merged, "/etc/systemd/system/kokoa-demo-ws.service", WEBSOCKET_UNIT)
         machines.write_file(merged, DEMO_CONF, text)
         machines.write_file(merged, "/etc/systemd/system/kokoa-demo.service",
                             DEMO_UNIT.format(listen=listen, conf=DEMO_CONF))
         lab.on_host(host.netns, ["systemctl", "daemon-reload"], check=True)
-        lab.on_host(host.netns, ["systemctl", "enable", "--now", "--quiet", "kokoa-demo.service"], check=True)
+        lab.on_host(host.netns, ["systemctl", "enable", "--now", "--quiet", "kokoa-demo.service",
+                                 "kokoa-demo-ws.service"], check=True)
     else:
         conf = lab.host_dir(host.netns) / "demo-nginx.conf"
         conf.write_text(text)
         lab.on_host(host.netns, ["nginx", "-c", str(conf)], check=True, stdin=subprocess.DEVNULL)
+        echo = lab.spawn(["ip", "netns", "exec", host.netns, "python3", str(WEBSOCKET_SCRIPT), "serve", "127.0.0.1",
+                          str(WEBSOCKET_PORT)], lab.host_dir(host.netns) / "demo-ws.log")
+        with lab.recording() as rec:
+            rec["processes"][f"demo-ws-{host.netns}"] = echo.pid
     wait_until(f"demo application on {host.netns}", lambda: demo_answers(lab, host))
 
 

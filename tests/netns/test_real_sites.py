@@ -1,6 +1,6 @@
 """A real site through the whole chain, in throwaway namespaces: a client, the rendered edge,
 the tunnel, the rendered gateway (both forms: a TCP relay and an HTTP proxy) and an application
-(tests/websocket.py) that echoes WebSocket frames and tells what headers and body it got.
+(kokoa_infra/lab/websocket.py) that echoes WebSocket frames and tells what headers and body it got.
 WebSockets, request bodies (maxBodySize, streamingPaths) and the headers the edge drops."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tests.rendering import bundles, wireguard_ips
 
 DOMAIN = "blog.example.com"
 PROJECT = Path(__file__).resolve().parents[2]
-WEBSOCKET = str(PROJECT / "tests" / "websocket.py")
+WEBSOCKET = str(PROJECT / "kokoa_infra" / "lab" / "websocket.py")
 APP_PORT = 8080
 
 

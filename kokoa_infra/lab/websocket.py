@@ -1,10 +1,10 @@
-"""A minimal WebSocket echo server and client for the tests (standard library only, RFC 6455:
-the opening handshake and unfragmented text frames, the client's masked). The server is also a
-small HTTP application: a plain request is answered with the headers it carried and the size of
+"""A minimal WebSocket echo server and client, for the lab (its second demo application) and the
+tests (standard library only, RFC 6455: the opening handshake and unfragmented text frames, the
+client's masked). The server is also a small HTTP application: a plain request is answered with the headers it carried and the size of
 its body, so that a test sees what the edge and the gateway passed on.
 
-    python3 tests/websocket.py serve HOST PORT
-    python3 tests/websocket.py echo URL --ca CA --connect HOST:PORT --message TEXT [--count N --pause S]
+    python3 kokoa_infra/lab/websocket.py serve HOST PORT
+    python3 kokoa_infra/lab/websocket.py echo URL --ca CA --connect HOST:PORT --message TEXT [--count N --pause S]
 """
 
 from __future__ import annotations
