@@ -291,7 +291,10 @@ def test_systemctl_reloads_drop_no_request(lab):
     assert loop.ok > 10
     # Reloaded, not restarted: the same main processes, and nginx's workers are new ones.
     assert {r: lab.systemctl(*r[:1], "show", "-p", "MainPID", "--value", r[1]).stdout for r in reloads} == main_pids
-    deadline = time.monotonic() + 30
+    # A relaying gateway's old workers keep the edges' tunnel connections until the edges close
+    # them idle (their keepalive_timeout, 60 s), at most worker_shutdown_timeout (300 s): a
+    # reload must not cut the WebSockets they may carry (docs/security.md).
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline and (
             workers["edge"] & nginx_workers(lab, edge["netns"], "/run/nginx.pid")
             or workers["gateway"] & nginx_workers(lab, origin["netns"], "/run/kokoa-gateway.pid")):
