@@ -21,11 +21,13 @@ from kokoa_infra.health.probes import (
     CHECKS, PingPermissionError, SweepOptions, check_ping_permission, fit_file_descriptors,
     run_sweep)
 from kokoa_infra.health.report import (
-    dumps, render_prometheus, render_summary_line, render_table, statuses, statuses_from_document,
+    dumps, render_summary_line, render_table, statuses, statuses_from_document,
     sweep_document, transitions)
 from kokoa_infra.health.results import Sweep, exit_code
 from kokoa_infra.health.targets import (
     LocalNetwork, Target, TargetsError, parse_targets, read_local_network)
+from kokoa_infra.health.traffic import (
+    METRICS_PORT, TRAFFIC_MODES, TrafficMemory, render_traffic_table, write_textfile)
 from kokoa_infra.outputs import OutputsError, load_outputs
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
@@ -67,6 +69,18 @@ def read_targets(stack: str | None, outputs_file: str | None) -> list[Target]:
         raise HealthError(str(exc)) from exc
 
 
+def read_traffic_memory(status_file: str | None) -> TrafficMemory:
+    """The edges' counters an earlier run recorded in the status file (rates from the first sweep)."""
+    import json
+
+    if status_file is None:
+        return TrafficMemory()
+    try:
+        return TrafficMemory.from_status_document(json.loads(Path(status_file).read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return TrafficMemory()
+
+
 def read_previous_statuses(status_file: str | None) -> dict[str, str]:
     if status_file is None:
         return {}
@@ -87,6 +101,7 @@ class Reporter:
     previous: dict[str, str] | None   # None: no memory of earlier states, log no transitions
     interval_s: float | None = None
     status_page: StatusPage | None = None
+    metrics_table: bool = False     # --metrics: the traffic table instead of the nodes table
     # Looked up when the Reporter is made, so a redirected sys.stdout is honoured.
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
@@ -104,14 +119,18 @@ class Reporter:
         self.out.write(self._stdout_text(sweep))
         self.out.flush()
         failed = []
-        for path, render in ((self.status_file, lambda: dumps(sweep_document(sweep), pretty=True)),
-                             (self.prometheus_file, lambda: render_prometheus(sweep))):
+        for path, render in ((self.status_file, lambda: dumps(sweep_document(sweep), pretty=True)),):
             if path is None:
                 continue
             try:
                 write_atomically(path, render())
             except OSError as exc:
                 failed.append(f"cannot write {path}: {exc.strerror or exc}")
+        if self.prometheus_file is not None:
+            try:   # the node series and the edges' traffic, through prometheus_client
+                write_textfile(self.prometheus_file, sweep)
+            except OSError as exc:
+                failed.append(f"cannot write {self.prometheus_file}: {exc.strerror or exc}")
         if self.status_page is not None:
             page_failed, warnings = self.status_page.write(sweep)
             for warning in warnings:
@@ -122,6 +141,10 @@ class Reporter:
     def _stdout_text(self, sweep: Sweep) -> str:
         if self.as_json:
             return dumps(sweep_document(sweep), pretty=self.interval_s is None)
+        if self.metrics_table:
+            prefix = f"{render_summary_line(sweep)}\n" if self.interval_s is not None else ""
+            return (CLEAR_SCREEN if self.live and self.interval_s is not None else "") + prefix + \
+                render_traffic_table(sweep)
         if self.interval_s is None:
             return render_table(sweep)
         if not self.live:
@@ -218,6 +241,12 @@ def run_interval(sweep_once: Callable[[], Sweep], report: Callable[[Sweep], None
               help="Pings in flight at once.")
 @click.option("--https-concurrency", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="HTTPS probes in flight at once.")
+@click.option("--traffic", type=click.Choice(TRAFFIC_MODES), default="auto", show_default=True,
+              help="Scrape the edges' traffic metrics over the tunnel (port %d): auto = the edges "
+                   "this host reaches through a tunnel (on an origin, its own)." % METRICS_PORT)
+@click.option("--metrics", "metrics_table", is_flag=True,
+              help="Print the edges' traffic as a table (requests, refusals, 5xx, per second "
+                   "from the second sweep on, or against --status-file's last run) instead of the nodes.")
 @click.option("--ping-via", type=click.Choice(["auto", "wireguard", "public"]), default="auto",
               show_default=True,
               help="Address to ping: auto = WireGuard IP when this host is on its tunnel network.")
@@ -226,7 +255,8 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
            html_interval: float | None, html_show_origin_addresses: bool,
            stack: str | None, outputs_file: str | None,
            checks: tuple[str, ...], timeout_s: float, count: int, https_timeout_s: float,
-           ca_bundle: str | None, concurrency: int, https_concurrency: int, ping_via: str) -> None:
+           ca_bundle: str | None, concurrency: int, https_concurrency: int, traffic: str,
+           metrics_table: bool, ping_via: str) -> None:
     """Ping every node and probe HTTPS through every edge.
 
     The result goes to stdout (a table, a line per sweep, or JSON); state changes and
@@ -244,7 +274,11 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
     options = fit_file_descriptors(SweepOptions(
         checks=checks, timeout_s=timeout_s, count=count, https_timeout_s=https_timeout_s,
         ca_bundle=ca_bundle, concurrency=concurrency, https_concurrency=https_concurrency,
-        ping_via=ping_via))  # type: ignore[arg-type]
+        ping_via=ping_via, traffic=traffic))  # type: ignore[arg-type]
+    if metrics_table and as_json:
+        raise click.UsageError("give --metrics or --json, not both")
+    if metrics_table and traffic == "off":
+        raise click.UsageError("--metrics needs the traffic: not --traffic off")
     targets = read_targets(stack, outputs_file)
     if "ping" in checks:
         try:
@@ -253,7 +287,7 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
             raise HealthError(str(exc)) from exc
 
     def local_network() -> LocalNetwork:
-        if "ping" in checks and ping_via == "auto":
+        if ("ping" in checks and ping_via == "auto") or traffic == "auto":
             return read_local_network()
         return LocalNetwork(addresses={}, routes=())
 
@@ -261,10 +295,12 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
     remembers = interval is not None or status_file is not None
     reporter = Reporter(as_json=as_json, live=sys.stdout.isatty(), status_file=status_file,
                         prometheus_file=prometheus_file, interval_s=interval, status_page=page,
-                        previous=read_previous_statuses(status_file) if remembers else None)
+                        previous=read_previous_statuses(status_file) if remembers else None,
+                        metrics_table=metrics_table)
+    memory = read_traffic_memory(status_file)
     if interval is None:
         try:
-            sweep = run_sweep(targets, options, local_network())
+            sweep = memory.apply(run_sweep(targets, options, local_network()))
         except KeyboardInterrupt:
             raise HealthError("interrupted before the sweep finished") from None
         failed = reporter.report(sweep)
@@ -275,7 +311,7 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
     node_list = NodeList(stack, outputs_file, targets)
 
     def sweep_once() -> Sweep:
-        return run_sweep(node_list.refresh(), options, local_network())
+        return memory.apply(run_sweep(node_list.refresh(), options, local_network()))
 
     def report(sweep: Sweep) -> None:
         for problem in reporter.report(sweep):
