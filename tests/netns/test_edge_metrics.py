@@ -94,7 +94,7 @@ def edge(make_netns, tmp_path):
     in_ns(edge_ns, "nft", "-f", str(tmp_path / "firewall.nft"))
     # As install.sh's no-systemd branch: mtail as nobody (group adm, no capabilities), restarted
     # by a loop, on the WireGuard address only; the mounts stand in for the edge's own files.
-    mtail = (f"setsid setpriv --reuid=nobody --regid=nogroup --groups=adm --inh-caps=-all --bounding-set=-all "
+    mtail = (f"setsid nice -n 19 setpriv --reuid=nobody --regid=nogroup --groups=adm --inh-caps=-all --bounding-set=-all "
              f"--no-new-privs mtail --progs /run/metrics-progs --logs /var/log/nginx/access.log "
              f"--logs {METRICS_STATE_DIR}/counters.log --address {ips[EDGE]} --port {METRICS_PORT} "
              f"--emit_prog_label=false --logtostderr >{tmp_path / 'mtail.log'} 2>&1 </dev/null &")
