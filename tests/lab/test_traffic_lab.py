@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kokoa_infra.health.html import CHART_HEIGHT
 from kokoa_infra.health.html_preview import chromium_binary, page_rows, parse_html, screenshot
 from kokoa_infra.render import COUNTERS_INTERVAL, LOG_FLUSH_S
 
@@ -136,6 +137,10 @@ def test_a_known_mix_is_counted_exactly_and_shown(lab_env, make_netns, tmp_path)
     rows = {row.attrs["data-traffic"]: row for row in document_html.iter("tr") if row.attrs.get("data-traffic")}
     row = rows[f"edge/{edge['name']}"]
     assert list(row.iter("polyline")) and "requests per second" in row.first("svg").attrs["aria-label"]
+    # The refused line leaves the floor somewhere: the 429s are drawn, not only their key.
+    refused = [float(point.split(",")[1]) for line in row.iter("polyline") if line.attrs["class"] == "ref"
+               for point in line.attrs["points"].split()]
+    assert refused and min(refused) < CHART_HEIGHT - 3
     assert f"origin/{origin['name']}" in rows
     assert page_rows(document_html)[f"edge/{edge['name']}"].state == "serving"
     if chromium_binary() is None:
@@ -151,5 +156,6 @@ def test_a_known_mix_is_counted_exactly_and_shown(lab_env, make_netns, tmp_path)
     def near(pixel, colour, tolerance=40):
         return all(abs(a - b) <= tolerance for a, b in zip(pixel, colour))
 
-    assert sum(near(p, REQ_COLOUR) for p in pixels) > 50     # the requests lines
-    assert sum(near(p, REF_COLOUR) for p in pixels) > 20     # the refused lines: the 429s
+    # The legend's keys are 100 pixels each: beyond them, the lines of the charts.
+    assert sum(near(p, REQ_COLOUR) for p in pixels) > 300    # the requests lines
+    assert sum(near(p, REF_COLOUR) for p in pixels) > 200    # the refused lines: the 429s
