@@ -454,7 +454,8 @@ def _chart(points: tuple[TrafficPoint | None, ...], what: str) -> str:
              f"now {_rate_text(last[1])}; 5xx per second up to {_rate_text(max(p[2] for p in known))}, "
              f"now {_rate_text(last[2])}")
     return (f'<svg class="chart" viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" preserveAspectRatio="none" '
-            f'role="img" aria-label="{_e(label)}"><title>{_e(label)}</title>{"".join(lines)}</svg>')
+            f'role="img" aria-label="{_e(label)}"><title>{_e(label)}</title>{"".join(lines)}</svg>'
+            f'<span class="sub" aria-hidden="true">scale 0\u2013{_rate_text(top)}/s</span>')
 
 
 def _response_text(point: TrafficPoint | None) -> str:
