@@ -110,14 +110,15 @@ def test_the_shipped_mtail_program_counts_a_log_as_the_parser_expects(tmp_path):
     progs = tmp_path / "progs"
     progs.mkdir()
     shutil.copy(TEMPLATES_DIR / "edge" / "edge.mtail", progs / "edge.mtail")
-    combined = '10.9.1.5 - - [01/May/2025:12:00:00 +0000] "GET / HTTP/1.1" {s} 12 "-" "curl/7.88.1 kokoa x 200 1 1 1 -"'
-    lines = [combined.format(s=200) + " kokoa blog.example.test 200 80 900 0.004 -",
-             combined.format(s=200) + " kokoa blog.example.test 200 80 900 0.040, 0.002 : 0.001 -",
-             combined.format(s=429) + " kokoa blog.example.test 429 80 200 - limit",
-             combined.format(s=503) + " kokoa blog.example.test 503 70 300 - capacity",
-             combined.format(s=503) + " kokoa blog.example.test 503 70 3000 - challenge",
-             combined.format(s=404) + " kokoa blog.example.test 404 60 150 0.002 -",
-             combined.format(s=444) + " kokoa - 444 50 0 - -",
+    combined = '10.9.1.5 - - [01/May/2025:12:00:00 +0000] "GET / HTTP/1.1" {s} 12 "-" "curl/7.88.1 kokoa x 2xx 1 1 1 -"'
+    lines = [combined.format(s=200) + " kokoa blog.example.test 2xx 80 900 0.004 -",
+             combined.format(s=200) + " kokoa blog.example.test 2xx 80 900 0.040, 0.002 : 0.001 -",
+             combined.format(s=429) + " kokoa blog.example.test 4xx 80 200 - limit",
+             combined.format(s=503) + " kokoa blog.example.test 5xx 70 300 - capacity",
+             combined.format(s=503) + " kokoa blog.example.test 5xx 70 3000 - challenge",
+             combined.format(s=404) + " kokoa blog.example.test 4xx 60 150 0.002 -",
+             combined.format(s=444) + " kokoa - 4xx 50 0 - -",
+             combined.format(s=200) + " kokoa blog.example.test 2xx 1 1 -",   # not ours: ignored
              "kokoa-shield shield_new 41", "kokoa-shield shield_open 2", "kokoa-connections 5"]
     log = tmp_path / "access.log"
     log.write_text("\n".join(lines) + "\n")
