@@ -95,7 +95,8 @@ def edge(make_netns, tmp_path):
     # As install.sh's no-systemd branch: mtail as nobody (group adm, no capabilities), restarted
     # by a loop, on the WireGuard address only; the mounts stand in for the edge's own files.
     mtail = (f"setsid nice -n 19 setpriv --reuid=nobody --regid=nogroup --groups=adm --inh-caps=-all --bounding-set=-all "
-             f"--no-new-privs mtail --progs /run/metrics-progs --logs /var/log/nginx/access.log "
+             f"--no-new-privs sh -c 'echo 19 > /proc/self/autogroup 2>/dev/null; exec \"$@\"' kokoa-edge-metrics "
+             f"mtail --progs /run/metrics-progs --logs /var/log/nginx/access.log "
              f"--logs {METRICS_STATE_DIR}/counters.log --address {ips[EDGE]} --port {METRICS_PORT} "
              f"--emit_prog_label=false --logtostderr >{tmp_path / 'mtail.log'} 2>&1 </dev/null &")
     script = (f"mkdir -p /etc/letsencrypt && mount --bind {tmp_path / 'letsencrypt'} /etc/letsencrypt && "
@@ -166,6 +167,12 @@ def test_the_edge_counts_what_its_clients_saw_and_serves_it_only_to_its_origin(e
     # mtail runs as nobody and listens on the WireGuard address alone.
     user = subprocess.run(["ps", "-o", "user=", "-p", edge["mtail_pid"]], capture_output=True, text=True).stdout
     assert user.strip() == "nobody"
+    # At the lowest priority, also as a session (the kernel's autogroup) where there is one.
+    assert subprocess.run(["ps", "-o", "ni=", "-p", edge["mtail_pid"]], capture_output=True,
+                          text=True).stdout.strip() == "19"
+    autogroup = Path(f"/proc/{edge['mtail_pid']}/autogroup")
+    if autogroup.exists():
+        assert autogroup.read_text().split()[-1] == "19"
     listening = in_ns(edge["edge"], "ss", "-ltnH", f"sport = :{METRICS_PORT}").stdout.split()
     assert f"{edge['ip']}:{METRICS_PORT}" in listening and f"0.0.0.0:{METRICS_PORT}" not in listening
     # Another address through the tunnel, and anyone on the public side, get nothing.
