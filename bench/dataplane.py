@@ -328,6 +328,19 @@ def table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def verdicts(ratios: dict[str, float], targets: dict[str, float]) -> str:
+    """Each measure against its target: "(at most)" in a name means lower is better."""
+    rows = [("measure", "value", "target")]
+    for name, value in ratios.items():
+        target = targets.get(name)
+        verdict = ""
+        if target is not None:
+            met = value <= target if "at most" in name else value >= target
+            verdict = f"{'>=' if 'at most' not in name else '<='} {target}  {'met' if met else 'MISSED'}"
+        rows.append((name, f"{value:.3f}", verdict))
+    return table(rows)
+
+
 def report(hops: dict[str, Any], floods: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     lines = []
     ratios: dict[str, float] = {}
@@ -357,15 +370,7 @@ def report(hops: dict[str, Any], floods: dict[str, Any]) -> tuple[str, dict[str,
                            ("HTTP/2, one address", "HTTP/2 one-address flood")):
             if key in floods and base["p99Ms"] and floods[key]["legit"]["p99Ms"]:
                 ratios[f"{label}: p99 / no-flood p99 (at most)"] = floods[key]["legit"]["p99Ms"] / base["p99Ms"]
-    rows = [("ratio", "value", "target")]
-    for name, value in ratios.items():
-        target = TARGETS.get(name)
-        verdict = ""
-        if target is not None:
-            met = value <= target if "at most" in name else value >= target
-            verdict = f"{'>=' if 'at most' not in name else '<='} {target}  {'met' if met else 'MISSED'}"
-        rows.append((name, f"{value:.3f}", verdict))
-    lines.append(table(rows))
+    lines.append(verdicts(ratios, TARGETS))
     return "\n".join(lines), ratios
 
 

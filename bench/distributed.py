@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from dataplane import SITE, OnTheLab, log, parse_wrk, percentile, table  # noqa: E402
+from dataplane import SITE, OnTheLab, log, parse_wrk, percentile, table, verdicts  # noqa: E402
 from kokoa_infra.health.html_preview import chromium_binary, run_chromium  # noqa: E402
 from kokoa_infra.lab.deploy import STACK_FILE, load_stack, up, verify_sites  # noqa: E402
 from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, Host  # noqa: E402
@@ -224,14 +224,7 @@ def report(results: dict[str, dict[str, Any]]) -> tuple[str, dict[str, float]]:
               if run_["attackerReachedShare"] is not None]
     if shares:
         ratios["attackers' requests reaching the origin / sent, on (at most)"] = max(shares)
-    lines = [table(rows), ""]
-    verdicts = [("measure", "value", "target")]
-    for name, value in ratios.items():
-        target = TARGETS.get(name)
-        verdict = f"<= {target}  {'met' if value <= target else 'MISSED'}" if target is not None else ""
-        verdicts.append((name, f"{value:.3f}", verdict))
-    lines.append(table(verdicts))
-    return "\n".join(lines), ratios
+    return "\n".join([table(rows), "", verdicts(ratios, TARGETS)]), ratios
 
 
 def main() -> int:

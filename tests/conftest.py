@@ -100,6 +100,24 @@ def loopback_only(monkeypatch):
     monkeypatch.setattr(socket.socket, "sendto", guard(socket.socket.sendto))
 
 
+def blog_with(**values: Any) -> dict[str, Any]:
+    """The `kokoa:` keys of BASE_CONFIG (without the prefix) with blog's entry updated by `values`."""
+    from kokoa_infra.stackfile import kokoa_config
+
+    config = kokoa_config(copy.deepcopy(BASE_CONFIG))
+    config["origins"][0].update(values)
+    return config
+
+
+def blog_problems(**values: Any) -> list[str]:
+    """The validation's messages for BASE_CONFIG with blog's entry updated by `values`."""
+    from kokoa_infra.model import InvalidConfig, parse_topology
+
+    with pytest.raises(InvalidConfig) as raised:
+        parse_topology(blog_with(**values))
+    return [str(p) for p in raised.value.problems]
+
+
 def kokoa(*args: str):
     """`kokoa ARGS` through click's test runner; exceptions propagate."""
     from click.testing import CliRunner

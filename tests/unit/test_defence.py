@@ -9,26 +9,16 @@ from typing import Any
 
 import pytest
 
-from conftest import BASE_CONFIG
+from conftest import BASE_CONFIG, blog_problems, blog_with
 from kokoa_infra.admission import Admission, reserve, split_capacity
-from kokoa_infra.model import Defence, InvalidConfig, parse_topology
+from kokoa_infra.model import Defence, parse_topology
 from kokoa_infra.render import file_mode, render_edge_bundle
-from kokoa_infra.stackfile import kokoa_config
 from tests.rendering import KEY, PASS_KEY, bundles
 
 BLOG = "kokoa:origins[0] (blog)"
 
 
-def blog_with(**values: Any) -> dict:
-    config = kokoa_config(copy.deepcopy(BASE_CONFIG))
-    config["origins"][0].update(values)
-    return config
-
-
-def problems(**values: Any) -> list[str]:
-    with pytest.raises(InvalidConfig) as raised:
-        parse_topology(blog_with(**values))
-    return [str(p) for p in raised.value.problems]
+problems = blog_problems
 
 
 def defence(**values: Any) -> Defence:

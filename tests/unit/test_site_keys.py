@@ -8,26 +8,16 @@ from typing import Any
 
 import pytest
 
-from conftest import BASE_CONFIG
-from kokoa_infra.model import InvalidConfig, parse_topology
+from conftest import BASE_CONFIG, blog_problems, blog_with
+from kokoa_infra.model import parse_topology
 from kokoa_infra.render import DROPPED_CLIENT_HEADERS
-from kokoa_infra.stackfile import kokoa_config
 from tests.rendering import bundles
 
 BLOG = "kokoa:origins[0] (blog)"
 PATH_RULE = "is not a path prefix like /api/ (a leading /, then at most 199 of A-Z a-z 0-9 . _ ~ / -)"
 
 
-def blog_with(**values: Any) -> dict:
-    config = kokoa_config(copy.deepcopy(BASE_CONFIG))
-    config["origins"][0].update(values)
-    return config
-
-
-def problems(**values: Any) -> list[str]:
-    with pytest.raises(InvalidConfig) as raised:
-        parse_topology(blog_with(**values))
-    return [str(p) for p in raised.value.problems]
+problems = blog_problems
 
 
 def rendered(**values: Any) -> dict[str, dict[str, str]]:
