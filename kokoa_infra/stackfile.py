@@ -227,15 +227,16 @@ class StackChange:
     next_up: list[str]
 
 
-def _edge_entry(stack: StackDocument, name: str) -> tuple[Any, int]:
-    edges = stack.objects("edges")
-    if not isinstance(edges, list):
-        raise StackFileError(f"the stack has no {PREFIX}edges list")
-    for i, entry in enumerate(edges):
+def _entry(stack: StackDocument, list_key: str, name: str) -> tuple[Any, int]:
+    """The `kokoa:<list_key>` list ("origins" or "edges") and the position of the entry `name`."""
+    entries = stack.objects(list_key)
+    if not isinstance(entries, list):
+        raise StackFileError(f"the stack has no {PREFIX}{list_key} list")
+    for i, entry in enumerate(entries):
         if isinstance(entry, dict) and entry.get("name") == name:
-            return edges, i
-    known = ", ".join(str(e.get("name")) for e in edges if isinstance(e, dict)) or "none"
-    raise StackFileError(f"no edge is named {name!r} (edges: {known})")
+            return entries, i
+    known = ", ".join(str(e.get("name")) for e in entries if isinstance(e, dict)) or "none"
+    raise StackFileError(f"no {list_key[:-1]} is named {name!r} ({list_key}: {known})")
 
 
 @dataclass(frozen=True)
@@ -279,8 +280,11 @@ def _serving(stack: StackDocument, origin: str) -> list[str]:
             if isinstance(e, dict) and e.get("origin") == origin and e.get("dns", True) is not False]
 
 
-def _insert(entry: dict, position: int, key: str, value: Any) -> None:
-    """`key: value` at `position` among the entry's keys (a ruamel map, or a dict from JSON)."""
+def _insert(entry: dict, key: str, value: Any, order: tuple[str, ...]) -> None:
+    """`key: value` where `order` (the keys in writing order) puts it: before the entry's first
+    key that comes after it (a ruamel map, or a dict from JSON)."""
+    keys = list(entry)
+    position = next((k for k, name in enumerate(keys) if name in order[order.index(key) + 1:]), len(keys))
     if hasattr(entry, "insert"):
         entry.insert(position, key, value)
         return
@@ -304,7 +308,7 @@ def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> S
     the file is left as it was.
     """
     stack = StackDocument(path)
-    edges, i = _edge_entry(stack, name)
+    edges, i = _entry(stack, "edges", name)
     edge = _view(stack, edges[i])
     domain = edge.domain
     if edge.dns == serving:
@@ -319,10 +323,7 @@ def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> S
         if not others and not force:
             raise ChangeRefused(f"{name} is the last serving edge of {edge.origin} ({domain}): draining it "
                                  "takes the site out of DNS. Add and deploy another edge first, or use --force")
-        keys = list(entry)
-        position = next((k for k, key in enumerate(keys) if key in EDGE_KEYS[EDGE_KEYS.index("dns") + 1:]),
-                        len(keys))
-        _insert(entry, position, "dns", False)
+        _insert(entry, "dns", False, EDGE_KEYS)
     stack.write()
     serving_now = _serving(stack, edge.origin)
     if serving:
@@ -343,7 +344,7 @@ def remove_edge(path: Path, name: str, force: bool = False) -> StackChange:
     wait out the TTL. On any problem the file is left as it was.
     """
     stack = StackDocument(path)
-    edges, i = _edge_entry(stack, name)
+    edges, i = _entry(stack, "edges", name)
     edge = _view(stack, edges[i])
     others = [e for e in _serving(stack, edge.origin) if e != name]
     if edge.dns and not others and not force:
@@ -379,11 +380,8 @@ def set_under_attack(path: Path, name: str, mode: str) -> StackChange:
     if mode not in UNDER_ATTACK_MODES:
         raise ChangeRefused(f"{mode!r} is not one of {', '.join(UNDER_ATTACK_MODES)}")
     stack = StackDocument(path)
-    origins = stack.objects("origins")
-    entry = next((o for o in origins or [] if isinstance(o, dict) and o.get("name") == name), None)
-    if entry is None:
-        known = ", ".join(str(o.get("name")) for o in origins or [] if isinstance(o, dict)) or "none"
-        raise StackFileError(f"no origin is named {name!r} (origins: {known})")
+    origins, i = _entry(stack, "origins", name)
+    entry = origins[i]
     capacity = entry.get("capacity")
     concurrent = capacity.get("concurrentRequests") if isinstance(capacity, dict) else None
     if mode == "auto" and capacity is None:
@@ -399,10 +397,7 @@ def set_under_attack(path: Path, name: str, mode: str) -> StackChange:
     elif "underAttack" in entry:
         entry["underAttack"] = mode
     else:
-        keys = list(entry)
-        position = next((k for k, key in enumerate(keys) if key in ORIGIN_KEYS[ORIGIN_KEYS.index("underAttack") + 1:]),
-                        len(keys))
-        _insert(entry, position, "underAttack", mode)
+        _insert(entry, "underAttack", mode, ORIGIN_KEYS)
     stack.write()
     edges = [e.get("name") for e in stack.objects("edges") or []
              if isinstance(e, dict) and e.get("origin") == name]
