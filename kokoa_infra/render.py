@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import hmac
@@ -170,6 +171,12 @@ def render_origin_bundle(settings: Settings, origin: Origin, private_key: str,
     return files
 
 
+@functools.cache
+def _challenge_script() -> str:
+    """templates/edge/challenge.js: the same on every edge, read once per run."""
+    return (TEMPLATES_DIR / "edge" / CHALLENGE_JS).read_text()
+
+
 def health_token(pass_key: str, origin: Origin) -> str:
     """What `kokoa health` sends in `Kokoa-Health` so that its probe is never challenged:
     a MAC of the origin's name under its pass key (hex)."""
@@ -214,7 +221,7 @@ def render_edge_bundle(settings: Settings, origin: Origin, edge: Edge, private_k
     passes: BundleFiles = {}
     if defence.passes:
         passes = {
-            CHALLENGE_JS: (TEMPLATES_DIR / "edge" / CHALLENGE_JS).read_text(),
+            CHALLENGE_JS: _challenge_script(),
             PASS_KEY_CONF: _render("edge/pass-key.conf.j2", origin=origin, pass_key=pass_key,
                                    health_token=health_token(pass_key, origin)),
         }

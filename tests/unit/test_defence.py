@@ -209,7 +209,7 @@ def test_a_challenge_cannot_be_rendered_without_a_pass_key_nor_capacity_without_
 
 def test_on_challenges_at_the_door_and_auto_only_when_full():
     on = rendered(underAttack="on")["nginx.conf"]
-    assert "if ($kokoa_challenge) {\n                js_content kokoa.challenge;" in on
+    assert "if ($kokoa_open) {\n                js_content kokoa.challenge;" in on
     assert "max_conns" not in on  # on needs no capacity
     auto = rendered(capacity={"concurrentRequests": 4})["nginx.conf"]
-    assert "$kokoa_challenge" not in auto and "error_page 502 503 = @kokoa_busy;" in auto
+    assert "js_content kokoa.challenge;" not in auto and "error_page 502 503 = @kokoa_busy;" in auto

@@ -283,7 +283,7 @@ function answerBusy(r, challenge) {
     }
 }
 
-// js_content of `if ($kokoa_challenge)` (underAttack: on): the challenge page.
+// js_content of `if ($kokoa_open)` (underAttack: on): the challenge page.
 function challenge(r) {
     page(r);
 }
