@@ -95,7 +95,7 @@ def warn_about_exposure(topology: Topology) -> None:
 
 
 def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack: str) -> dict[str, Any]:
-    """Declare every resource; return the stack outputs of CONTRACT.md."""
+    """Declare every resource; return the stack outputs (README, "Stack outputs")."""
     if ssh_private_key is not None:
         ssh_private_key = pulumi.Output.secret(ssh_private_key)
     renamed = former_names(pulumi.Config("kokoa").get_object("formerNames"), topology)

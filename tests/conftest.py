@@ -77,7 +77,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch):
-    """Fail any in-process connect/sendto beyond loopback (LAB.md: traffic stays inside).
+    """Fail any in-process connect/sendto beyond loopback (traffic stays inside: README, "Tests").
 
     Tests that need other addresses run their traffic in namespaces they create, through
     subprocesses (`ip netns exec`), which this guard does not see and does not need to.

@@ -1,4 +1,4 @@
-"""Validation and allocation of the stack config: one test per rule of CONTRACT.md.
+"""Validation and allocation of the stack config: one test per rule of stacks/reference.yaml.
 
 Every refusal is checked by its whole message; bounds that another tool consumes are
 checked against that tool (`nginx -t`, `nft -c`).
