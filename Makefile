@@ -5,7 +5,7 @@ VENV := .venv
 # What the tests and the lab run for real: WireGuard, nginx, sshd, ACME (pebble + certbot).
 DEBIAN_PACKAGES := wireguard-tools wireguard-go nginx libnginx-mod-stream libnginx-mod-http-js shellcheck openssh-server openssh-client \
 	certbot pebble iproute2 iputils-ping fping curl openssl util-linux wrk \
-	systemd-container nftables chromium nghttp2-client logrotate
+	systemd-container nftables chromium nghttp2-client logrotate mtail
 
 .PHONY: setup system-packages venv test lab lab-down bench clean
 

@@ -68,6 +68,16 @@ BODY_SPACE = "/var/lib/nginx/body"
 BODY_SPACE_SIZE = "25%"
 BODY_SPACE_UNIT = "var-lib-nginx-body.mount"  # systemd's name for a mount on BODY_SPACE
 BODY_SPACE_OPTIONS = f"size={BODY_SPACE_SIZE},mode=0700,nosuid,nodev,noexec"
+# The edge's traffic metrics (docs/health.md): mtail's program, its port on the edge's
+# WireGuard address, nginx's stub_status on loopback, the root job that writes the counters
+# only root can read (every COUNTERS_INTERVAL s) and where, and the access log's flush.
+METRICS_PORT = 3903
+STUB_STATUS_PORT = 3904
+METRICS_DIR = "/etc/kokoa/metrics"
+METRICS_STATE_DIR = "/run/kokoa-edge-metrics"
+MTAIL_PROGRAM = "edge.mtail"
+COUNTERS_INTERVAL = 5
+LOG_FLUSH_S = 5
 # The gateway's logs in /var/log/kokoa (gateway.conf.j2), and its relay's log when it relays.
 GATEWAY_LOGS = ("gateway-access.log", "gateway-error.log")
 
@@ -217,6 +227,12 @@ def render_edge_bundle(settings: Settings, origin: Origin, edge: Edge, private_k
         "js_file": f"{EDGE_NGINX_DIR}/{CHALLENGE_JS}",
         "pass_key_file": f"{EDGE_NGINX_DIR}/{PASS_KEY_CONF}",
         "edge_listen_port": edge_listen_port(origin),
+        "metrics_port": METRICS_PORT,
+        "stub_status_port": STUB_STATUS_PORT,
+        "metrics_dir": METRICS_DIR,
+        "metrics_state_dir": METRICS_STATE_DIR,
+        "counters_interval": COUNTERS_INTERVAL,
+        "log_flush_s": LOG_FLUSH_S,
     }
     passes: BundleFiles = {}
     if defence.passes:
@@ -236,6 +252,8 @@ def render_edge_bundle(settings: Settings, origin: Origin, edge: Edge, private_k
         f"{interface}.conf": _render("edge/wg-origin.conf.j2", **ctx),
         "nginx.conf": _render("edge/nginx.conf.j2", **ctx),
         "cert-refresh.sh": _render("edge/cert-refresh.sh.j2", **ctx),
+        "edge-counters.sh": _render("edge/edge-counters.sh.j2", **ctx),
+        MTAIL_PROGRAM: (TEMPLATES_DIR / "edge" / MTAIL_PROGRAM).read_text(),
         "install.sh": _render("edge/install.sh.j2", **ctx),
         "uninstall.sh": _render("edge/uninstall.sh.j2", **ctx),
     }

@@ -22,11 +22,13 @@ from kokoa_infra.health.probes import (
     CHECKS, PingPermissionError, SweepOptions, check_ping_permission, fit_file_descriptors,
     run_sweep)
 from kokoa_infra.health.report import (
-    dumps, render_prometheus, render_summary_line, render_table, statuses, statuses_from_document,
+    dumps, render_summary_line, render_table, statuses, statuses_from_document,
     sweep_document, transitions)
 from kokoa_infra.health.results import Sweep, exit_code
 from kokoa_infra.health.targets import (
     LocalNetwork, Target, TargetsError, parse_targets, read_local_network)
+from kokoa_infra.health.traffic import (
+    METRICS_PORT, TRAFFIC_MODES, TrafficMemory, render_traffic_table, write_textfile)
 from kokoa_infra.outputs import OutputsError, load_outputs
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
@@ -68,6 +70,18 @@ def read_targets(stack: str | None, outputs_file: str | None) -> list[Target]:
         raise HealthError(str(exc)) from exc
 
 
+def read_traffic_memory(status_file: str | None) -> TrafficMemory:
+    """The edges' counters an earlier run recorded in the status file (rates from the first sweep)."""
+    import json
+
+    if status_file is None:
+        return TrafficMemory()
+    try:
+        return TrafficMemory.from_status_document(json.loads(Path(status_file).read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return TrafficMemory()
+
+
 def read_previous_statuses(status_file: str | None) -> dict[str, str]:
     if status_file is None:
         return {}
@@ -90,6 +104,7 @@ class Reporter:
     status_page: StatusPage | None = None
     # --failover: acts on the sweep; its outcome joins the JSON, Prometheus text and page.
     failover: Callable[[Sweep], fo.FailoverReport] | None = None
+    metrics_table: bool = False     # --metrics: the traffic table instead of the nodes table
     # Looked up when the Reporter is made, so a redirected sys.stdout is honoured.
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
@@ -109,14 +124,18 @@ class Reporter:
         self.out.flush()
         failed = []
         prometheus_extra = "" if failover is None else "\n".join(fo.prometheus_lines(failover)) + "\n"
-        for path, render in ((self.status_file, lambda: dumps(self._document(sweep, failover), pretty=True)),
-                             (self.prometheus_file, lambda: render_prometheus(sweep) + prometheus_extra)):
+        for path, render in ((self.status_file, lambda: dumps(self._document(sweep, failover), pretty=True)),):
             if path is None:
                 continue
             try:
                 write_atomically(path, render())
             except OSError as exc:
                 failed.append(f"cannot write {path}: {exc.strerror or exc}")
+        if self.prometheus_file is not None:
+            try:   # the node series and the edges' traffic, through prometheus_client
+                write_textfile(self.prometheus_file, sweep, prometheus_extra)
+            except OSError as exc:
+                failed.append(f"cannot write {self.prometheus_file}: {exc.strerror or exc}")
         if self.status_page is not None:
             if failover is not None:
                 self.status_page.out_of_dns = failover.out_of_dns()
@@ -136,6 +155,10 @@ class Reporter:
     def _stdout_text(self, sweep: Sweep, failover: fo.FailoverReport | None = None) -> str:
         if self.as_json:
             return dumps(self._document(sweep, failover), pretty=self.interval_s is None)
+        if self.metrics_table:
+            prefix = f"{render_summary_line(sweep)}\n" if self.interval_s is not None else ""
+            return (CLEAR_SCREEN if self.live and self.interval_s is not None else "") + prefix + \
+                render_traffic_table(sweep)
         if self.interval_s is None:
             return render_table(sweep)
         if not self.live:
@@ -248,6 +271,12 @@ def run_interval(sweep_once: Callable[[], Sweep], report: Callable[[Sweep], None
               help="Pings in flight at once.")
 @click.option("--https-concurrency", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="HTTPS probes in flight at once.")
+@click.option("--traffic", type=click.Choice(TRAFFIC_MODES), default="auto", show_default=True,
+              help="Scrape the edges' traffic metrics over the tunnel (port %d): auto = the edges "
+                   "this host reaches through a tunnel (on an origin, its own)." % METRICS_PORT)
+@click.option("--metrics", "metrics_table", is_flag=True,
+              help="Print the edges' traffic as a table (requests, refusals, 5xx, per second "
+                   "from the second sweep on, or against --status-file's last run) instead of the nodes.")
 @click.option("--ping-via", type=click.Choice(["auto", "wireguard", "public"]), default="auto",
               show_default=True,
               help="Address to ping: auto = WireGuard IP when this host is on its tunnel network.")
@@ -268,7 +297,8 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
            html_interval: float | None, html_show_origin_addresses: bool,
            stack: str | None, outputs_file: str | None,
            checks: tuple[str, ...], timeout_s: float, count: int, https_timeout_s: float,
-           ca_bundle: str | None, concurrency: int, https_concurrency: int, ping_via: str,
+           ca_bundle: str | None, concurrency: int, https_concurrency: int, traffic: str,
+           metrics_table: bool, ping_via: str,
            failover: bool = False, fail_after: int = fo.DEFAULT_FAIL_AFTER,
            recover_after: int = fo.DEFAULT_RECOVER_AFTER, failover_state: str = fo.DEFAULT_STATE_FILE,
            agent: str | None = None) -> None:
@@ -289,7 +319,11 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
     options = fit_file_descriptors(SweepOptions(
         checks=checks, timeout_s=timeout_s, count=count, https_timeout_s=https_timeout_s,
         ca_bundle=ca_bundle, concurrency=concurrency, https_concurrency=https_concurrency,
-        ping_via=ping_via))  # type: ignore[arg-type]
+        ping_via=ping_via, traffic=traffic))  # type: ignore[arg-type]
+    if metrics_table and as_json:
+        raise click.UsageError("give --metrics or --json, not both")
+    if metrics_table and traffic == "off":
+        raise click.UsageError("--metrics needs the traffic: not --traffic off")
     failover_given = [name for name, given in (
         ("--fail-after", fail_after != fo.DEFAULT_FAIL_AFTER),
         ("--recover-after", recover_after != fo.DEFAULT_RECOVER_AFTER),
@@ -310,7 +344,7 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
             raise HealthError(str(exc)) from exc
 
     def local_network() -> LocalNetwork:
-        if "ping" in checks and ping_via == "auto":
+        if ("ping" in checks and ping_via == "auto") or traffic == "auto":
             return read_local_network()
         return LocalNetwork(addresses={}, routes=())
 
@@ -319,10 +353,12 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
     reporter = Reporter(as_json=as_json, live=sys.stdout.isatty(), status_file=status_file,
                         prometheus_file=prometheus_file, interval_s=interval, status_page=page,
                         previous=read_previous_statuses(status_file) if remembers else None,
-                        failover=None if failover_agent is None else failover_agent.after_sweep)
+                        failover=None if failover_agent is None else failover_agent.after_sweep,
+                        metrics_table=metrics_table)
+    memory = read_traffic_memory(status_file)
     if interval is None:
         try:
-            sweep = run_sweep(targets, options, local_network())
+            sweep = memory.apply(run_sweep(targets, options, local_network()))
         except KeyboardInterrupt:
             raise HealthError("interrupted before the sweep finished") from None
         failed = reporter.report(sweep)
@@ -333,7 +369,7 @@ def health(once: bool, interval: float | None, as_json: bool, status_file: str |
     node_list = NodeList(stack, outputs_file, targets)
 
     def sweep_once() -> Sweep:
-        return run_sweep(node_list.refresh(), options, local_network())
+        return memory.apply(run_sweep(node_list.refresh(), options, local_network()))
 
     def report(sweep: Sweep) -> None:
         for problem in reporter.report(sweep):

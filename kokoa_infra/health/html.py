@@ -17,6 +17,7 @@ from typing import Any
 from kokoa_infra.atomic_file import write_atomically
 from kokoa_infra.health.report import timestamp
 from kokoa_infra.health.results import NodeResult, Sweep
+from kokoa_infra.health.traffic import ATTACK_REFUSED_PER_S, Rates, origin_traffic
 
 SERVING, DRAINED, UNHEALTHY = "serving", "drained", "unhealthy"
 STATE_LETTERS = {SERVING: "s", DRAINED: "d", UNHEALTHY: "u"}
@@ -62,12 +63,20 @@ class NodeHistory:
     strip: str
 
 
+# One sweep's traffic of an edge, or of an origin's edges together: requests/s, refused/s,
+# 5xx/s, and the origin's median and 99th percentile response time in seconds (None: no answer).
+TrafficPoint = tuple[float, float, float, float | None, float | None]
+
+
 @dataclass(frozen=True)
 class History:
-    """The last sweeps (checkedAt, durationMs) and every current node's strip; bounded by `limit`."""
+    """The last sweeps (checkedAt, durationMs) and every current node's strip; bounded by `limit`.
+    `traffic`: per edge and per origin ("origin/<name>") a point per sweep, oldest first, None
+    where its traffic was not known (not scraped, or the first scrape)."""
 
     sweeps: tuple[tuple[str, float], ...] = ()
     nodes: dict[str, NodeHistory] | None = None
+    traffic: dict[str, tuple[TrafficPoint | None, ...]] | None = None
 
     def node(self, key: str) -> NodeHistory | None:
         return (self.nodes or {}).get(key)
@@ -85,7 +94,28 @@ def update_history(history: History, sweep: Sweep, limit: int) -> History:
         else:
             nodes[node.key] = NodeHistory(state, at, before is None, strip)
     sweeps = (history.sweeps + ((at, round(sweep.duration_s * 1000, 1)),))[-limit:]
-    return History(sweeps=sweeps, nodes=nodes)
+    return History(sweeps=sweeps, nodes=nodes, traffic=_update_traffic(history, sweep, limit))
+
+
+def _point(rates: Rates | None) -> TrafficPoint | None:
+    if rates is None:
+        return None
+    seconds = rates.upstream_seconds
+    return (round(rates.requests_per_s, 3), round(rates.refused_per_s, 3), round(rates.errors_per_s, 3),
+            None if 0.5 not in seconds else round(seconds[0.5], 6),
+            None if 0.99 not in seconds else round(seconds[0.99], 6))
+
+
+def _update_traffic(history: History, sweep: Sweep, limit: int) -> dict[str, tuple[TrafficPoint | None, ...]]:
+    """Each edge whose traffic was asked for, and each origin of them: this sweep's point added."""
+    now: dict[str, TrafficPoint | None] = {}
+    for node in sweep.nodes:
+        if node.target.role == "edge" and node.traffic is not None:
+            now[node.key] = _point(node.traffic.rates if node.traffic.ok else None)
+    for origin, total in origin_traffic(sweep).items():
+        now[f"origin/{origin}"] = _point(total.rates)
+    before = history.traffic or {}
+    return {key: (before.get(key, ()) + (point,))[-limit:] for key, point in now.items()}
 
 
 def history_document(history: History) -> dict[str, Any]:
@@ -93,7 +123,17 @@ def history_document(history: History) -> dict[str, Any]:
             "sweeps": [{"checkedAt": at, "durationMs": ms} for at, ms in history.sweeps],
             "nodes": {key: {"state": node.state, "since": node.since, "firstSeen": node.first_seen,
                             "strip": node.strip}
-                      for key, node in (history.nodes or {}).items()}}
+                      for key, node in (history.nodes or {}).items()},
+            # One short string per sweep ("requests/s refused/s 5xx/s p50 p99", "-" unknown):
+            # the file stays small with a thousand sweeps.
+            "traffic": {key: [_point_text(point) for point in points]
+                        for key, points in (history.traffic or {}).items()}}
+
+
+def _point_text(point: TrafficPoint | None) -> str:
+    if point is None:
+        return "-"
+    return " ".join("-" if value is None else f"{value:g}" for value in point)
 
 
 def parse_history(text: str) -> History:
@@ -114,9 +154,19 @@ def parse_history(text: str) -> History:
             parse_timestamp(entry["since"])
             nodes[str(key)] = NodeHistory(entry["state"], entry["since"], bool(entry["firstSeen"]),
                                           strip)
-        return History(sweeps=sweeps, nodes=nodes)
+        traffic = {str(key): tuple(_parse_point(str(point)) for point in points)
+                   for key, points in document.get("traffic", {}).items()}
+        return History(sweeps=sweeps, nodes=nodes, traffic=traffic)
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"missing or malformed {exc}") from exc
+
+
+def _parse_point(text: str) -> TrafficPoint | None:
+    if text == "-":
+        return None
+    requests, refused, errors, p50, p99 = text.split()
+    return (float(requests), float(refused), float(errors), None if p50 == "-" else float(p50),
+            None if p99 == "-" else float(p99))
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -135,7 +185,7 @@ def measured_interval(history: History) -> float | None:
 
 STYLE = """
 :root{--ok:#1a7f37;--drained:#57606a;--bad:#c62828;--warn:#8a5a00;--ink:#1f2328;--muted:#57606a;
---line:#d0d7de;--paper:#fff;--band:#f6f8fa}
+--line:#d0d7de;--paper:#fff;--band:#f6f8fa;--req:#0969da;--ref:#bc4c00}
 *{box-sizing:border-box}
 body{margin:0;padding:0 12px 24px;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,
 "DejaVu Sans",sans-serif;color:var(--ink);background:var(--paper)}
@@ -174,6 +224,13 @@ tbody th{font-weight:600}
 .legend{font-size:.85em;color:var(--muted)}
 .legend .key{display:inline-block;width:10px;height:10px;margin:0 3px 0 8px;border-radius:2px}
 .key.s{background:var(--ok)}.key.d{background:var(--drained)}.key.u{background:var(--bad)}
+h3{font-size:1em;margin:14px 0 2px}
+.attack{display:inline-block;padding:1px 8px;border-radius:10px;background:var(--bad);color:#fff;
+font-weight:600;font-size:.85em;white-space:nowrap}
+.chart{display:block;width:100%;height:44px;background:var(--band);border-radius:2px}
+.chart polyline{fill:none;stroke-width:1.6;stroke-linejoin:round}
+.chart .req{stroke:var(--req)}.chart .ref{stroke:var(--ref)}.chart .err{stroke:var(--bad)}
+.key.req{background:var(--req)}.key.ref{background:var(--ref)}.key.err{background:var(--bad)}
 footer{margin-top:24px;font-size:.85em;border-top:1px solid var(--line);padding-top:8px}
 code{font-size:.95em}
 .visually-hidden{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap}
@@ -361,6 +418,98 @@ def _node_row(node: NodeResult, index: int, history: History, checked_at: dateti
             f'<td data-label="History"><div>{_strip(recorded, history.sweeps)}</div></td></tr>')
 
 
+CHART_WIDTH, CHART_HEIGHT = 240, 44
+
+
+def _rate_text(value: float) -> str:
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def _chart(points: tuple[TrafficPoint | None, ...], what: str) -> str:
+    """requests/s, refused/s and 5xx/s over the recorded sweeps as an inline SVG (no asset), with
+    its figures in words for screen readers."""
+    known = [p for p in points if p is not None]
+    if not known:
+        return '<span class="sub">no rates yet (two scrapes make the first)</span>'
+    top = max(max(p[0], p[1], p[2]) for p in known) or 1.0
+    step = CHART_WIDTH / max(len(points) - 1, 1)
+    lines = []
+    for series, css in ((0, "req"), (1, "ref"), (2, "err")):
+        runs: list[list[str]] = [[]]
+        for index, point in enumerate(points):
+            if point is None:
+                runs.append([])
+                continue
+            x = index * step if len(points) > 1 else CHART_WIDTH / 2
+            y = CHART_HEIGHT - 2 - (CHART_HEIGHT - 4) * point[series] / top
+            runs[-1].append(f"{x:.1f},{y:.1f}")
+        for run in runs:
+            if len(run) == 1:   # a lone point: a short dash, so that it shows
+                x, y = map(float, run[0].split(","))
+                run = [f"{max(0, x - 2):.1f},{y:.1f}", f"{min(CHART_WIDTH, x + 2):.1f},{y:.1f}"]
+            if run:
+                lines.append(f'<polyline class="{css}" points="{" ".join(run)}" '
+                             'vector-effect="non-scaling-stroke"/>')
+    last = known[-1]
+    label = (f"{what}, last {len(points)} sweeps: requests per second up to {_rate_text(max(p[0] for p in known))}, "
+             f"now {_rate_text(last[0])}; refused per second up to {_rate_text(max(p[1] for p in known))}, "
+             f"now {_rate_text(last[1])}; 5xx per second up to {_rate_text(max(p[2] for p in known))}, "
+             f"now {_rate_text(last[2])}")
+    return (f'<svg class="chart" viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" preserveAspectRatio="none" '
+            f'role="img" aria-label="{_e(label)}"><title>{_e(label)}</title>{"".join(lines)}</svg>'
+            f'<span class="sub" aria-hidden="true">scale 0\u2013{_rate_text(top)}/s</span>')
+
+
+def _response_text(point: TrafficPoint | None) -> str:
+    if point is None or point[3] is None:
+        return '<span class="sub">no answers this interval</span>'
+    return (f"p50 {_ms(point[3] * 1000)}"
+            + ("" if point[4] is None else f'<span class="sub">p99 {_ms(point[4] * 1000)}</span>'))
+
+
+def _traffic_row(key: str, name: str, sub: str, history: History, node: NodeResult | None) -> str:
+    points = (history.traffic or {}).get(key, ())
+    last = points[-1] if points else None
+    attack = last is not None and last[1] >= ATTACK_REFUSED_PER_S
+    mark = ' <span class="attack">\u26a0 under attack</span>' if attack else ""
+    header = f'<th scope="row">{_e(name)}{mark}<span class="sub">{_e(sub)}</span></th>'
+    traffic = node.traffic if node is not None else None
+    if traffic is not None and not traffic.ok:
+        unknown = (f'<span class="failed">not scraped</span><span class="sub">{_e(traffic.error or "")}: '
+                   "traffic unknown, not zero</span>")
+        cells = (f'<td data-label="Requests/s" colspan="4"><div>{unknown}</div></td>')
+    elif last is None:
+        cells = ('<td data-label="Requests/s" colspan="4"><div><span class="sub">first scrape: rates from '
+                 "the next sweep on</span></div></td>")
+    else:
+        cells = (f'<td data-label="Requests/s"><div>{_rate_text(last[0])}</div></td>'
+                 f'<td data-label="Refused/s"><div>{_rate_text(last[1])}</div></td>'
+                 f'<td data-label="5xx/s"><div>{_rate_text(last[2])}</div></td>'
+                 f'<td data-label="Origin response"><div>{_response_text(last)}</div></td>')
+    chart = _chart(points, f"{name} traffic")
+    return (f'<tr data-traffic="{_e(key)}" data-under-attack="{str(attack).lower()}">{header}{cells}'
+            f'<td data-label="Traffic history"><div>{chart}</div></td></tr>')
+
+
+def _traffic_table(section: _Section, history: History, number: int) -> str:
+    edges = [node for node in section.nodes if node.target.role == "edge" and node.traffic is not None]
+    if not edges:
+        return ""
+    origin_key = f"origin/{section.origin}"
+    rows = _traffic_row(origin_key, section.origin, f"all {len(edges)} edges", history, None)
+    rows += "".join(_traffic_row(node.key, node.target.name, "edge", history, node) for node in edges)
+    points = (history.traffic or {}).get(origin_key, ())
+    attack = bool(points) and points[-1] is not None and points[-1][1] >= ATTACK_REFUSED_PER_S
+    heading = f"traffic-{number}"
+    return (f'<h3 id="{heading}">Traffic'
+            + (' <span class="attack">\u26a0 under attack</span>' if attack else "") + "</h3>"
+            f'<table class="traffic" aria-labelledby="{heading}"><caption class="visually-hidden">'
+            f"Traffic of origin {_e(section.origin)} and its edges over the last sweep interval</caption>"
+            '<thead><tr><th scope="col">Edge</th><th scope="col">Requests/s</th><th scope="col">Refused/s</th>'
+            '<th scope="col">5xx/s</th><th scope="col">Origin response</th>'
+            f'<th scope="col">Last {len(points) or 1} sweeps</th></tr></thead><tbody>{rows}</tbody></table>')
+
+
 def render_page(sweep: Sweep, history: History, interval_s: float,
                 show_origin_addresses: bool = False, out_of_dns: dict[str, str] | None = None) -> str:
     """The whole page: inline style and script only, nothing fetched from anywhere."""
@@ -410,13 +559,15 @@ def render_page(sweep: Sweep, history: History, interval_s: float,
             '<th scope="col">HTTPS through edge</th><th scope="col">Certificate</th>'
             '<th scope="col">State since</th>'
             f'<th scope="col">Last {recorded} sweep{"s" if recorded != 1 else ""}</th>'
-            f"</tr></thead><tbody>{rows}</tbody></table></section>")
+            f"</tr></thead><tbody>{rows}</tbody></table>{_traffic_table(section, history, number)}</section>")
     if not sections:
         sections.append("<p>No nodes: the stack outputs list no health targets.</p>")
 
     legend = ('<p class="legend" aria-hidden="true">History, oldest to newest:'
               '<span class="key s"></span>serving<span class="key d"></span>drained'
-              '<span class="key u"></span>unhealthy</p>')
+              '<span class="key u"></span>unhealthy'
+              + (' \u00b7 Traffic:<span class="key req"></span>requests/s<span class="key ref"></span>refused/s'
+                 '<span class="key err"></span>5xx/s' if history.traffic else "") + "</p>")
     generated = timestamp(written_at)
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -449,7 +600,10 @@ Checks: {_e(", ".join(sweep.checks) or "none")}. Nodes: {counts[SERVING]} servin
 <footer>
 <p>Written by <code>kokoa health --html</code>. State: <strong>serving</strong> = every check passed;
 <strong>drained</strong> = healthy edge with <code>dns: false</code> (no A record);
-<strong>unhealthy</strong> = a check failed (named under the state). HTTPS is ok below status 500.</p>
+<strong>unhealthy</strong> = a check failed (named under the state). HTTPS is ok below status 500.
+Traffic: per second over the last sweep interval, from each edge's metrics through the tunnel;
+refused = the edge's limits, capacity, challenges and its firewall's drops; <strong>under attack</strong>
+= {ATTACK_REFUSED_PER_S:g} or more refused a second.</p>
 <p>Configuration bundles are not offered here: they hold WireGuard private keys and this page is
 shared and cached. Use <code>kokoa bundle</code>.</p>
 </footer>

@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 import ping3
 
 from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep
-from kokoa_infra.health.targets import LocalNetwork, PingVia, Target, ping_address
+from kokoa_infra.health.targets import LocalNetwork, PingVia, Target, ping_address, wireguard_routable
+from kokoa_infra.health.traffic import METRICS_PORT, TrafficResult, scrape_edge
 
 CHECKS = ("ping", "https")
 PING_PAYLOAD_BYTES = 56
@@ -53,6 +54,10 @@ class SweepOptions:
     https_concurrency: int = 32
     ping_via: PingVia = "auto"
     https_port: int = 443
+    # Scrape each edge's traffic metrics over the tunnel: "auto" the edges this host reaches
+    # through a tunnel (on an origin: its own), "on" every edge, "off" none.
+    traffic: str = "off"
+    metrics_port: int = METRICS_PORT
 
 
 class _BpfInstruction(ctypes.Structure):
@@ -262,22 +267,36 @@ def fit_file_descriptors(options: SweepOptions) -> SweepOptions:
                    https_concurrency=https_share)
 
 
+def scrapes_traffic(target: Target, options: SweepOptions, local: LocalNetwork) -> bool:
+    """Whether this sweep scrapes the edge's metrics (at its WireGuard address, through the tunnel)."""
+    if target.role != "edge" or options.traffic == "off":
+        return False
+    return options.traffic == "on" or wireguard_routable(target.wireguard_ip, local)
+
+
 def run_sweep(targets: list[Target], options: SweepOptions, local: LocalNetwork,
               ping: Callable[..., PingResult] = ping_target,
-              https: Callable[..., HttpsResult] = probe_https) -> Sweep:
-    """Probe every target once, pings and HTTPS probes in two bounded pools at the same time."""
+              https: Callable[..., HttpsResult] = probe_https,
+              scrape: Callable[..., TrafficResult] = scrape_edge) -> Sweep:
+    """Probe every target once, pings and HTTPS probes in two bounded pools at the same time; the
+    edges' metrics are scraped in the HTTPS pool, each within the HTTPS timeout."""
     checked_at = datetime.now(timezone.utc)
     started = time.monotonic()
     ping_pool = ThreadPoolExecutor(options.concurrency, thread_name_prefix="kokoa-ping")
     https_pool = ThreadPoolExecutor(options.https_concurrency, thread_name_prefix="kokoa-https")
     pings: dict[int, Future[PingResult]] = {}
     probes: dict[int, Future[HttpsResult]] = {}
+    scrapes: dict[int, Future[TrafficResult]] = {}
     try:
         for index, target in enumerate(targets):
             if "https" in options.checks and target.role == "edge":
                 probes[index] = https_pool.submit(
                     https, target.domain, target.public_ip, options.https_timeout_s,
                     options.ca_bundle, options.https_port, health_token=target.health_token)
+        for index, target in enumerate(targets):
+            if scrapes_traffic(target, options, local):
+                scrapes[index] = https_pool.submit(scrape, str(target.wireguard_ip), options.metrics_port,
+                                                   options.https_timeout_s)
         for index, target in enumerate(targets):
             if "ping" in options.checks:
                 address, via = ping_address(target, local, options.ping_via)
@@ -286,7 +305,8 @@ def run_sweep(targets: list[Target], options: SweepOptions, local: LocalNetwork,
         nodes = [
             NodeResult(target=target,
                        ping=pings[index].result() if index in pings else None,
-                       https=probes[index].result() if index in probes else None)
+                       https=probes[index].result() if index in probes else None,
+                       traffic=scrapes[index].result() if index in scrapes else None)
             for index, target in enumerate(targets) if index in pings or index in probes]
     finally:
         # On Ctrl-C, drop what has not started; what has started ends within its timeout.

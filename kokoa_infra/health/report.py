@@ -26,8 +26,11 @@ def node_document(node: NodeResult) -> dict[str, Any]:
                            "latencyMs": node.https.latency_ms,
                            "certDaysLeft": node.https.cert_days_left, "error": node.https.error}
     target = node.target
-    return {"name": target.name, "role": target.role, "origin": target.origin,
-            "domain": target.domain, "status": node.status, "checks": checks}
+    document = {"name": target.name, "role": target.role, "origin": target.origin,
+                "domain": target.domain, "status": node.status, "checks": checks}
+    if node.traffic is not None:
+        document["traffic"] = node.traffic.document()
+    return document
 
 
 def sweep_document(sweep: Sweep) -> dict[str, Any]:
@@ -36,7 +39,14 @@ def sweep_document(sweep: Sweep) -> dict[str, Any]:
             "durationMs": round(sweep.duration_s * 1000, 1),
             "checks": list(sweep.checks),
             "nodes": [node_document(node) for node in sweep.nodes],
-            "summary": summarize(sweep.nodes)}
+            "summary": summarize(sweep.nodes)} | _traffic_document(sweep)
+
+
+def _traffic_document(sweep: Sweep) -> dict[str, Any]:
+    from kokoa_infra.health.traffic import origin_traffic
+
+    origins = origin_traffic(sweep)
+    return {"traffic": {name: total.document() for name, total in origins.items()}} if origins else {}
 
 
 def _ms(value: float | None) -> str:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from kokoa_infra.health.targets import Target
+
+if TYPE_CHECKING:
+    from kokoa_infra.health.traffic import TrafficResult
 
 HEALTHY, UNHEALTHY = "healthy", "unhealthy"
 
@@ -41,6 +45,9 @@ class NodeResult:
     target: Target
     ping: PingResult | None
     https: HttpsResult | None
+    # An edge's traffic metrics (health/traffic.py): None when not asked for. Not a check: an
+    # edge whose metrics cannot be scraped is reported as such, and stays as healthy as it is.
+    traffic: TrafficResult | None = None
 
     @property
     def healthy(self) -> bool:

@@ -359,3 +359,39 @@ def test_the_bounds_of_the_new_keys_are_what_nginx_accepts(start_edge, values, a
     first = start_edge(**values).get("/")
     got = "the challenge" if first.challenged else "a pass" if first.pass_cookie else "the application"
     assert got == answer and (first.code == 200) == (answer != "the challenge")
+
+
+def _outcomes(edge: Edge) -> list[tuple[str, str]]:
+    """(status class, outcome) of each request in the edge's access log, its buffer flushed first
+    (nginx writes what it holds when it reopens its logs)."""
+    master = (edge.directory / "run" / "nginx.pid").read_text().strip()
+    subprocess.run(["kill", "-USR1", master], check=True)
+    time.sleep(1)
+    lines = (edge.directory / "log" / "nginx" / "access.log").read_text().splitlines()
+    return [(fields[1], fields[-1]) for fields in (line.rsplit(" kokoa ", 1)[-1].split() for line in lines)]
+
+
+def test_the_access_log_tells_limits_capacity_and_challenges_apart(start_edge):
+    """What the edge's metrics count (docs/health.md, "Traffic"): the outcome each refusal is
+    logged with, from the njs script (the challenge page) or from nginx (the share, the limits)."""
+    edge = start_edge(capacity={"concurrentRequests": 3}, exemptPaths=["/api/"])
+    visitor = edge.get("/").pass_cookie
+    held = edge.hold("/?ms=2500")                       # the open part is taken
+    assert edge.get("/").challenged                      # no pass: the challenge
+    assert edge.get("/api/x").code == 503                # exempt path over the share: capacity
+    kept = edge.hold("/?ms=2500", cookies={"kokoa_pass": visitor})
+    assert edge.get("/", cookies={"kokoa_pass": visitor}).code == 503   # the whole share: capacity
+    assert held.communicate(timeout=15)[0] == "200" and kept.communicate(timeout=15)[0] == "200"
+    logged = _outcomes(edge)
+    assert logged.count(("5xx", "challenge")) == 1
+    assert logged.count(("5xx", "capacity")) == 2
+    assert logged.count(("2xx", "-")) == 3 and len(logged) == 6
+
+
+def test_a_rate_limited_request_is_logged_as_the_limit(start_edge):
+    edge = start_edge(underAttack="off", rateLimit={"requestsPerSecond": 1, "burst": 2, "connections": 50})
+    codes = [int(code) for code in edge.at_once("/", 8)]
+    logged = _outcomes(edge)
+    assert codes.count(429) >= 1
+    assert logged.count(("4xx", "limit")) == codes.count(429)
+    assert logged.count(("2xx", "-")) == codes.count(200)

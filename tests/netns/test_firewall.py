@@ -52,11 +52,11 @@ def test_shield_numbers_come_from_the_origin_rate_limit():
     config = copy.deepcopy(BASE_CONFIG)
     config["kokoa:origins"][0]["rateLimit"] = {"requestsPerSecond": 7, "burst": 9, "connections": 11}
     table = bundles(config)["edge/edge-tokyo-1"]["firewall.nft"]
-    assert "limit rate over 7/second burst 9 packets } drop" in table
-    assert "ct count over 11 } drop" in table
+    assert "limit rate over 7/second burst 9 packets } counter name shield_new drop" in table
+    assert "ct count over 11 } counter name shield_open drop" in table
     config["kokoa:origins"][0]["rateLimit"] |= {"newConnectionsPerSecond": 3, "newConnectionsBurst": 4}
     table = bundles(config)["edge/edge-tokyo-1"]["firewall.nft"]
-    assert "limit rate over 3/second burst 4 packets } drop" in table
+    assert "limit rate over 3/second burst 4 packets } counter name shield_new drop" in table
 
 
 # --- three namespaces: a shielded edge, an attacker and a visitor on separate links -----------

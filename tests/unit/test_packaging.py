@@ -97,8 +97,8 @@ def test_the_installed_package_renders_bundles_from_its_own_templates(installed)
     assert Path(found["templates"]).is_relative_to(venv)
     assert found["origin"] == ["certificate.sh", "firewall.nft", "gateway.conf", "install.sh",
                                "logrotate.conf", "uninstall.sh", "wg0.conf"]
-    assert found["edge"] == ["cert-refresh.sh", "firewall.nft", "install.sh", "nginx.conf", "uninstall.sh",
-                             "wg-origin-0.conf"]
+    assert found["edge"] == ["cert-refresh.sh", "edge-counters.sh", "edge.mtail", "firewall.nft", "install.sh",
+                             "nginx.conf", "uninstall.sh", "wg-origin-0.conf"]
     assert "server_name blog.example.com" in found["nginx"]
     shipped = sorted(p.relative_to(found["templates"]).as_posix() for p in Path(found["templates"]).rglob("*.j2"))
     ours = sorted(p.relative_to(PROJECT / "kokoa_infra" / "templates").as_posix()

@@ -59,7 +59,8 @@ def test_file_names_follow_the_contract(bundles):
     assert set(bundles["origin/blog"]) == {"wg0.conf", "gateway.conf", "certificate.sh", "install.sh",
                                            "uninstall.sh", "acme-ca.pem", "firewall.nft", "logrotate.conf"}
     assert set(bundles["edge/edge-tokyo-2"]) == {"wg-origin-1.conf", "nginx.conf", "cert-refresh.sh",
-                                                 "install.sh", "uninstall.sh", "firewall.nft"}
+                                                 "install.sh", "uninstall.sh", "firewall.nft",
+                                                 "edge-counters.sh", "edge.mtail"}
 
 
 def test_every_script_parses_with_bash(bundles, tmp_path):

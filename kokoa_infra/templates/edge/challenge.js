@@ -241,6 +241,7 @@ const SOLVER = `
 `;
 
 function page(r) {
+    r.variables.kokoa_answer = 'challenge';   // counted as such in the access log's metrics
     const time = String(now());
     const id = r.variables.request_id.slice(0, 16);
     const bits = r.variables.kokoa_difficulty;

@@ -190,14 +190,16 @@ nginx_apply() {
 
 # Run SCRIPT every INTERVAL seconds, the first time one INTERVAL from now (the install
 # runs it itself when it must): a systemd timer where systemd runs, else a background loop (one per job, its pid under $RUN_DIR) that the next install replaces.
+# ACCURACY (seconds, optional): how late systemd may run it (its default is a minute).
 schedule() {
-  local job=$1 interval=$2 script=$3
+  local job=$1 interval=$2 script=$3 accuracy=${4:-}
   if has_systemd; then
     local changed=0
     printf '[Unit]\nDescription=Kokoa %s\n\n[Service]\nType=oneshot\nExecStart=%s\n' \
       "$job" "$script" | write_unit "/etc/systemd/system/kokoa-$job.service" && changed=1
-    printf '[Unit]\nDescription=Kokoa %s every %ss\n\n[Timer]\nOnActiveSec=%s\nOnUnitActiveSec=%s\n\n[Install]\nWantedBy=timers.target\n' \
-      "$job" "$interval" "$interval" "$interval" | write_unit "/etc/systemd/system/kokoa-$job.timer" && changed=1
+    printf '[Unit]\nDescription=Kokoa %s every %ss\n\n[Timer]\nOnActiveSec=%s\nOnUnitActiveSec=%s\n%s\n[Install]\nWantedBy=timers.target\n' \
+      "$job" "$interval" "$interval" "$interval" "${accuracy:+AccuracySec=${accuracy}s
+}" | write_unit "/etc/systemd/system/kokoa-$job.timer" && changed=1
     [ "$changed" = 0 ] || systemctl daemon-reload
     systemctl enable --now "kokoa-$job.timer" >/dev/null 2>&1
     return 0
@@ -208,6 +210,61 @@ schedule() {
   setsid nohup sh -c 'while :; do sleep "$2"; "$1" || true; done' "kokoa-$job" "$script" "$interval" \
     >>"$LOG_DIR/$job.log" 2>&1 </dev/null &
   echo $! > "$RUN_DIR/$job.pid"
+}
+
+# Keep COMMAND... running as the unprivileged service JOB, in GROUP besides its own (to read
+# logs): a systemd unit with a dynamic user where systemd runs, else a restart loop as
+# nobody (its pid under $RUN_DIR) that the next install replaces. RESTART=1 restarts a
+# running one (its program changed). At the lowest CPU and I/O priority: on a busy edge nginx
+# comes first, and the service catches up from its input when the load drops. Nice alone
+# does not do it: a unit is a cgroup of its own (where its CPU weight counts) and, where the
+# kernel groups tasks by session (autogroup, Debian's default), a session is a group whose
+# own nice value counts against nginx's.
+run_service() {
+  local job=$1 group=$2 restart=$3 description=$4
+  shift 4
+  if has_systemd; then
+    local changed=$restart
+    # shellcheck disable=SC2016 # $MAINPID is systemd's to expand
+    printf '%s\n' "[Unit]" "Description=$description" "After=network-online.target nginx.service" \
+      "StartLimitIntervalSec=0" "" "[Service]" "ExecStart=$*" "DynamicUser=yes" \
+      "SupplementaryGroups=$group" "Restart=always" "RestartSec=3" "NoNewPrivileges=yes" \
+      "CPUWeight=1" "Nice=19" "IOSchedulingClass=idle" \
+      'ExecStartPost=+/bin/sh -c "echo 19 > /proc/$MAINPID/autogroup || true"' \
+      "CapabilityBoundingSet=" "ProtectSystem=strict" "ProtectHome=yes" "PrivateTmp=yes" \
+      "PrivateDevices=yes" "ProtectKernelTunables=yes" "ProtectKernelModules=yes" \
+      "ProtectControlGroups=yes" "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX" \
+      "MemoryMax=256M" "" "[Install]" "WantedBy=multi-user.target" \
+      | write_unit "/etc/systemd/system/kokoa-$job.service" && { changed=1; systemctl daemon-reload; }
+    systemctl enable "kokoa-$job.service" >/dev/null 2>&1
+    if [ "$changed" = 1 ]; then
+      systemctl restart "kokoa-$job.service"
+    else
+      systemctl start "kokoa-$job.service"
+    fi
+    return 0
+  fi
+  if [ "$restart" != 1 ] && [ -s "$RUN_DIR/$job.pid" ] && kill -0 "$(cat "$RUN_DIR/$job.pid")" 2>/dev/null; then
+    return 0
+  fi
+  unschedule "$job"
+  mkdir -p "$RUN_DIR" "$LOG_DIR"
+  # shellcheck disable=SC2016 # expanded by the loop's own shell
+  setsid nohup nice -n 19 setpriv --reuid=nobody --regid=nogroup --groups="$group" --inh-caps=-all \
+    --bounding-set=-all --no-new-privs \
+    sh -c 'echo 19 > /proc/self/autogroup 2>/dev/null; while :; do "$@"; sleep 3; done' "kokoa-$job" "$@" \
+    >>"$LOG_DIR/$job.log" 2>&1 </dev/null &
+  echo $! > "$RUN_DIR/$job.pid"
+}
+
+stop_service() {
+  local job=$1
+  if has_systemd; then
+    systemctl disable --now "kokoa-$job.service" >/dev/null 2>&1 || true
+    rm -f "/etc/systemd/system/kokoa-$job.service"
+    return 0
+  fi
+  unschedule "$job"
 }
 
 # "ADDRESS PORT" of the SSH connection this script runs under (sudo drops SSH_CONNECTION
