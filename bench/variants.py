@@ -86,12 +86,13 @@ def http_gateway(text: str) -> str:
     return text[:at] + proxy + text[at:]
 
 
+METRICS_OFF = "no traffic metrics (plain log line, mtail stopped)"
 # name -> [(role, file, how to turn the deployed file into the variant)]
 VARIANTS: dict[str, list[tuple[str, str, Transform]]] = {
     "the gateway as an HTTP proxy (before the TCP relay)": [("origin", GATEWAY_CONF, http_gateway)],
     "unbuffered access logs (edge and gateway relay)": [
-        ("edge", EDGE_CONF, swap("access_log /var/log/nginx/access.log combined buffer=64k flush=5s;",
-                                 "access_log /var/log/nginx/access.log;")),
+        ("edge", EDGE_CONF, swap("access_log /var/log/nginx/access.log kokoa buffer=64k flush=5s;",
+                                 "access_log /var/log/nginx/access.log kokoa;")),
         ("origin", GATEWAY_CONF, swap("gateway-relay.log kokoa_relay buffer=64k flush=5s;",
                                       "gateway-relay.log kokoa_relay;")),
     ],
@@ -104,6 +105,15 @@ VARIANTS: dict[str, list[tuple[str, str, Transform]]] = {
     ],
     # What the edge's firewall and flood shield cost: connection tracking of every packet.
     "no firewall on the edge": [("edge", FIREWALL, lambda text: "table inet kokoa\ndelete table inet kokoa\n")],
+    # What the traffic metrics cost (docs/health.md): the longer log line, mtail reading
+    # every line and the counters job; the variant logs nginx's plain combined line and
+    # stops both units (UNITS_STOPPED).
+    METRICS_OFF: [("edge", EDGE_CONF, swap("access_log /var/log/nginx/access.log kokoa buffer=64k flush=5s;",
+                                           "access_log /var/log/nginx/access.log combined buffer=64k flush=5s;"))],
+}
+# Units a variant stops for its rounds (and starts again after them): role -> units.
+UNITS_STOPPED: dict[str, dict[str, list[str]]] = {
+    METRICS_OFF: {"edge": ["kokoa-edge-metrics.service", "kokoa-edge-counters.timer"]},
 }
 # After a reload, the gateway's old workers keep relayed connections for up to its
 # worker_shutdown_timeout (10 s): wait them out, so that each round measures one file.
@@ -139,6 +149,10 @@ def main() -> int:
                     input=text)
         lab.on_host(hosts[role], APPLY[path], check=True)
 
+    def systemctl(verb: str, units: dict[str, list[str]]) -> None:
+        for role, names in units.items():
+            lab.on_host(hosts[role], ["systemctl", verb, *names], check=True)
+
     def ratio() -> float:
         edge = parse_wrk(run(["ip", "netns", "exec", status["client"],
                               *wrk_argv(f"https://{domain}/", args.seconds, 32)]).stdout)
@@ -155,23 +169,33 @@ def main() -> int:
             variant_files = {}
             for role, path, transform in changes:
                 variant_files[(role, path)] = transform(variant_files.get((role, path), originals[(role, path)]))
+            units = UNITS_STOPPED.get(name, {})
             tuned_ratios, variant_ratios = [], []
             for _ in range(args.rounds):
                 tuned_ratios.append(ratio())
                 for (role, path), text in variant_files.items():
                     write(role, path, text)
+                systemctl("stop", units)
                 time.sleep(SETTLE_SECONDS)
                 variant_ratios.append(ratio())
                 for role, path in variant_files:
                     write(role, path, originals[(role, path)])
+                systemctl("start", units)
                 time.sleep(SETTLE_SECONDS)
-            results[name] = {"tuned": statistics.median(tuned_ratios), "variant": statistics.median(variant_ratios)}
+            # Each tuned round against the variant round right after it: drift between
+            # pairs cancels, and the median pair says what the setting is worth.
+            pairs = [t / v for t, v in zip(tuned_ratios, variant_ratios)]
+            results[name] = {"tuned": statistics.median(tuned_ratios), "variant": statistics.median(variant_ratios),
+                             "tunedOverVariant": statistics.median(pairs), "pairs": pairs}
             print(f"{name:<55} edge/bare tuned {results[name]['tuned']:.3f}  "
-                  f"variant {results[name]['variant']:.3f}", flush=True)
+                  f"variant {results[name]['variant']:.3f}  tuned/variant, median pair "
+                  f"{results[name]['tunedOverVariant']:.3f} (pairs {min(pairs):.3f}-{max(pairs):.3f})", flush=True)
     finally:
         for (role, path), text in originals.items():
             if read(role, path) != text:
                 write(role, path, text)
+        for name in chosen:
+            systemctl("start", UNITS_STOPPED.get(name, {}))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0

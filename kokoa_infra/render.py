@@ -9,20 +9,15 @@ import hmac
 import ipaddress
 import io
 import re
-import shlex
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Mapping
-
-import jinja2
 
 from kokoa_infra.addressing import TUNNEL_PREFIX
 from kokoa_infra.admission import Admission
 from kokoa_infra.model import Edge, Origin, RateLimit, Settings
+from kokoa_infra.templating import TEMPLATES_DIR, environment
 
-# Shipped inside the package (package-data), so an installed `kokoa` finds them from any directory.
-TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 INSTALL_DIR = "/etc/kokoa/bundle"
 ACME_WEBROOT = "/var/lib/kokoa/acme-webroot"
 CERT_EXPORT_DIR = "/var/lib/kokoa/cert-export"
@@ -100,20 +95,7 @@ class EdgePeer:
         return f"{self.edge.name}@{self.server_tag}" if self.server_tag else self.edge.name
 
 
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["shell_quote"] = lambda value: shlex.quote(str(value))
-    return env
-
-
-ENV = _environment()
+ENV = environment()
 
 
 def _render(template: str, **context) -> str:

@@ -10,14 +10,14 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from html import escape
 from pathlib import Path
 from typing import Any
 
 from kokoa_infra.atomic_file import write_atomically
 from kokoa_infra.health.report import timestamp
-from kokoa_infra.health.results import NodeResult, Sweep
+from kokoa_infra.health.results import NodeResult, Sweep, milliseconds
 from kokoa_infra.health.traffic import ATTACK_REFUSED_PER_S, Rates, origin_traffic
+from kokoa_infra.templating import TEMPLATES_DIR, environment
 
 SERVING, DRAINED, UNHEALTHY = "serving", "drained", "unhealthy"
 STATE_LETTERS = {SERVING: "s", DRAINED: "d", UNHEALTHY: "u"}
@@ -39,16 +39,6 @@ def node_state(node: NodeResult) -> str:
     if not node.healthy:
         return UNHEALTHY
     return DRAINED if node.target.drained else SERVING
-
-
-def failing_checks(node: NodeResult) -> list[str]:
-    """Each failed check with its reason, without the pinged address (an origin's may be secret)."""
-    failed = []
-    if node.ping is not None and not node.ping.ok:
-        failed.append(f"ping: {node.ping.error or 'no reply'}")
-    if node.https is not None and not node.https.ok:
-        failed.append(f"https: {node.https.error or 'failed'}")
-    return failed
 
 
 # --- history -----------------------------------------------------------------------------------
@@ -183,82 +173,11 @@ def measured_interval(history: History) -> float | None:
 
 # --- the page ----------------------------------------------------------------------------------
 
-STYLE = """
-:root{--ok:#1a7f37;--drained:#57606a;--bad:#c62828;--warn:#8a5a00;--ink:#1f2328;--muted:#57606a;
---line:#d0d7de;--paper:#fff;--band:#f6f8fa;--req:#0969da;--ref:#bc4c00}
-*{box-sizing:border-box}
-body{margin:0;padding:0 12px 24px;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,
-"DejaVu Sans",sans-serif;color:var(--ink);background:var(--paper)}
-header,main,footer{max-width:1100px;margin:0 auto}
-h1{font-size:1.4em;margin:16px 0 4px}
-h2{font-size:1.15em;margin:24px 0 2px}
-.domain,.sub,.meta,footer{color:var(--muted)}
-.domain{font-weight:normal;font-size:.9em;overflow-wrap:anywhere}
-.sub{display:block;font-size:.85em;overflow-wrap:anywhere}
-.meta{margin:2px 0}
-.overall{display:inline-block;margin:6px 0;padding:4px 10px;border-radius:6px;color:#fff;font-weight:600}
-.overall.ok{background:var(--ok)}.overall.bad{background:var(--bad)}
-.problems{margin:4px 0 8px;padding-left:20px}
-.problems a{color:var(--bad)}
-.freshness{margin:6px 0;padding:6px 10px;border-left:4px solid var(--line);background:var(--band)}
-body.stale .freshness{border-color:var(--bad);color:var(--bad);font-weight:600}
-body.stale .state,body.stale .strip,body.stale .overall{filter:grayscale(1);opacity:.6}
-.edges{margin:2px 0 6px}
-.edges.none{color:var(--bad);font-weight:600}
-table{width:100%;border-collapse:collapse;table-layout:fixed}
-thead th:nth-child(1){width:16%}thead th:nth-child(2){width:15%}thead th:nth-child(3){width:13%}
-thead th:nth-child(4){width:14%}thead th:nth-child(5){width:11%}thead th:nth-child(6){width:13%}
-th,td{text-align:left;vertical-align:top;padding:6px 8px}
-thead th{font-size:.8em;text-transform:uppercase;color:var(--muted);border-bottom:2px solid var(--line)}
-tbody tr{border-bottom:1px solid var(--line)}
-tbody th{font-weight:600}
-.state{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-weight:600;white-space:nowrap}
-.state.serving{background:var(--ok)}.state.drained{background:var(--drained)}
-.state.unhealthy{background:var(--bad)}
-.why{display:block;color:var(--bad);font-size:.9em;overflow-wrap:anywhere}
-.warn{color:var(--warn);font-weight:600}
-.failed{color:var(--bad);font-weight:600}
-.strip{display:flex;gap:1px;height:18px;width:100%}
-.strip i{flex:0 1 6px;min-width:1px;border-radius:1px;background:var(--line)}
-.strip .s{background:var(--ok)}.strip .d{background:var(--drained)}.strip .u{background:var(--bad)}
-.legend{font-size:.85em;color:var(--muted)}
-.legend .key{display:inline-block;width:10px;height:10px;margin:0 3px 0 8px;border-radius:2px}
-.key.s{background:var(--ok)}.key.d{background:var(--drained)}.key.u{background:var(--bad)}
-h3{font-size:1em;margin:14px 0 2px}
-.attack{display:inline-block;padding:1px 8px;border-radius:10px;background:var(--bad);color:#fff;
-font-weight:600;font-size:.85em;white-space:nowrap}
-.chart{display:block;width:100%;height:44px;background:var(--band);border-radius:2px}
-.chart polyline{fill:none;stroke-width:1.6;stroke-linejoin:round}
-.chart .req{stroke:var(--req)}.chart .ref{stroke:var(--ref)}.chart .err{stroke:var(--bad)}
-.key.req{background:var(--req)}.key.ref{background:var(--ref)}.key.err{background:var(--bad)}
-footer{margin-top:24px;font-size:.85em;border-top:1px solid var(--line);padding-top:8px}
-code{font-size:.95em}
-.visually-hidden{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap}
-@media (max-width:719px){
- thead{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0)}
- table,tbody,tr,th,td{display:block;width:100%}
- tbody tr{padding:6px 0}
- tbody th{padding:6px 4px 2px}
- td{display:grid;grid-template-columns:7em minmax(0,1fr);gap:8px;padding:3px 4px}
- td::before{content:attr(data-label);color:var(--muted);font-size:.85em}
-}
-""".strip()
-
+PAGE_TEMPLATE = "health/status.html.j2"
+STYLE = (TEMPLATES_DIR / "health" / "status.css").read_text(encoding="utf-8").strip()
 # Ages the page against the reader's clock: the `stale` class and the age line. Everything it
 # needs is in the page (data-* attributes); it loads nothing and the CSP admits only its hash.
-SCRIPT = """
-(function(){
-var b=document.body,at=Date.parse(b.getAttribute("data-generated-at")),
-limit=1000*Number(b.getAttribute("data-stale-after-s")),age=document.getElementById("age");
-function text(s){s=Math.max(0,Math.round(s));if(s<120)return s+" s";if(s<7200)return Math.round(s/60)+" min";
-return Math.round(s/3600)+" h";}
-function check(){var old=Date.now()-at,stale=old>limit;b.classList.toggle("stale",stale);
-age.textContent=stale?"STALE: this page was written "+text(old/1000)+" ago, more than "+
-text(limit/1000)+" (3 intervals): the checker has stopped or cannot write it; its figures are out of date."
-:"Written "+text(old/1000)+" ago by your clock; it counts as stale after "+text(limit/1000)+" (3 intervals).";}
-check();setInterval(check,5000);
-})();
-""".strip()
+SCRIPT = (TEMPLATES_DIR / "health" / "status.js").read_text(encoding="utf-8").strip()
 
 
 def _csp_hash(text: str) -> str:
@@ -268,10 +187,7 @@ def _csp_hash(text: str) -> str:
 # Nothing may load: no image, font, frame, connection or form target; only this style and script.
 CONTENT_SECURITY_POLICY = (f"default-src 'none'; style-src {_csp_hash(STYLE)}; "
                            f"script-src {_csp_hash(SCRIPT)}; base-uri 'none'; form-action 'none'")
-
-
-def _e(value: object) -> str:
-    return escape(str(value), quote=True)
+_ENV = environment(html=True)
 
 
 def _utc(moment: datetime) -> str:
@@ -290,11 +206,15 @@ def _duration(seconds: float) -> str:
 
 
 def _ms(value: float) -> str:
-    return f"{value:.2f}\u00a0ms" if value < 10 else f"{value:.1f}\u00a0ms"   # never split from its unit
+    return milliseconds(value, unit="\u00a0ms")   # never split from its unit
 
 
 def _interval_text(seconds: float) -> str:
     return f"{seconds:g} s" if seconds < 120 else _duration(seconds)
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'s' if count != 1 else ''}"
 
 
 class _Redactor:
@@ -330,9 +250,11 @@ def _sections(nodes: Iterable[NodeResult]) -> list[_Section]:
     return list(grouped.values())
 
 
-def _strip(history: NodeHistory | None, sweeps: tuple[tuple[str, float], ...]) -> str:
+# What the template shows, cell by cell: plain values, the markup is the template's.
+
+def _strip(history: NodeHistory | None, sweeps: tuple[tuple[str, float], ...]) -> dict | None:
     if history is None:
-        return '<span class="sub">no history</span>'
+        return None
     strip = history.strip
     times = [at for at, _ in sweeps][-len(strip):] if sweeps else []
     times = [""] * (len(strip) - len(times)) + times
@@ -342,80 +264,67 @@ def _strip(history: NodeHistory | None, sweeps: tuple[tuple[str, float], ...]) -
             runs[-1][1] += 1
         else:
             runs.append([letter, 1, at])
-    label = (f"Last {len(strip)} sweep{'s' if len(strip) != 1 else ''}, oldest first: "
+    label = (f"Last {_plural(len(strip), 'sweep')}, oldest first: "
              + ", then ".join(f"{count} {STATE_OF_LETTER[letter]}" + (f" from {at[11:19]}" if at else "")
                               for letter, count, at in runs) + " (UTC)")
     # One bare element per sweep (a big stack has thousands); the label carries the times.
-    cells = "".join(f'<i class="{letter}"></i>' for letter in strip)
-    return f'<span class="strip" role="img" aria-label="{_e(label)}" title="{_e(label)}">{cells}</span>'
+    return {"label": label, "letters": strip}
+
+
+def _ping(node: NodeResult, address_shown: bool) -> dict | None:
+    ping = node.ping
+    if ping is None:
+        return None
+    shown = ping.address if (address_shown or ping.via == "wireguard") else "address hidden"
+    return {"rtt": _ms(ping.rtt_ms) if ping.ok and ping.rtt_ms is not None else None,
+            "partial": f"{ping.received}/{ping.sent} replies" if ping.ok and ping.received < ping.sent else None,
+            "via": ping.via, "address": shown}
+
+
+def _https(node: NodeResult, redact: _Redactor) -> dict:
+    https = node.https
+    if https is None:
+        return {"absent": "not probed (origin)" if node.target.role == "origin" else "not checked"}
+    return {"absent": None, "code": https.code, "ok": https.ok,
+            "latency": _ms(https.latency_ms) if https.latency_ms is not None else None,
+            "error": redact(https.error) if https.error else None}
+
+
+def _certificate(node: NodeResult) -> dict:
+    days = None if node.https is None else node.https.cert_days_left
+    if days is None:
+        return {"level": "none"}
+    if days < 0:
+        return {"level": "failed", "text": f"expired {_plural(-days, 'day')} ago"}
+    if days < CERT_WARNING_DAYS:
+        return {"level": "warn", "text": f"{_plural(days, 'day')} left"}
+    return {"level": "ok", "text": f"{days} days left"}
+
+
+def _since(recorded: NodeHistory | None, checked_at: datetime) -> dict | None:
+    if recorded is None:
+        return None
+    since = parse_timestamp(recorded.since)
+    return {"duration": _duration((checked_at - since).total_seconds()),
+            "word": "first seen" if recorded.first_seen else "since", "at": recorded.since,
+            "shown": since.strftime("%H:%M:%S UTC" if since.date() == checked_at.date() else "%Y-%m-%d %H:%M UTC")}
 
 
 def _node_row(node: NodeResult, index: int, history: History, checked_at: datetime,
-              redact: _Redactor, show_origin_addresses: bool, out_of_dns: dict[str, str] | None = None) -> str:
-    target, ping, https = node.target, node.ping, node.https
-    state = node_state(node)
-    is_origin = target.role == "origin"
-    address_shown = show_origin_addresses or not is_origin
+              redact: _Redactor, show_origin_addresses: bool, out_of_dns: dict[str, str]) -> dict:
+    target = node.target
+    address_shown = show_origin_addresses or target.role != "origin"
     role = target.role + (" \u00b7 drained (no A record)" if target.drained else "")
-    if target.role == "edge" and target.name in (out_of_dns or {}):
-        role += f" \u00b7 out of DNS since {(out_of_dns or {})[target.name]} (failover)"
+    if target.role == "edge" and target.name in out_of_dns:
+        role += f" \u00b7 out of DNS since {out_of_dns[target.name]} (failover)"
     if address_shown:
         role += f" \u00b7 {target.public_ip}"
-    why = "".join(f'<span class="why">{_e(redact(reason))}</span>' for reason in failing_checks(node))
-    state_cell = f'<span class="state {state}">{STATE_SYMBOLS[state]} {state}</span>{why}'
-
-    if ping is None:
-        ping_cell = '<span class="sub">not checked</span>'
-    else:
-        shown = ping.address if (address_shown or ping.via == "wireguard") else HIDDEN
-        figure = (_ms(ping.rtt_ms) if ping.ok and ping.rtt_ms is not None
-                  else '<span class="failed">no reply</span>')
-        if ping.ok and ping.received < ping.sent:
-            figure += f' <span class="warn">{ping.received}/{ping.sent} replies</span>'
-        ping_cell = (f'{figure}<span class="sub">via {_e(ping.via)} '
-                     f'{"address hidden" if shown == HIDDEN else _e(shown)}</span>')
-
-    if https is None:
-        https_cell = '<span class="sub">' + ("not probed (origin)" if is_origin else "not checked") + "</span>"
-        cert_cell = '<span class="sub">\u2014</span>'
-    else:
-        if https.code is not None:
-            code = (f'<span class="failed">HTTP {https.code}</span>' if not https.ok
-                    else f"HTTP {https.code}")
-            latency = f" \u00b7 {_ms(https.latency_ms)}" if https.latency_ms is not None else ""
-            https_cell = code + latency
-        else:
-            https_cell = '<span class="failed">no response</span>'
-        if https.error and https.code is None:
-            https_cell += f'<span class="sub">{_e(redact(https.error))}</span>'
-        days = https.cert_days_left
-        if days is None:
-            cert_cell = '<span class="sub">\u2014</span>'
-        elif days < 0:
-            cert_cell = f'<span class="failed">expired {-days} day{"s" if days != -1 else ""} ago</span>'
-        elif days < CERT_WARNING_DAYS:
-            cert_cell = f'<span class="warn">{days} day{"s" if days != 1 else ""} left</span>'
-        else:
-            cert_cell = f"{days} days left"
-
+    state = node_state(node)
     recorded = history.node(node.key)
-    if recorded is None:
-        since_cell = '<span class="sub">\u2014</span>'
-    else:
-        since = parse_timestamp(recorded.since)
-        shown = since.strftime("%H:%M:%S UTC" if since.date() == checked_at.date() else "%Y-%m-%d %H:%M UTC")
-        since_cell = (f"for {_e(_duration((checked_at - since).total_seconds()))}"
-                      f'<span class="sub">{"first seen" if recorded.first_seen else "since"} '
-                      f'<time datetime="{_e(recorded.since)}">{_e(shown)}</time></span>')
-
-    return (f'<tr id="node-{index}" data-node="{_e(node.key)}" data-state="{state}">'
-            f'<th scope="row">{_e(target.name)}<span class="sub">{_e(role)}</span></th>'
-            f'<td data-label="State"><div>{state_cell}</div></td>'
-            f'<td data-label="Ping RTT"><div>{ping_cell}</div></td>'
-            f'<td data-label="HTTPS"><div>{https_cell}</div></td>'
-            f'<td data-label="Certificate"><div>{cert_cell}</div></td>'
-            f'<td data-label="State since"><div>{since_cell}</div></td>'
-            f'<td data-label="History"><div>{_strip(recorded, history.sweeps)}</div></td></tr>')
+    return {"index": index, "key": node.key, "name": target.name, "role": role, "state": state,
+            "symbol": STATE_SYMBOLS[state], "reasons": [redact(reason) for reason in node.problems(with_address=False)],
+            "ping": _ping(node, address_shown), "https": _https(node, redact), "cert": _certificate(node),
+            "since": _since(recorded, checked_at), "history": _strip(recorded, history.sweeps)}
 
 
 CHART_WIDTH, CHART_HEIGHT = 240, 44
@@ -425,12 +334,12 @@ def _rate_text(value: float) -> str:
     return f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
-def _chart(points: tuple[TrafficPoint | None, ...], what: str) -> str:
+def _chart(points: tuple[TrafficPoint | None, ...], what: str) -> dict | None:
     """requests/s, refused/s and 5xx/s over the recorded sweeps as an inline SVG (no asset), with
     its figures in words for screen readers."""
     known = [p for p in points if p is not None]
     if not known:
-        return '<span class="sub">no rates yet (two scrapes make the first)</span>'
+        return None
     top = max(max(p[0], p[1], p[2]) for p in known) or 1.0
     step = CHART_WIDTH / max(len(points) - 1, 1)
     lines = []
@@ -448,169 +357,86 @@ def _chart(points: tuple[TrafficPoint | None, ...], what: str) -> str:
                 x, y = map(float, run[0].split(","))
                 run = [f"{max(0, x - 2):.1f},{y:.1f}", f"{min(CHART_WIDTH, x + 2):.1f},{y:.1f}"]
             if run:
-                lines.append(f'<polyline class="{css}" points="{" ".join(run)}" '
-                             'vector-effect="non-scaling-stroke"/>')
+                lines.append({"css": css, "points": " ".join(run)})
     last = known[-1]
-    label = (f"{what}, last {len(points)} sweeps: requests per second up to {_rate_text(max(p[0] for p in known))}, "
-             f"now {_rate_text(last[0])}; refused per second up to {_rate_text(max(p[1] for p in known))}, "
-             f"now {_rate_text(last[1])}; 5xx per second up to {_rate_text(max(p[2] for p in known))}, "
-             f"now {_rate_text(last[2])}")
-    return (f'<svg class="chart" viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" preserveAspectRatio="none" '
-            f'role="img" aria-label="{_e(label)}"><title>{_e(label)}</title>{"".join(lines)}</svg>'
-            f'<span class="sub" aria-hidden="true">scale 0\u2013{_rate_text(top)}/s</span>')
+    label = f"{what}, last {len(points)} sweeps: " + "; ".join(
+        f"{name} per second up to {_rate_text(max(p[series] for p in known))}, now {_rate_text(last[series])}"
+        for series, name in enumerate(("requests", "refused", "5xx")))
+    return {"width": CHART_WIDTH, "height": CHART_HEIGHT, "lines": lines, "label": label, "top": _rate_text(top)}
 
 
-def _response_text(point: TrafficPoint | None) -> str:
-    if point is None or point[3] is None:
-        return '<span class="sub">no answers this interval</span>'
-    return (f"p50 {_ms(point[3] * 1000)}"
-            + ("" if point[4] is None else f'<span class="sub">p99 {_ms(point[4] * 1000)}</span>'))
+def _under_attack(points: tuple[TrafficPoint | None, ...]) -> bool:
+    return bool(points) and points[-1] is not None and points[-1][1] >= ATTACK_REFUSED_PER_S
 
 
-def _traffic_row(key: str, name: str, sub: str, history: History, node: NodeResult | None) -> str:
+def _traffic_row(key: str, name: str, sub: str, history: History, node: NodeResult | None) -> dict:
     points = (history.traffic or {}).get(key, ())
     last = points[-1] if points else None
-    attack = last is not None and last[1] >= ATTACK_REFUSED_PER_S
-    mark = ' <span class="attack">\u26a0 under attack</span>' if attack else ""
-    header = f'<th scope="row">{_e(name)}{mark}<span class="sub">{_e(sub)}</span></th>'
     traffic = node.traffic if node is not None else None
-    if traffic is not None and not traffic.ok:
-        unknown = (f'<span class="failed">not scraped</span><span class="sub">{_e(traffic.error or "")}: '
-                   "traffic unknown, not zero</span>")
-        cells = (f'<td data-label="Requests/s" colspan="4"><div>{unknown}</div></td>')
-    elif last is None:
-        cells = ('<td data-label="Requests/s" colspan="4"><div><span class="sub">first scrape: rates from '
-                 "the next sweep on</span></div></td>")
-    else:
-        cells = (f'<td data-label="Requests/s"><div>{_rate_text(last[0])}</div></td>'
-                 f'<td data-label="Refused/s"><div>{_rate_text(last[1])}</div></td>'
-                 f'<td data-label="5xx/s"><div>{_rate_text(last[2])}</div></td>'
-                 f'<td data-label="Origin response"><div>{_response_text(last)}</div></td>')
-    chart = _chart(points, f"{name} traffic")
-    return (f'<tr data-traffic="{_e(key)}" data-under-attack="{str(attack).lower()}">{header}{cells}'
-            f'<td data-label="Traffic history"><div>{chart}</div></td></tr>')
+    rates = None if last is None else {
+        "requests": _rate_text(last[0]), "refused": _rate_text(last[1]), "errors": _rate_text(last[2]),
+        "p50": None if last[3] is None else _ms(last[3] * 1000), "p99": None if last[4] is None else _ms(last[4] * 1000)}
+    return {"key": key, "name": name, "sub": sub, "attack": _under_attack(points),
+            "unscraped": (traffic.error or "") if traffic is not None and not traffic.ok else None,
+            "rates": rates, "chart": _chart(points, f"{name} traffic")}
 
 
-def _traffic_table(section: _Section, history: History, number: int) -> str:
+def _traffic_table(section: _Section, history: History) -> dict | None:
     edges = [node for node in section.nodes if node.target.role == "edge" and node.traffic is not None]
     if not edges:
-        return ""
+        return None
     origin_key = f"origin/{section.origin}"
-    rows = _traffic_row(origin_key, section.origin, f"all {len(edges)} edges", history, None)
-    rows += "".join(_traffic_row(node.key, node.target.name, "edge", history, node) for node in edges)
     points = (history.traffic or {}).get(origin_key, ())
-    attack = bool(points) and points[-1] is not None and points[-1][1] >= ATTACK_REFUSED_PER_S
-    heading = f"traffic-{number}"
-    return (f'<h3 id="{heading}">Traffic'
-            + (' <span class="attack">\u26a0 under attack</span>' if attack else "") + "</h3>"
-            f'<table class="traffic" aria-labelledby="{heading}"><caption class="visually-hidden">'
-            f"Traffic of origin {_e(section.origin)} and its edges over the last sweep interval</caption>"
-            '<thead><tr><th scope="col">Edge</th><th scope="col">Requests/s</th><th scope="col">Refused/s</th>'
-            '<th scope="col">5xx/s</th><th scope="col">Origin response</th>'
-            f'<th scope="col">Last {len(points) or 1} sweeps</th></tr></thead><tbody>{rows}</tbody></table>')
+    rows = [_traffic_row(origin_key, section.origin, f"all {len(edges)} edges", history, None)]
+    rows += [_traffic_row(node.key, node.target.name, "edge", history, node) for node in edges]
+    return {"rows": rows, "attack": _under_attack(points), "sweeps": len(points) or 1}
+
+
+def _section(section: _Section, index_of: dict[int, int], history: History, sweep: Sweep, redact: _Redactor,
+             show_origin_addresses: bool, out_of_dns: dict[str, str]) -> dict:
+    edges = [node for node in section.nodes if node.target.role == "edge"]
+    serving = sum(node_state(node) == SERVING for node in edges)
+    return {"origin": section.origin, "domain": section.domain, "serving": serving, "edges": len(edges),
+            "none_serving": bool(edges) and not serving,
+            "detail": ", ".join(f"{count} {state}" for state in (DRAINED, UNHEALTHY)
+                                if (count := sum(node_state(node) == state for node in edges))),
+            "rows": [_node_row(node, index_of[id(node)], history, sweep.checked_at, redact,
+                               show_origin_addresses, out_of_dns) for node in section.nodes],
+            "traffic": _traffic_table(section, history)}
 
 
 def render_page(sweep: Sweep, history: History, interval_s: float,
                 show_origin_addresses: bool = False, out_of_dns: dict[str, str] | None = None) -> str:
     """The whole page: inline style and script only, nothing fetched from anywhere."""
     redact = _Redactor(sweep, show_origin_addresses)
-    written_at = sweep.checked_at + timedelta(seconds=sweep.duration_s)
     stale_after_s = STALE_AFTER_INTERVALS * interval_s
-    refresh_s = max(MIN_REFRESH_S, round(interval_s))
     states = [node_state(node) for node in sweep.nodes]
     unhealthy = [(index, node) for index, node in enumerate(sweep.nodes) if states[index] == UNHEALTHY]
     total = len(sweep.nodes)
     if unhealthy:
-        overall = f'<p class="overall bad">{STATE_SYMBOLS[UNHEALTHY]} {len(unhealthy)} of {total} nodes unhealthy</p>'
+        overall = f"{STATE_SYMBOLS[UNHEALTHY]} {len(unhealthy)} of {total} nodes unhealthy"
         title = f"Kokoa status: {len(unhealthy)} of {total} unhealthy"
     else:
-        overall = f'<p class="overall ok">{STATE_SYMBOLS[SERVING]} all {total} nodes healthy</p>'
+        overall = f"{STATE_SYMBOLS[SERVING]} all {total} nodes healthy"
         title = f"Kokoa status: all {total} healthy"
-    problems = ""
-    if unhealthy:
-        items = "".join(
-            f'<li><a href="#node-{index}">{_e(node.key)}</a>: {_e(redact("; ".join(failing_checks(node))))}</li>'
-            for index, node in unhealthy)
-        problems = f'<ul class="problems" aria-label="Unhealthy nodes">{items}</ul>'
-    counts = {state: states.count(state) for state in (SERVING, DRAINED, UNHEALTHY)}
     index_of = {id(node): index for index, node in enumerate(sweep.nodes)}
-    recorded = len(history.sweeps)
-
-    sections = []
-    for number, section in enumerate(_sections(sweep.nodes)):
-        edges = [node for node in section.nodes if node.target.role == "edge"]
-        serving = sum(node_state(node) == SERVING for node in edges)
-        detail = ", ".join(f"{count} {state}" for state in (DRAINED, UNHEALTHY)
-                           if (count := sum(node_state(node) == state for node in edges)))
-        edge_line = (f'<p class="edges{" none" if edges and not serving else ""}">'
-                     f"Serving edges: {serving} of {len(edges)}"
-                     + (f" ({detail})" if detail else "")
-                     + (": no edge serves this site" if edges and not serving else "") + "</p>")
-        rows = "".join(_node_row(node, index_of[id(node)], history, sweep.checked_at, redact,
-                                 show_origin_addresses, out_of_dns) for node in section.nodes)
-        heading_id = f"origin-{number}"
-        sections.append(
-            f'<section aria-labelledby="{heading_id}">'
-            f'<h2 id="{heading_id}">{_e(section.origin)} <span class="domain">{_e(section.domain)}</span></h2>'
-            f"{edge_line}"
-            f'<table><caption class="visually-hidden">Nodes of origin {_e(section.origin)}</caption>'
-            "<thead><tr>"
-            '<th scope="col">Node</th><th scope="col">State</th><th scope="col">Ping RTT</th>'
-            '<th scope="col">HTTPS through edge</th><th scope="col">Certificate</th>'
-            '<th scope="col">State since</th>'
-            f'<th scope="col">Last {recorded} sweep{"s" if recorded != 1 else ""}</th>'
-            f"</tr></thead><tbody>{rows}</tbody></table>{_traffic_table(section, history, number)}</section>")
-    if not sections:
-        sections.append("<p>No nodes: the stack outputs list no health targets.</p>")
-
-    legend = ('<p class="legend" aria-hidden="true">History, oldest to newest:'
-              '<span class="key s"></span>serving<span class="key d"></span>drained'
-              '<span class="key u"></span>unhealthy'
-              + (' \u00b7 Traffic:<span class="key req"></span>requests/s<span class="key ref"></span>refused/s'
-                 '<span class="key err"></span>5xx/s' if history.traffic else "") + "</p>")
-    generated = timestamp(written_at)
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="{_e(CONTENT_SECURITY_POLICY)}">
-<meta http-equiv="refresh" content="{refresh_s}">
-<meta name="referrer" content="no-referrer">
-<meta name="robots" content="noindex, nofollow">
-<meta name="generator" content="kokoa health --html">
-<title>{_e(title)}</title>
-<style>{STYLE}</style>
-</head>
-<body data-generated-at="{generated}" data-stale-after-s="{stale_after_s:g}">
-<header>
-<h1>Kokoa status</h1>
-{overall}
-{problems}
-<p class="meta">Sweep at <time datetime="{timestamp(sweep.checked_at)}">{_e(_utc(sweep.checked_at))}</time>, took {sweep.duration_s:.2f} s.
-Checks: {_e(", ".join(sweep.checks) or "none")}. Nodes: {counts[SERVING]} serving, {counts[DRAINED]} drained, {counts[UNHEALTHY]} unhealthy.</p>
-<p class="freshness" id="freshness"><span id="age" role="status">This page is rewritten about every
-{_e(_interval_text(interval_s))} and reloads itself as often. If the sweep time above is more than
-{_e(_interval_text(stale_after_s))} ago (3 intervals), the page is stale: the checker has stopped.</span></p>
-{legend}
-</header>
-<main>
-{"".join(sections)}
-</main>
-<footer>
-<p>Written by <code>kokoa health --html</code>. State: <strong>serving</strong> = every check passed;
-<strong>drained</strong> = healthy edge with <code>dns: false</code> (no A record);
-<strong>unhealthy</strong> = a check failed (named under the state). HTTPS is ok below status 500.
-Traffic: per second over the last sweep interval, from each edge's metrics through the tunnel;
-refused = the edge's limits, capacity, challenges and its firewall's drops; <strong>under attack</strong>
-= {ATTACK_REFUSED_PER_S:g} or more refused a second.</p>
-<p>Configuration bundles are not offered here: they hold WireGuard private keys and this page is
-shared and cached. Use <code>kokoa bundle</code>.</p>
-</footer>
-<script>{SCRIPT}</script>
-</body>
-</html>
-"""
+    page = {
+        "csp": CONTENT_SECURITY_POLICY, "style": STYLE, "script": SCRIPT, "title": title, "overall": overall,
+        "refresh_s": max(MIN_REFRESH_S, round(interval_s)),
+        "generated_at": timestamp(sweep.checked_at + timedelta(seconds=sweep.duration_s)),
+        "stale_after_s": f"{stale_after_s:g}", "stale_after": _interval_text(stale_after_s),
+        "interval": _interval_text(interval_s),
+        "unhealthy": [{"index": index, "key": node.key, "text": redact("; ".join(node.problems(with_address=False)))}
+                      for index, node in unhealthy],
+        "checked_at": timestamp(sweep.checked_at), "checked_at_text": _utc(sweep.checked_at),
+        "duration": f"{sweep.duration_s:.2f}", "checks": ", ".join(sweep.checks) or "none",
+        "counts": {state: states.count(state) for state in (SERVING, DRAINED, UNHEALTHY)},
+        "recorded": len(history.sweeps), "has_traffic": bool(history.traffic),
+        "sections": [_section(section, index_of, history, sweep, redact, show_origin_addresses, out_of_dns or {})
+                     for section in _sections(sweep.nodes)],
+        "attack_threshold": f"{ATTACK_REFUSED_PER_S:g}",
+    }
+    return _ENV.get_template(PAGE_TEMPLATE).render(page=page)
 
 
 # --- writing it every sweep --------------------------------------------------------------------

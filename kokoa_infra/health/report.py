@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from kokoa_infra.health.results import HEALTHY, UNHEALTHY, NodeResult, Sweep, summarize
+from kokoa_infra.health.results import HEALTHY, UNHEALTHY, NodeResult, Sweep, milliseconds, summarize
 from kokoa_infra.tables import format_table
 
 
@@ -49,19 +49,15 @@ def _traffic_document(sweep: Sweep) -> dict[str, Any]:
     return {"traffic": {name: total.document() for name, total in origins.items()}} if origins else {}
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} ms"
-
-
 def _table_row(node: NodeResult) -> list[str]:
     ping, https = node.ping, node.https
     return [
         node.target.name, node.target.role, node.target.origin,
         "healthy" if node.healthy else "UNHEALTHY",
         "-" if ping is None else f"{ping.address} ({ping.via})",
-        "-" if ping is None else (_ms(ping.rtt_ms) if ping.ok else "no reply"),
+        "-" if ping is None else (milliseconds(ping.rtt_ms) if ping.ok else "no reply"),
         "-" if https is None else (str(https.code) if https.code is not None else "fail"),
-        "-" if https is None else _ms(https.latency_ms),
+        "-" if https is None else milliseconds(https.latency_ms),
         "-" if https is None or https.cert_days_left is None else f"{https.cert_days_left} d",
         node.problem(),
     ]

@@ -62,14 +62,20 @@ class NodeResult:
         # Origin and edge names are unique only within their role.
         return f"{self.target.role}/{self.target.name}"
 
-    def problem(self) -> str:
-        """Why the node is unhealthy ("" when it is not)."""
+    def problems(self, *, with_address: bool = True) -> list[str]:
+        """Each failed check with its reason; the pinged address only `with_address` (an
+        origin's may be secret)."""
         reasons = []
         if self.ping is not None and not self.ping.ok:
-            reasons.append(f"ping {self.ping.address}: {self.ping.error or 'no reply'}")
+            address = f" {self.ping.address}" if with_address else ""
+            reasons.append(f"ping{address}: {self.ping.error or 'no reply'}")
         if self.https is not None and not self.https.ok:
             reasons.append(f"https: {self.https.error or 'failed'}")
-        return "; ".join(reasons)
+        return reasons
+
+    def problem(self) -> str:
+        """Why the node is unhealthy ("" when it is not)."""
+        return "; ".join(self.problems())
 
 
 @dataclass(frozen=True)
@@ -90,3 +96,10 @@ def summarize(nodes: list[NodeResult]) -> dict[str, int]:
 def exit_code(sweep: Sweep) -> int:
     """0 when every node is healthy, 1 when some are not."""
     return 0 if all(node.healthy for node in sweep.nodes) else 1
+
+
+def milliseconds(value: float | None, unit: str = " ms") -> str:
+    """A duration in ms as the reports show it: two decimals below 10, one above; "-" unknown."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}{unit}" if value < 10 else f"{value:.1f}{unit}"

@@ -77,10 +77,14 @@ def test_a_known_mix_is_counted_exactly_and_shown(lab_env, make_netns, tmp_path)
         time.sleep(1)
         baseline = health(lab, origin, tmp_path)
     assert edge_traffic(baseline, edge)["ok"], edge_traffic(baseline, edge)
-    # Let anything earlier tests sent reach the counters, then take the baseline.
-    time.sleep(LOG_FLUSH_S + 1)
-    baseline = health(lab, origin, tmp_path)
-    before = counts(edge_traffic(baseline, edge), domain)
+    # The baseline once the counters stand still: what earlier tests sent has been flushed and
+    # read (mtail runs at the lowest priority and lags on a busy machine), nothing else is sending.
+    before, quiet = counts(edge_traffic(baseline, edge), domain), False
+    while not quiet and time.monotonic() < deadline + DEADLINE_S:
+        time.sleep(LOG_FLUSH_S + 1)
+        now = counts(edge_traffic(health(lab, origin, tmp_path), edge), domain)
+        before, quiet = now, now == before
+    assert quiet, f"the edge's counters kept moving before the mix: {before}"
 
     resolve = ["--resolve", f"{domain}:443:{edge['publicIp']}", "--resolve", f"{domain}:80:{edge['publicIp']}"]
     seen: list[int] = []
