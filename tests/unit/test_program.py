@@ -12,9 +12,9 @@ import tarfile
 
 import pytest
 
-from conftest import BASE_CONFIG, OTHER_ZONE, SSH_KEY, ZONE
 from kokoa_infra.keys import public_key
 from kokoa_infra.mocked_program import ProgramFailed, run_program
+from tests.support.stacks import BASE_CONFIG, OTHER_ZONE, SSH_KEY, ZONE
 
 COMMAND = "command:remote:Command"
 DNS_RECORD = "cloudflare:index/dnsRecord:DnsRecord"

@@ -9,12 +9,12 @@ import subprocess
 import pytest
 from nacl.public import PrivateKey
 
-from conftest import BASE_CONFIG
 from kokoa_infra.keys import public_key
 from kokoa_infra.model import parse_topology
 from kokoa_infra.render import EdgePeer, render_edge_bundle, render_origin_bundle
 from kokoa_infra.stackfile import kokoa_config
-from tests.rendering import wireguard_ips
+from tests.support.rendering import wireguard_ips
+from tests.support.stacks import BASE_CONFIG
 
 CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
