@@ -55,7 +55,7 @@ def need(tool: str) -> None:
         pytest.skip(f"{tool} is not installed (make setup installs it)")
 
 
-def test_file_names_follow_the_contract(bundles):
+def test_each_bundle_holds_exactly_its_files(bundles):
     assert set(bundles["origin/blog"]) == {"wg0.conf", "gateway.conf", "certificate.sh", "install.sh",
                                            "uninstall.sh", "acme-ca.pem", "firewall.nft", "logrotate.conf"}
     assert set(bundles["edge/edge-tokyo-2"]) == {"wg-origin-1.conf", "nginx.conf", "cert-refresh.sh",
