@@ -2,12 +2,17 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
+# Debian 12's own Python (3.11.2; python3-venv gives it venv and ensurepip): CI also runs the unit tier with it.
+DEBIAN_PYTHON := /usr/bin/python3
+DEBIAN_VENV := .venv-debian
+# Which interpreter a virtualenv was made from (its version and base prefix): another PYTHON makes it again.
+PYTHON_ID = import sys; print(sys.version.split()[0], sys.base_prefix)
 # What the tests and the lab run for real: WireGuard, nginx, sshd, ACME (pebble + certbot).
 DEBIAN_PACKAGES := wireguard-tools wireguard-go nginx libnginx-mod-stream libnginx-mod-http-js shellcheck openssh-server openssh-client \
 	certbot pebble iproute2 iputils-ping fping curl openssl util-linux wrk \
-	systemd-container nftables chromium nghttp2-client logrotate mtail
+	systemd-container nftables chromium nghttp2-client logrotate mtail python3-venv
 
-.PHONY: setup system-packages venv test lab lab-down bench clean
+.PHONY: setup system-packages venv test test-debian-python lab lab-down bench clean
 
 setup: system-packages venv
 
@@ -36,10 +41,18 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
-venv: $(VENV)/.installed
+venv:
+	@if [ -x $(VENV)/bin/python ] && [ "$$($(VENV)/bin/python -c '$(PYTHON_ID)')" != "$$($(PYTHON) -c '$(PYTHON_ID)')" ]; then \
+	  echo "$(VENV) was made from another Python than $(PYTHON): making it again"; rm -rf $(VENV); fi
+	@$(MAKE) --no-print-directory $(VENV)/.installed
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+# The unit tier on Debian 12's own Python, in a virtualenv of its own (.ci/run runs it after `make test`).
+test-debian-python: system-packages
+	@$(MAKE) --no-print-directory venv VENV=$(DEBIAN_VENV) PYTHON=$(DEBIAN_PYTHON)
+	$(DEBIAN_VENV)/bin/python -m pytest -q tests/unit
 
 lab: setup
 	$(VENV)/bin/kokoa lab up
@@ -63,4 +76,4 @@ status-page: setup
 	$(VENV)/bin/python docs/status_page_screenshot.py docs/status-page.png
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(DEBIAN_VENV) .pytest_cache build *.egg-info

@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kokoa_infra.health.html_preview import chromium_binary, run_chromium  # noqa: E402
+from tests.support.html_preview import chromium_binary, run_chromium  # noqa: E402
 from kokoa_infra.model import CHALLENGE_DIFFICULTY_RANGE, DEFAULT_CHALLENGE_DIFFICULTY  # noqa: E402
 
 CHALLENGE_JS = REPO / "kokoa_infra" / "templates" / "edge" / "challenge.js"

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from dataplane import SITE, OnTheLab, log, parse_wrk, percentile, table, verdicts  # noqa: E402
-from kokoa_infra.health.html_preview import chromium_binary, run_chromium  # noqa: E402
+from tests.support.html_preview import chromium_binary, run_chromium  # noqa: E402
 from kokoa_infra.lab.deploy import STACK_FILE, load_stack, up, verify_sites  # noqa: E402
 from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, Host  # noqa: E402
 from kokoa_infra.lab.lab import Lab, lab_unavailable  # noqa: E402

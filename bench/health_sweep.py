@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kokoa_infra.health.netns import TargetNetwork, target_network  # noqa: E402
+from tests.support.target_network import TargetNetwork, target_network  # noqa: E402
 
 RUN_TIMEOUT_S = 120
 

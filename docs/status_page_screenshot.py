@@ -21,7 +21,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from kokoa_infra.health.html_preview import sample_page, screenshot
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support.html_preview import sample_page, screenshot  # noqa: E402
 
 WINDOW_HEIGHT = 2400
 BOTTOM_MARGIN = 16

@@ -3,7 +3,7 @@
 Shared by `kokoa dns` (by hand), `kokoa health --failover` (the agent) and the lab. HTTP 429
 (honouring Retry-After), 5xx and connection failures are retried with exponential backoff; a
 request that may have been acted on is repeated only when repeating it is harmless (GET, DELETE,
-PATCH), so a failure always surfaces as CloudflareApiError and never as a change that silently
+PUT, PATCH), so a failure always surfaces as CloudflareApiError and never as a change that silently
 did or did not happen.
 """
 
@@ -44,9 +44,10 @@ class ConfigError(CouldNotRun):
 class CloudflareApiError(Failed):
     """Cloudflare (or the network on the way) answered with a failure."""
 
-    def __init__(self, message: str, codes: tuple[int, ...] = ()) -> None:
+    def __init__(self, message: str, codes: tuple[int, ...] = (), status: int | None = None) -> None:
         super().__init__(message)
         self.codes = codes
+        self.status = status  # the HTTP status, when Cloudflare answered at all
 
 
 class NothingMatched(Failed):
@@ -158,21 +159,38 @@ class CloudflareDns:
         return list(records.values())
 
     def create_a_record(self, name: str, ip: str) -> dict[str, Any]:
-        body = {"type": "A", "name": name, "content": ip, "ttl": DNS_TTL,
-                "proxied": False, "comment": RECORD_COMMENT}
-        record = self._call("POST", self.records_path, body=body).get("result")
+        return self.create_record("A", name, ip, RECORD_COMMENT)
+
+    def create_record(self, record_type: str, name: str, content: str, comment: str,
+                      ttl: int = DNS_TTL) -> dict[str, Any]:
+        """POST one unproxied record (never repeated: Cloudflare may have made it already)."""
+        return self.post_record({"type": record_type, "name": name, "content": content, "ttl": ttl,
+                                 "proxied": False, "comment": comment})
+
+    def post_record(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """POST a record with exactly these fields (as pulumi-cloudflare's DnsRecord creates one)."""
+        record = self._call("POST", self.records_path, body=dict(fields)).get("result")
         if not isinstance(record, dict):
             raise CloudflareApiError("adding the record: Cloudflare's answer has no record")
         return record
 
-    def create_record(self, record_type: str, name: str, content: str, comment: str,
-                      ttl: int = DNS_TTL) -> dict[str, Any]:
-        """POST one record (never repeated: Cloudflare may have made it already)."""
-        body = {"type": record_type, "name": name, "content": content, "ttl": ttl,
-                "proxied": False, "comment": comment}
-        record = self._call("POST", self.records_path, body=body).get("result")
+    def get_record(self, record_id: str) -> dict[str, Any] | None:
+        """One record by id; None when Cloudflare answers 404 (it is gone)."""
+        try:
+            record = self._call("GET", f"{self.records_path}/{record_id}").get("result")
+        except CloudflareApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
         if not isinstance(record, dict):
-            raise CloudflareApiError("adding the record: Cloudflare's answer has no record")
+            raise CloudflareApiError("reading the record: Cloudflare's answer has no record")
+        return record
+
+    def put_record(self, record_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Overwrite one record with these fields (PUT, as pulumi-cloudflare's DnsRecord updates one)."""
+        record = self._call("PUT", f"{self.records_path}/{record_id}", body=dict(fields)).get("result")
+        if not isinstance(record, dict):
+            raise CloudflareApiError("overwriting the record: Cloudflare's answer has no record")
         return record
 
     def patch_record(self, record_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -198,13 +216,14 @@ class CloudflareDns:
         if not isinstance(envelope, dict) or "success" not in envelope:
             raise CloudflareApiError(
                 f"{what}: HTTP {response.status_code} {response.reason or ''}".rstrip()
-                + f" without a Cloudflare JSON answer{given_up}: {_excerpt(response.text)}")
+                + f" without a Cloudflare JSON answer{given_up}: {_excerpt(response.text)}",
+                status=response.status_code)
         if envelope.get("success") is not True or response.status_code >= 400:
             errors = envelope.get("errors") if isinstance(envelope.get("errors"), list) else []
             lines = _format_errors(errors) or ["(no error details in the answer)"]
             raise CloudflareApiError(
                 f"{what} failed with HTTP {response.status_code}{given_up}:\n" + "\n".join(lines),
-                codes=tuple(e.get("code") for e in errors if isinstance(e, dict)))
+                codes=tuple(e.get("code") for e in errors if isinstance(e, dict)), status=response.status_code)
         return envelope
 
     def _send(self, method: str, url: str, params: dict[str, Any] | None,
@@ -213,10 +232,10 @@ class CloudflareDns:
         retryable failure (" (gave up after 4 attempts)"), else ''."""
         import requests
 
-        # Only GET, DELETE and PATCH (the same fields set again) may be repeated after the
+        # Only GET, DELETE, PUT and PATCH (the same fields set again) may be repeated after the
         # server might have acted on them: a second POST could add the record twice or fail
         # with "already exists".
-        repeatable = method in ("GET", "DELETE", "PATCH")
+        repeatable = method in ("GET", "DELETE", "PUT", "PATCH")
         headers = {"Authorization": f"Bearer {self.settings.token}",
                    "User-Agent": self.user_agent}
         timeout = (self.policy.timeout_seconds, self.policy.timeout_seconds)
@@ -321,6 +340,3 @@ def _describe_transport_error(exc: requests.RequestException, policy: RetryPolic
         found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
         return "could not connect: " + (found.group(1).strip() if found else type(exc).__name__)
     return f"request failed: {type(exc).__name__}"
-
-
-

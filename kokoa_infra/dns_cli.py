@@ -1,4 +1,4 @@
-"""`kokoa-dns`: list, add and remove a zone's Cloudflare A records by hand (the seed's manual tool)."""
+"""`kokoa-dns`: list, add and remove a zone's Cloudflare A records by hand (the emergency tool beside Pulumi)."""
 
 from __future__ import annotations
 

@@ -27,8 +27,9 @@ from kokoa_infra.health.report import (
 from kokoa_infra.health.results import Sweep, exit_code
 from kokoa_infra.health.targets import (
     LocalNetwork, Target, TargetsError, parse_targets, read_local_network)
-from kokoa_infra.health.traffic import (
-    METRICS_PORT, TRAFFIC_MODES, TrafficMemory, render_traffic_table, write_textfile)
+from kokoa_infra.health.report import render_traffic_table, write_textfile
+from kokoa_infra.health.results import TrafficMemory
+from kokoa_infra.health.traffic import METRICS_PORT, TRAFFIC_MODES
 from kokoa_infra.outputs import OutputsError, load_outputs
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"

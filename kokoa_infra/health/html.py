@@ -15,8 +15,8 @@ from typing import Any
 
 from kokoa_infra.atomic_file import write_atomically
 from kokoa_infra.health.report import timestamp
-from kokoa_infra.health.results import NodeResult, Sweep, milliseconds
-from kokoa_infra.health.traffic import ATTACK_REFUSED_PER_S, Rates, origin_traffic
+from kokoa_infra.health.results import NodeResult, Sweep, milliseconds, origin_traffic
+from kokoa_infra.health.traffic import ATTACK_REFUSED_PER_S, Rates
 from kokoa_infra.templating import TEMPLATES_DIR, environment
 
 SERVING, DRAINED, UNHEALTHY = "serving", "drained", "unhealthy"

@@ -21,7 +21,8 @@ import ping3
 
 from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep
 from kokoa_infra.health.targets import LocalNetwork, PingVia, Target, ping_address, wireguard_routable
-from kokoa_infra.health.traffic import METRICS_PORT, TrafficResult, scrape_edge
+from kokoa_infra.health.traffic import (
+    MAX_METRICS_BYTES, METRICS_PATH, METRICS_PORT, MetricsFormatError, TrafficResult, parse_edge_metrics)
 
 CHECKS = ("ping", "https")
 PING_PAYLOAD_BYTES = 56
@@ -272,6 +273,33 @@ def scrapes_traffic(target: Target, options: SweepOptions, local: LocalNetwork) 
     if target.role != "edge" or options.traffic == "off":
         return False
     return options.traffic == "on" or wireguard_routable(target.wireguard_ip, local)
+
+
+def scrape_edge(address: str, port: int = METRICS_PORT, timeout_s: float = 3.0) -> TrafficResult:
+    """GET http://address:port/metrics (through the tunnel) within `timeout_s`; every failure is a result."""
+    import urllib3
+
+    where = f"{address}:{port}"
+    pool = urllib3.HTTPConnectionPool(address, port, maxsize=1, retries=False,
+                                      timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s))
+    try:
+        response = pool.urlopen("GET", METRICS_PATH, headers={"User-Agent": "kokoa-health"},
+                                preload_content=False, redirect=False, retries=False)
+        try:
+            body = response.read(MAX_METRICS_BYTES + 1, decode_content=True)
+        finally:
+            response.release_conn()
+        if response.status != 200:
+            return TrafficResult(ok=False, address=where, error=f"metrics: HTTP {response.status}")
+        if len(body) > MAX_METRICS_BYTES:
+            return TrafficResult(ok=False, address=where, error="metrics: answer too large")
+        return TrafficResult(ok=True, address=where, counters=parse_edge_metrics(body.decode("utf-8", "replace")))
+    except MetricsFormatError as exc:
+        return TrafficResult(ok=False, address=where, error=f"metrics: {exc}")
+    except Exception as exc:  # unreachable, refused, timed out: reported, never zero traffic
+        return TrafficResult(ok=False, address=where, error=f"metrics: {_https_error_text(exc)}")
+    finally:
+        pool.close()
 
 
 def run_sweep(targets: list[Target], options: SweepOptions, local: LocalNetwork,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Iterator
 
-from kokoa_infra.health.results import HEALTHY, UNHEALTHY, NodeResult, Sweep, milliseconds, summarize
+from kokoa_infra.health.results import (
+    HEALTHY, UNHEALTHY, NodeResult, Sweep, milliseconds, origin_traffic, summarize)
+from kokoa_infra.health.traffic import Rates
 from kokoa_infra.tables import format_table
 
 
@@ -43,8 +45,6 @@ def sweep_document(sweep: Sweep) -> dict[str, Any]:
 
 
 def _traffic_document(sweep: Sweep) -> dict[str, Any]:
-    from kokoa_infra.health.traffic import origin_traffic
-
     origins = origin_traffic(sweep)
     return {"traffic": {name: total.document() for name, total in origins.items()}} if origins else {}
 
@@ -168,3 +168,131 @@ def transitions(previous: Mapping[str, str], sweep: Sweep) -> list[str]:
 
 def dumps(document: dict[str, Any], pretty: bool) -> str:
     return json.dumps(document, indent=2 if pretty else None) + "\n"
+
+
+# --- the textfile --------------------------------------------------------------------------------
+
+class SweepCollector:
+    """A prometheus_client collector of one sweep: the node series of report.render_prometheus
+    (re-read, names and labels as they were) and the edges' traffic."""
+
+    def __init__(self, sweep: Sweep, extra: str = "") -> None:
+        self.sweep = sweep
+        self.extra = extra  # more series as Prometheus text (the failover agent's)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+        from prometheus_client.parser import text_string_to_metric_families
+
+        yield from text_string_to_metric_families(render_prometheus(self.sweep))
+        if self.extra:
+            yield from text_string_to_metric_families(self.extra)
+        edges = [n for n in self.sweep.nodes if n.target.role == "edge" and n.traffic is not None]
+        up = GaugeMetricFamily("kokoa_edge_metrics_up", "1 when the edge's traffic metrics were scraped "
+                               "through the tunnel this sweep; 0 when not (its traffic is unknown, not zero).",
+                               labels=["origin", "edge"])
+        requests = CounterMetricFamily("kokoa_edge_requests", "Requests the edge answered, by site and "
+                                       "status class (its access log, since its mtail started).",
+                                       labels=["origin", "edge", "hostname", "code_class"])
+        limited = CounterMetricFamily("kokoa_edge_limited", "Requests the edge refused itself, by reason: "
+                                      "limit (429), capacity (503 over the share), challenge (503 challenge "
+                                      "page); shield_new, shield_open, shield_untracked: new connections the "
+                                      "kernel firewall dropped (packets, since the firewall was loaded).",
+                                      labels=["origin", "edge", "reason"])
+        sent = CounterMetricFamily("kokoa_edge_bytes", "Bytes of requests (in) and responses (out), "
+                                   "headers included.", labels=["origin", "edge", "direction"])
+        connections = GaugeMetricFamily("kokoa_edge_connections", "Client connections open at the edge "
+                                        "(nginx stub_status, sampled every few seconds).",
+                                        labels=["origin", "edge"])
+        upstream = Metric("kokoa_edge_upstream_seconds", "The origin's response time through the "
+                          "tunnel: quantiles over the last sweep interval (from the edge's histogram "
+                          "buckets), count and sum since the edge's mtail started.", "summary")
+        for node in edges:
+            traffic = node.traffic
+            assert traffic is not None
+            base = [node.target.origin, node.target.name]
+            up.add_metric(base, 1.0 if traffic.ok else 0.0)
+            counters = traffic.counters
+            if not traffic.ok or counters is None:
+                continue
+            for (hostname, code), value in sorted(counters.requests.items()):
+                requests.add_metric(base + [hostname, code], value)
+            for reason, value in sorted(counters.limited.items()):
+                limited.add_metric(base + [reason], value)
+            for direction, value in sorted(counters.bytes.items()):
+                sent.add_metric(base + [direction], value)
+            if counters.connections is not None:
+                connections.add_metric(base, counters.connections)
+            labels = {"origin": base[0], "edge": base[1]}
+            if traffic.rates is not None:
+                for q, value in traffic.rates.upstream_seconds.items():
+                    upstream.add_sample("kokoa_edge_upstream_seconds", labels | {"quantile": f"{q:g}"}, value)
+            upstream.add_sample("kokoa_edge_upstream_seconds_count", labels, counters.upstream_count)
+            upstream.add_sample("kokoa_edge_upstream_seconds_sum", labels, counters.upstream_sum)
+        if edges:
+            yield from (up, requests, limited, sent, connections, upstream)
+
+
+def render_textfile(sweep: Sweep, extra: str = "") -> str:
+    """The whole textfile, as write_textfile writes it."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SweepCollector(sweep, extra))  # type: ignore[arg-type]
+    return generate_latest(registry).decode()
+
+
+def write_textfile(path: str, sweep: Sweep, extra: str = "") -> None:
+    """Write the sweep's series, and `extra` ones given as Prometheus text, to `path` (atomically:
+    prometheus_client writes a temporary file beside it and renames it)."""
+    from prometheus_client import CollectorRegistry, write_to_textfile
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SweepCollector(sweep, extra))  # type: ignore[arg-type]
+    write_to_textfile(path, registry)
+
+
+# --- the --metrics table -------------------------------------------------------------------------
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _seconds(rates: Rates | None, q: float) -> str:
+    if rates is None or q not in rates.upstream_seconds:
+        return "-"
+    return f"{rates.upstream_seconds[q] * 1000:.1f} ms"
+
+
+def render_traffic_table(sweep: Sweep) -> str:
+    """`kokoa health --metrics`: each edge's traffic and each origin's total."""
+    header = ["EDGE", "ORIGIN", "REQUESTS", "REFUSED", "5XX", "REQ/S", "REFUSED/S", "5XX/S", "CONNS",
+              "ORIGIN P50", "ORIGIN P99", "NOTE"]
+    rows = []
+    for node in sweep.nodes:
+        traffic = node.traffic
+        if node.target.role != "edge" or traffic is None:
+            continue
+        if not traffic.ok or traffic.counters is None:
+            rows.append([node.target.name, node.target.origin] + ["?"] * 7 + ["-", "-",
+                         f"not scraped ({traffic.error}): traffic unknown"])
+            continue
+        counters, rates = traffic.counters, traffic.rates
+        note = "UNDER ATTACK" if rates is not None and rates.under_attack else (
+            "" if rates is not None else "rates from the next sweep on")
+        rows.append([node.target.name, node.target.origin, f"{counters.requests_total:.0f}",
+                     f"{counters.refused_total:.0f}", f"{counters.errors_total:.0f}",
+                     _rate(rates and rates.requests_per_s), _rate(rates and rates.refused_per_s),
+                     _rate(rates and rates.errors_per_s),
+                     "-" if counters.connections is None else f"{counters.connections:.0f}",
+                     _seconds(rates, 0.5), _seconds(rates, 0.99), note])
+    for origin, total in origin_traffic(sweep).items():
+        rates = total.rates
+        note = ("UNDER ATTACK" if rates is not None and rates.under_attack else "") + (
+            f" {len(total.unscraped)} edge(s) not scraped" if total.unscraped else "")
+        rows.append([f"(origin total, {total.edges} scraped)", origin, "", "", "", _rate(rates and rates.requests_per_s),
+                     _rate(rates and rates.refused_per_s), _rate(rates and rates.errors_per_s), "",
+                     _seconds(rates, 0.5), _seconds(rates, 0.99), note.strip()])
+    if not rows:
+        return "no edge traffic collected: run on an origin (its tunnel reaches its edges) or give --traffic on\n"
+    return format_table(header, rows) + "\n"

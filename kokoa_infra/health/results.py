@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Any
 
 from kokoa_infra.health.targets import Target
-
-if TYPE_CHECKING:
-    from kokoa_infra.health.traffic import TrafficResult
+from kokoa_infra.health.traffic import EdgeCounters, Rates, TrafficResult, rates_between
 
 HEALTHY, UNHEALTHY = "healthy", "unhealthy"
 
@@ -103,3 +102,94 @@ def milliseconds(value: float | None, unit: str = " ms") -> str:
     if value is None:
         return "-"
     return f"{value:.2f}{unit}" if value < 10 else f"{value:.1f}{unit}"
+
+
+@dataclass
+class TrafficMemory:
+    """The previous sweep's counters per edge (from the status file at start, then in memory),
+    against which each sweep's rates are taken."""
+
+    seen: dict[str, tuple[float, EdgeCounters]] = field(default_factory=dict)   # key -> (unix time, counters)
+
+    def apply(self, sweep: Sweep) -> Sweep:
+        """The sweep with each scraped edge's rates since the previous scrape; remembers this one."""
+        at = sweep.checked_at.timestamp()
+        nodes = []
+        for node in sweep.nodes:
+            traffic = node.traffic
+            if traffic is not None and traffic.ok and traffic.counters is not None:
+                before = self.seen.get(node.key)
+                if before is not None and at > before[0]:
+                    traffic = replace(traffic, rates=rates_between(traffic.counters, before[1], at - before[0]))
+                self.seen[node.key] = (at, traffic.counters)
+                node = replace(node, traffic=traffic)
+            nodes.append(node)
+        return replace(sweep, nodes=nodes)
+
+    @classmethod
+    def from_status_document(cls, document: Mapping[str, Any]) -> TrafficMemory:
+        """What an earlier `--status-file` recorded; nothing when it recorded none or is malformed."""
+        from datetime import datetime, timezone
+        memory = cls()
+        try:
+            at = datetime.strptime(document["checkedAt"], "%Y-%m-%dT%H:%M:%SZ").replace(
+                tzinfo=timezone.utc).timestamp()
+            for node in document["nodes"]:
+                counters = (node.get("traffic") or {}).get("counters")
+                if counters:
+                    memory.seen[f"{node['role']}/{node['name']}"] = (at, EdgeCounters.from_document(counters))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return cls()
+        return memory
+
+
+# --- per origin ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OriginTraffic:
+    """An origin's edges together: their rates summed, the response time over all their answers."""
+
+    origin: str
+    edges: int              # edges whose traffic was collected this sweep
+    unscraped: list[str]    # edges whose metrics could not be had
+    rates: Rates | None     # None until two sweeps scraped an edge
+
+    def document(self) -> dict[str, Any]:
+        return {"edgesScraped": self.edges, "edgesNotScraped": self.unscraped,
+                "rates": None if self.rates is None else self.rates.document()}
+
+
+def origin_traffic(sweep: Sweep) -> dict[str, OriginTraffic]:
+    """Per origin (only origins with an edge whose traffic was asked for)."""
+    grouped: dict[str, list[NodeResult]] = {}
+    for node in sweep.nodes:
+        if node.target.role == "edge" and node.traffic is not None:
+            grouped.setdefault(node.target.origin, []).append(node)
+    result = {}
+    for origin, nodes in grouped.items():
+        scraped = [n for n in nodes if n.traffic is not None and n.traffic.ok]
+        with_rates = [n.traffic.rates for n in scraped if n.traffic is not None and n.traffic.rates is not None]
+        rates = None
+        if with_rates:
+            interval = max(r.interval_s for r in with_rates)
+            rates = Rates(interval_s=interval,
+                          requests_per_s=sum(r.requests_per_s for r in with_rates),
+                          refused_per_s=sum(r.refused_per_s for r in with_rates),
+                          errors_per_s=sum(r.errors_per_s for r in with_rates),
+                          upstream_seconds=_origin_quantiles(scraped))
+        result[origin] = OriginTraffic(origin, len(scraped), [n.target.name for n in nodes if n not in scraped], rates)
+    return result
+
+
+def _origin_quantiles(scraped: list[NodeResult]) -> dict[float, float]:
+    # The edges' quantiles cannot be averaged: weight each edge's by its answers instead, as
+    # the interval's buckets are not kept here. Exact when one edge served the interval.
+    weighted: dict[float, list[tuple[float, float]]] = {}
+    for node in scraped:
+        rates = node.traffic.rates if node.traffic else None
+        if rates is None or not rates.upstream_seconds:
+            continue
+        weight = max(rates.requests_per_s - rates.refused_per_s, 1e-9)
+        for q, value in rates.upstream_seconds.items():
+            weighted.setdefault(q, []).append((value, weight))
+    return {q: sum(v * w for v, w in pairs) / sum(w for _, w in pairs) for q, pairs in weighted.items()}

@@ -16,10 +16,10 @@ from typing import Any, Mapping
 from ruamel.yaml import YAML
 
 from kokoa_infra.atomic_file import write_private
-from kokoa_infra.lab.dns import LabDns
 from kokoa_infra.lab import ORDER_SEED_ENV
-from kokoa_infra.lab.executor import (COMMAND, COPY_TO_REMOTE, DEFAULT_PARALLEL, DNS_RECORD, CommandHandler, Report,
-                                      SshRunner, apply, project_refreshes_always)
+from kokoa_infra.lab.dns import LabDns
+from kokoa_infra.lab.executor import (COMMAND, DEFAULT_PARALLEL, DNS_RECORD, CommandHandler, Report, SshRunner, apply,
+                                      project_refreshes_always)
 from kokoa_infra.lab.hosts import LabTopology, topology
 from kokoa_infra.lab.lab import Lab
 from kokoa_infra.lab.processes import LabError
@@ -78,7 +78,8 @@ def up(lab: Lab, overrides: Mapping[str, Any] | None = None, stack_file: Path = 
     topo = topology(base, lab.prefix)
     echo(f"hosts ({lab.dir})")
     lab.ensure(topo, echo)
-    config = {**generated_config(base, topo, lab), **lab_dns_config(lab, topo, echo)}
+    dns = LabDns(lab)
+    config = {**generated_config(base, topo, lab), **dns.stack_config()}
     buffer = io.StringIO()
     YAML().dump({"config": config}, buffer)
     write_private(lab.dir / "Pulumi.lab.yaml", buffer.getvalue())
@@ -89,7 +90,7 @@ def up(lab: Lab, overrides: Mapping[str, Any] | None = None, stack_file: Path = 
         details = "".join(f"\n  {error}" for error in exc.errors)
         raise LabError(f"the program failed on {lab.dir / 'Pulumi.lab.yaml'}: {exc}{details}") from exc
     # The A records Cloudflare would hold, served by the lab's DNS for pebble's validation.
-    lab.set_dns(topo, program.outputs.get("dnsRecords", {}))
+    dns.set_acme_records(topo, program.outputs.get("dnsRecords", {}))
     echo("commands")
     report = apply_resources(lab, topo, program.resources, echo)
     echo("  " + (", ".join(f"{n} {action}" for action, n in sorted(report.counts.items())) or "no commands"))
@@ -145,17 +146,10 @@ def verify_sites(lab: Lab, status: Mapping[str, Any], seconds: int = 90, echo=No
     return results
 
 
-def lab_dns_config(lab: Lab, topo: LabTopology, echo=print) -> dict[str, Any]:
-    """Start the stand-in and resolver if needed; the config keys that point the program at them."""
-    dns = LabDns(lab)
-    dns.ensure(topo, echo)
-    return dns.stack_config()
-
-
 def apply_resources(lab: Lab, topo: LabTopology, resources: list[DeclaredResource], echo=print) -> Report:
     """What `pulumi up` would do with the declared resources, against the lab's hosts and stand-in."""
     commands = CommandHandler(SshRunner(topo.one("client").netns, lab.dir / "tmp"), echo, lab.dir / "logs")
-    handlers = {COMMAND: commands, COPY_TO_REMOTE: commands, DNS_RECORD: LabDns(lab).handler(echo)}
+    handlers = {COMMAND: commands, DNS_RECORD: LabDns(lab).handler(echo)}
     seed = int(os.environ[ORDER_SEED_ENV]) if os.environ.get(ORDER_SEED_ENV) else None
     report = apply(resources, lab.dir / "commands.json", echo=echo, handlers=handlers, seed=seed,
                    parallel=DEFAULT_PARALLEL, refresh=project_refreshes_always(PROJECT_DIR / "Pulumi.yaml"))

@@ -2,10 +2,9 @@
 
 No Pulumi CLI or provider plugin can be had on the lab machine, so `kokoa lab up` evaluates
 the program under mocks (`kokoa_infra.mocked_program`) and this module does with the declared
-resources what `pulumi up` would: `command:remote:Command` (and StringAsset
-`CopyToRemote`) over real SSH, and, when given a handler for it,
-`cloudflare:index/dnsRecord:DnsRecord` against a Cloudflare API (the lab's stand-in).
-State is kept between runs like a stack's checkpoint.
+resources what `pulumi up` would: `command:remote:Command` over real SSH, and, when given a
+handler for it, `cloudflare:index/dnsRecord:DnsRecord` against a Cloudflare API (the lab's
+stand-in). State is kept between runs like a stack's checkpoint; one run is an `Update`.
 
 Each rule, and where the engine or the provider states it (pulumi-command v1.2.1, its
 pulumi-go-provider v1.3.0, pulumi/pulumi `pkg/resource/deploy`,
@@ -16,7 +15,7 @@ pulumi-cloudflare builds from):
    schema (`triggers`: pulumi-command `provider/pkg/provider/common/inputs.go`;
    `zone_id`, `type`: terraform-provider-cloudflare `dns_record/schema.go`
    RequiresReplace) or the resource's own `replaceOnChanges` as the program declared it
-   (the SDK adds `triggers[*]` for Command and CopyToRemote), matched as property paths
+   (the SDK adds `triggers[*]` for Command), matched as property paths
    (`applyReplaceOnChanges` and `PropertyPath.Contains` in `step_generator.go`,
    `sdk/go/common/resource/properties_path.go`). A resource whose provider has an
    Update replaces on nothing else: pulumi-go-provider `infer/resource.go` Diff. So a
@@ -25,9 +24,8 @@ pulumi-cloudflare builds from):
    new connection, stdin, environment (`remote/commandController.go` Update:
    `CommandOutputs{CommandInputs: news, BaseOutputs: olds.BaseOutputs}`).
 3. A delete runs the old state's `delete` on the old state's connection
-   (`commandController.go` Delete uses `req.State`). CopyToRemote has no delete
-   (`remote/copyController.go`). A DnsRecord delete is a DELETE of the recorded id, and
-   a 404 fails it (`dns_record/resource.go` Delete).
+   (`commandController.go` Delete uses `req.State`). A DnsRecord delete is a DELETE of
+   the recorded id, and a 404 fails it (`dns_record/resource.go` Delete).
 4. Replacement: with `deleteBeforeReplace` the old delete runs, then the new create, in
    the resource's own turn; otherwise the new create runs in its turn and the old one
    becomes a pending delete, deleted with the other deletes after every create and update
@@ -79,7 +77,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -97,14 +94,11 @@ if TYPE_CHECKING:  # the resources come from an evaluation; this module needs no
     from kokoa_infra.mocked_program import DeclaredResource
 
 COMMAND = "command:remote:Command"
-COPY_TO_REMOTE = "command:remote:CopyToRemote"
 DNS_RECORD = "cloudflare:index/dnsRecord:DnsRecord"
 # What a stock sshd accepts with setenv: nothing (AcceptEnv is empty by default).
 ACCEPT_ENV: tuple[str, ...] = ()
 PREVIOUS_OUTPUT_ENV = ("PULUMI_COMMAND_STDOUT", "PULUMI_COMMAND_STDERR")
 CONNECTION_SECRETS = ("privateKey", "password", "privateKeyPassword")
-ASSET_SIG_KEY = "4dabf18193072939515e22adb298388d"
-STRING_ASSET_SIG = "c44067f5952c0a294b673a41bacd8c17"
 TAIL_LINES = 20
 STATE_VERSION = 2
 # Unbounded in the engine; the lab has a handful of hosts.
@@ -353,12 +347,8 @@ def resolve_aliases(resources: list[DeclaredResource], known: set[str]) -> dict[
 # --- what runs --------------------------------------------------------------------------
 
 def _phase_command(entry: Mapping[str, Any], phase: str) -> tuple[str | None, str | None]:
-    """(command, stdin) for `phase` of a state entry; CopyToRemote becomes `cat >` with the asset on stdin."""
+    """(command, stdin) for `phase` of a state entry."""
     inputs = entry["inputs"]
-    if entry["type"] == COPY_TO_REMOTE:
-        if phase == "delete":
-            return None, None  # the provider leaves copied files in place
-        return f"cat > {shlex.quote(inputs['remotePath'])}", inputs["source"]["text"]
     if phase == "update":
         return inputs.get("update") or inputs.get("create") or None, inputs.get("stdin")
     return inputs.get(phase) or None, inputs.get("stdin")
@@ -389,7 +379,6 @@ def _secret_strings(entry: Mapping[str, Any]) -> list[str]:
         collect(value)
     collect((inputs.get("connection") or {}).get("privateKey"))
     collect(inputs.get("stdin"))
-    collect((inputs.get("source") or {}).get("text"))
     return found
 
 
@@ -416,52 +405,54 @@ def _stderr_echo(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+Warn = Callable[[str], None]
+
+
 class Handler(Protocol):
-    """What a provider does with one resource type. `provider_replace_keys`: its schema's replaceOnChanges."""
+    """What a provider does with one resource type. `provider_replace_keys`: its schema's replaceOnChanges.
+
+    `warn` takes the provider's warnings (they go into the run's report).
+    """
 
     provider_replace_keys: frozenset[str]
 
     def check(self, res: DeclaredResource) -> None: ...
-    def create(self, entry: dict[str, Any]) -> dict[str, Any]: ...
-    def update(self, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]: ...
-    def delete(self, entry: dict[str, Any]) -> None: ...
+    def create(self, entry: dict[str, Any], warn: Warn) -> dict[str, Any]: ...
+    def update(self, old: dict[str, Any], new: dict[str, Any], warn: Warn) -> dict[str, Any]: ...
+    def delete(self, entry: dict[str, Any], warn: Warn) -> None: ...
     def read(self, entry: dict[str, Any]) -> dict[str, Any] | None:
         """{"inputs", "outputs"} as the provider reads them back; None when the resource is gone."""
 
 
 class CommandHandler:
-    """pulumi-command's remote Command and CopyToRemote, over a Runner (real SSH in the lab)."""
+    """pulumi-command's remote Command, over a Runner (real SSH in the lab)."""
 
     provider_replace_keys = frozenset({"triggers"})
 
-    def __init__(self, runner: Runner, echo: Echo = _stderr_echo, log_dir: Path | None = None,
-                 warn: Callable[[str], None] | None = None) -> None:
+    def __init__(self, runner: Runner, echo: Echo = _stderr_echo, log_dir: Path | None = None) -> None:
         self.runner = runner
         self.echo = echo
         self.log_dir = log_dir
-        self.warn = warn or (lambda message: echo(f"  warning {message}"))
 
     def check(self, res: DeclaredResource) -> None:
-        if res.type == COPY_TO_REMOTE:
-            source = res.inputs.get("source") or {}
-            if source.get(ASSET_SIG_KEY) != STRING_ASSET_SIG:
-                raise ExecutorError(f"{res.name}: the lab executor copies StringAsset sources only")
+        pass
 
-    def create(self, entry):
-        return self._run(entry, "create", previous=None)
+    def create(self, entry, warn):
+        return self._run(entry, "create", None, warn)
 
-    def update(self, old, new):
+    def update(self, old, new, warn):
         # The new inputs with the old outputs: those are what PULUMI_COMMAND_* would carry.
-        return self._run(new, "update", previous=old.get("outputs") or {})
+        return self._run(new, "update", old.get("outputs") or {}, warn)
 
-    def delete(self, entry):
-        self._run(entry, "delete", previous=entry.get("outputs") or {})
+    def delete(self, entry, warn):
+        self._run(entry, "delete", entry.get("outputs") or {}, warn)
 
     def read(self, entry):
         # No Read: pulumi-go-provider's default returns the state as it is.
         return {"inputs": entry["inputs"], "outputs": entry.get("outputs") or {}}
 
-    def _run(self, entry: Mapping[str, Any], phase: str, previous: Mapping[str, str] | None) -> dict[str, Any]:
+    def _run(self, entry: Mapping[str, Any], phase: str, previous: Mapping[str, str] | None,
+             warn: Warn) -> dict[str, Any]:
         command, stdin = _phase_command(entry, phase)
         outputs = dict(previous or {})
         if command is None:
@@ -475,10 +466,10 @@ class CommandHandler:
                 f"{phase} {entry['name']} on {target}: could not set environment variable {refused[0]!r}: "
                 "ssh: setenv failed (the server's AcceptEnv does not allow it; a stock sshd accepts none). "
                 "Put the variables in the command instead ('VAR=value command')")
-        if previous and entry["type"] == COMMAND and inputs.get("addPreviousOutputInEnv") is not False:
+        if previous and inputs.get("addPreviousOutputInEnv") is not False:
             for name, key in zip(PREVIOUS_OUTPUT_ENV, ("stdout", "stderr")):
                 if previous.get(key):
-                    self.warn(f"{entry['name']}: Unable to set '{name}'. This only works if your SSH server is "
+                    warn(f"{entry['name']}: Unable to set '{name}'. This only works if your SSH server is "
                               "configured to accept these variables via AcceptEnv (the provider sets the "
                               "previous output on update and delete unless addPreviousOutputInEnv is false)")
         started = time.monotonic()
@@ -496,8 +487,6 @@ class CommandHandler:
                 + redact(_tail("stdout", result.stdout) + "\n" + _tail("stderr", result.stderr), secrets),
                 exit_code=result.returncode)
         self.echo(f"  {phase:<7} {entry['name']}  {target}  {took:.1f}s")
-        if entry["type"] != COMMAND:
-            return outputs
         return {"stdout": result.stdout.removesuffix("\n"), "stderr": result.stderr.removesuffix("\n")}
 
 
@@ -508,16 +497,9 @@ def load_state(state_file: Path) -> dict[str, Any]:
     if not state_file.exists():
         return empty
     state = json.loads(state_file.read_text())
-    if state.get("version") == 1:
-        # Version 1 kept commands only, without outputs or the other declared URNs.
-        for urn, entry in state["resources"].items():
-            entry.update(urn=urn, outputs={})
-        for entry in state["pendingDeletes"]:
-            entry.setdefault("outputs", {})
-        return {**empty, "resources": state["resources"], "pendingDeletes": state["pendingDeletes"],
-                "known": sorted(state["resources"])}
     if state.get("version") != STATE_VERSION:
-        raise ExecutorError(f"{state_file} has state version {state.get('version')}, expected {STATE_VERSION}")
+        raise ExecutorError(f"{state_file} has state version {state.get('version')}, expected {STATE_VERSION} "
+                            "(`kokoa lab down` removes it with the lab)")
     return state
 
 
@@ -529,7 +511,7 @@ def project_refreshes_always(project_file: Path) -> bool:
     return (project.get("options") or {}).get("refresh") == "always"
 
 
-def plan(resources: list[DeclaredResource], executable: Iterable[str] = (COMMAND, COPY_TO_REMOTE)
+def plan(resources: list[DeclaredResource], executable: Iterable[str] = (COMMAND,)
          ) -> list[tuple[DeclaredResource, list[str]]]:
     """Executable resources in registration order, each with the executable URNs it must follow.
 
@@ -626,153 +608,162 @@ class _Scheduler:
             raise failure
 
 
-def apply(resources: list[DeclaredResource], state_file: Path, runner: Runner | None = None,
-          echo: Echo = _stderr_echo, log_dir: Path | None = None, *,
-          handlers: Mapping[str, Handler] | None = None, seed: int | None = None,
-          parallel: int = 1, refresh: bool = False) -> Report:
-    """Bring the hosts (and DNS, with a DnsRecord handler) in line with the declared resources.
+class Update:
+    """One `pulumi up` of the declared resources against the state file: refresh, aliases, creates and updates,
+    then deletes (the rules above). State (which holds private keys and stdin, hence 0600) is saved after every
+    step, so a failed run keeps what succeeded and the next run carries on from there."""
 
-    `seed` orders independent steps (random when None; the report keeps it). State (which
-    holds private keys and stdin, hence 0600) is saved after every step, so a failed run
-    keeps what succeeded and the next run carries on from there.
-    """
-    if handlers is None:
-        if runner is None:
-            raise ExecutorError("apply needs a runner or handlers")
-        command_handler = CommandHandler(runner, echo, log_dir)
-        handlers = {COMMAND: command_handler, COPY_TO_REMOTE: command_handler}
-    for res in resources:
-        if res.type in handlers:
-            handlers[res.type].check(res)
-    steps = plan(resources, handlers)
-    state = load_state(state_file)
-    report = Report(seed=seed if seed is not None else random.SystemRandom().randrange(2 ** 32))
-    rng = random.Random(report.seed)
-    lock = threading.RLock()
-    scheduler = _Scheduler(parallel, rng)
+    def __init__(self, resources: list[DeclaredResource], state_file: Path, handlers: Mapping[str, Handler],
+                 echo: Echo = _stderr_echo, seed: int | None = None, parallel: int = 1) -> None:
+        for res in resources:
+            if res.type in handlers:
+                handlers[res.type].check(res)
+        self.resources = resources
+        self.state_file = state_file
+        self.handlers = handlers
+        self.echo = echo
+        self.steps = {res.urn: (res, deps) for res, deps in plan(resources, handlers)}
+        self.state = load_state(state_file)
+        self.report = Report(seed=seed if seed is not None else random.SystemRandom().randrange(2 ** 32))
+        self.scheduler = _Scheduler(parallel, random.Random(self.report.seed))
+        self.lock = threading.RLock()
 
-    def save() -> None:
-        with lock:
-            write_private(state_file, json.dumps(state, indent=1, sort_keys=True))
+    def run(self, refresh: bool = False) -> Report:
+        if refresh:
+            self.refresh()
+        self.move_aliases()
+        self.scheduler.run({urn: deps for urn, (_, deps) in self.steps.items()}, self.step)
+        condemned = self.condemned()
+        for round_ in _delete_antichains(condemned):
+            self.scheduler.run({key: () for key in round_}, lambda key: self.remove(key, condemned[key]))
+        with self.lock:
+            self.state["known"] = sorted(set(self.state["resources"]) | {r.urn for r in self.resources})
+            self.save()
+        return self.report
 
-    def act(action: str, name: str) -> None:
-        with lock:
-            report.actions.append((action, name))
+    # --- bookkeeping (any worker thread) ----------------------------------------------------
+    def save(self) -> None:
+        with self.lock:
+            write_private(self.state_file, json.dumps(self.state, indent=1, sort_keys=True))
 
-    def warn(message: str) -> None:
-        with lock:
-            report.warnings.append(message)
-        echo(f"  warning {message}")
+    def act(self, action: str, name: str) -> None:
+        with self.lock:
+            self.report.actions.append((action, name))
 
-    for handler in set(handlers.values()):
-        if isinstance(handler, CommandHandler):
-            handler.warn = warn
+    def warn(self, message: str) -> None:
+        with self.lock:
+            self.report.warnings.append(message)
+        self.echo(f"  warning {message}")
 
-    # Refresh first (rule 12): what the provider reads back replaces the recorded state.
-    if refresh:
-        for urn, entry in list(state["resources"].items()):
-            handler = handlers.get(entry["type"])
+    def store(self, urn: str, entry: dict[str, Any] | None, pending: dict[str, Any] | None = None) -> None:
+        with self.lock:
+            if entry is None:
+                self.state["resources"].pop(urn, None)
+            else:
+                self.state["resources"][urn] = entry
+            if pending is not None:
+                self.state["pendingDeletes"].append(pending)
+            self.save()
+
+    # --- the phases -------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Rule 12: what the provider reads back replaces the recorded state."""
+        for urn, entry in list(self.state["resources"].items()):
+            handler = self.handlers.get(entry["type"])
             if handler is None:
                 continue
             observed = handler.read(entry)
             if observed is None:
-                echo(f"  refresh {entry['name']}: gone, dropped from state")
-                del state["resources"][urn]
+                self.echo(f"  refresh {entry['name']}: gone, dropped from state")
+                del self.state["resources"][urn]
             else:
                 entry.update(_normal(observed))
-        save()
+        self.save()
 
-    # Aliases (rule 7): the old state of an aliased resource moves to its new URN.
-    known = set(state.get("known", [])) | set(state["resources"])
-    aliased = resolve_aliases(resources, known)
-    for new_urn, old_urn in aliased.items():
-        if old_urn in state["resources"]:
-            entry = state["resources"].pop(old_urn)
-            entry["urn"] = new_urn
-            state["resources"][new_urn] = entry
-    state["known"] = sorted((known - set(aliased.values())) | {r.urn for r in resources})
-    save()
+    def move_aliases(self) -> None:
+        """Rule 7: the old state of an aliased resource moves to its new URN."""
+        resources = self.state["resources"]
+        known = set(self.state.get("known", [])) | set(resources)
+        aliased = resolve_aliases(self.resources, known)
+        for new_urn, old_urn in aliased.items():
+            if old_urn in resources:
+                entry = resources.pop(old_urn)
+                entry["urn"] = new_urn
+                resources[new_urn] = entry
+        self.state["known"] = sorted((known - set(aliased.values())) | {r.urn for r in self.resources})
+        self.save()
 
-    def entry_of(res: DeclaredResource, deps: list[str], outputs: dict[str, Any]) -> dict[str, Any]:
-        return {"urn": res.urn, "name": res.name, "type": res.type, "inputs": _normal(res.inputs),
-                "outputs": _normal(outputs), "deps": deps, "parent": res.parent,
-                "secretPaths": sorted(res.secret_paths), "deleteBeforeReplace": res.delete_before_replace,
-                "replaceOnChanges": list(res.replace_on_changes), "retainOnDelete": res.retain_on_delete}
-
-    def store(urn: str, entry: dict[str, Any] | None, pending: dict[str, Any] | None = None) -> None:
-        with lock:
-            if entry is None:
-                state["resources"].pop(urn, None)
-            else:
-                state["resources"][urn] = entry
-            if pending is not None:
-                state["pendingDeletes"].append(pending)
-            save()
-
-    by_urn = {res.urn: (res, deps) for res, deps in steps}
-
-    def step(urn: str) -> None:
-        res, deps = by_urn[urn]
-        handler = handlers[res.type]
-        with lock:
-            old = state["resources"].get(urn)
-        new = entry_of(res, deps, {})
+    def step(self, urn: str) -> None:
+        """Create, update, replace (rules 1, 2, 4, 8 and 11) or leave one declared resource."""
+        res, deps = self.steps[urn]
+        handler = self.handlers[res.type]
+        with self.lock:
+            old = self.state["resources"].get(urn)
+        new = {"urn": res.urn, "name": res.name, "type": res.type, "inputs": _normal(res.inputs), "outputs": {},
+               "deps": deps, "parent": res.parent, "secretPaths": sorted(res.secret_paths),
+               "deleteBeforeReplace": res.delete_before_replace, "replaceOnChanges": list(res.replace_on_changes),
+               "retainOnDelete": res.retain_on_delete}
         if old is None:
-            new["outputs"] = _normal(handler.create(new))
-            store(urn, new)
-            act("created", res.name)
+            new["outputs"] = _normal(handler.create(new, self.warn))
+            self.store(urn, new)
+            self.act("created", res.name)
             return
         compared = _with_ignored(old["inputs"], new["inputs"], res.ignore_changes)
         new["inputs"] = compared
         if not changed_paths(old["inputs"], compared):
             if old.get("deps") != deps or old.get("replaceOnChanges") != new["replaceOnChanges"]:
-                store(urn, {**new, "outputs": old.get("outputs", {})})
-            act("unchanged", res.name)
+                self.store(urn, {**new, "outputs": old.get("outputs", {})})
+            self.act("unchanged", res.name)
             return
         reasons = replace_reasons(old["inputs"], compared, handler.provider_replace_keys, res.replace_on_changes)
         if not reasons:
-            new["outputs"] = _normal(handler.update(old, new))
-            store(urn, new)
-            act("updated", res.name)
+            new["outputs"] = _normal(handler.update(old, new, self.warn))
+            self.store(urn, new)
+            self.act("updated", res.name)
         elif res.delete_before_replace:
             if not old.get("retainOnDelete"):
-                handler.delete(old)
-            store(urn, None)
-            new["outputs"] = _normal(handler.create(new))
-            store(urn, new)
-            act("replaced", res.name)
+                handler.delete(old, self.warn)
+            self.store(urn, None)
+            new["outputs"] = _normal(handler.create(new, self.warn))
+            self.store(urn, new)
+            self.act("replaced", res.name)
         else:
-            new["outputs"] = _normal(handler.create(new))
+            new["outputs"] = _normal(handler.create(new, self.warn))
             # The old one is deleted with the other deletes, after every create and update.
-            store(urn, new, pending=old)
-            act("replaced", res.name)
+            self.store(urn, new, pending=old)
+            self.act("replaced", res.name)
 
-    scheduler.run({urn: deps for urn, (_, deps) in by_urn.items()}, step)
+    def condemned(self) -> dict[str, dict[str, Any]]:
+        """Rules 4 and 6: pending deletes of replacements, then what is no longer declared."""
+        found = {f"pending:{i}": entry for i, entry in enumerate(self.state["pendingDeletes"])}
+        for urn, entry in self.state["resources"].items():
+            if urn not in self.steps and entry["type"] in self.handlers:
+                found[urn] = entry
+        return found
 
-    # Deletes last (rules 4 and 6): pending deletes of replacements, then what is no longer declared.
-    declared = set(by_urn)
-    condemned: dict[str, dict[str, Any]] = {}
-    for i, entry in enumerate(state["pendingDeletes"]):
-        condemned[f"pending:{i}"] = entry
-    for urn, entry in state["resources"].items():
-        if urn not in declared and entry["type"] in handlers:
-            condemned[urn] = entry
-
-    def remove(key: str) -> None:
-        entry = condemned[key]
+    def remove(self, key: str, entry: dict[str, Any]) -> None:
         if not entry.get("retainOnDelete"):
-            handlers[entry["type"]].delete(entry)
-        with lock:
+            self.handlers[entry["type"]].delete(entry, self.warn)
+        with self.lock:
             if key.startswith("pending:"):
-                state["pendingDeletes"].remove(entry)
+                self.state["pendingDeletes"].remove(entry)
             else:
-                del state["resources"][key]
-            save()
-        act("deleted", entry["name"])
+                del self.state["resources"][key]
+            self.save()
+        self.act("deleted", entry["name"])
 
-    for round_ in _delete_antichains(condemned):
-        scheduler.run({key: () for key in round_}, remove)
-    with lock:
-        state["known"] = sorted(set(state["resources"]) | {r.urn for r in resources})
-        save()
-    return report
+
+def apply(resources: list[DeclaredResource], state_file: Path, runner: Runner | None = None,
+          echo: Echo = _stderr_echo, log_dir: Path | None = None, *,
+          handlers: Mapping[str, Handler] | None = None, seed: int | None = None,
+          parallel: int = 1, refresh: bool = False) -> Report:
+    """Bring the hosts (and DNS, with a DnsRecord handler) in line with the declared resources: one `Update`.
+
+    Commands go to `runner` unless `handlers` says who executes which type. `seed` orders
+    independent steps (random when None; the report keeps it).
+    """
+    if handlers is None:
+        if runner is None:
+            raise ExecutorError("apply needs a runner or handlers")
+        handlers = {COMMAND: CommandHandler(runner, echo, log_dir)}
+    return Update(resources, state_file, handlers, echo, seed, parallel).run(refresh)

@@ -1,25 +1,24 @@
-"""The lab on this machine: its hosts made and torn down, commands run on them, and the record (`lab.json`) of
-everything it made. Servers: servers.py; pebble, DNS and the demo application: services.py.
+"""The lab on this machine: its hosts made, checked and torn down. It composes the parts, each of which sees only
+the lab's context (context.py: paths, record, shell): servers (servers.py), pebble and the demo application
+(services.py), and DNS (dns.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import secrets
 import shutil
 import signal
-import subprocess
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-from kokoa_infra.atomic_file import write_private
 from kokoa_infra.lab import machines, servers, services
+from kokoa_infra.lab.context import LabContext
+from kokoa_infra.lab.dns import LabDns
 from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, PREFIX, RESERVED, Host, LabTopology
-from kokoa_infra.lab.processes import LabError, alive, kill, namespaces, netns_pids, reap, recorded_pid, run
+from kokoa_infra.lab.processes import LabError, alive, kill, namespaces, netns_pids, recorded_pid, run
 
 LAB_DIR = Path("/var/lib/kokoa-lab")
 
@@ -53,85 +52,19 @@ def lab_unavailable(probe: str = "kokoa-probe", init: str = DEFAULT_INIT) -> str
     return None
 
 
-class Lab:
+class Lab(LabContext):
     """The lab's hosts on this machine, and the record (`lab.json`) of everything it made."""
 
     def __init__(self, directory: Path = LAB_DIR, prefix: str = PREFIX, init: str = DEFAULT_INIT) -> None:
         if init not in INIT_SYSTEMS:
             raise LabError(f"init {init!r}: one of {', '.join(INIT_SYSTEMS)}")
+        super().__init__(Path(directory), prefix)
         self.init = init  # how `ensure` makes new servers; existing hosts keep what their record says
-        self.dir = Path(directory)
         if not self.dir.is_absolute() or len(self.dir.parts) < 3:
             raise LabError(f"lab directory {self.dir} must be an absolute path at least two levels deep")
         if any(self.dir == Path(d) or Path(d) in self.dir.parents for d in servers.PRIVATE_DIRS):
             # Servers see their own copy of these, so sshd would not find its keys there.
             raise LabError(f"lab directory {self.dir} must not be under {', '.join(servers.PRIVATE_DIRS)}")
-        self.prefix = prefix
-        self.record_file = self.dir / "lab.json"
-        self.operator_key = self.dir / "operator" / "id_ed25519"
-        self.ca_bundle = self.dir / "ca.pem"
-        self.acme_dir = self.dir / "acme"
-        self.acme_cert = self.acme_dir / "cert.pem"
-        self.seed_file = self.dir / "seed"
-        self._children: list[subprocess.Popen] = []
-
-    # --- the record -------------------------------------------------------------------
-    def record(self) -> dict[str, Any]:
-        if self.record_file.exists():
-            return json.loads(self.record_file.read_text())
-        return {"prefix": self.prefix, "namespaces": [], "hosts": {}, "processes": {}}
-
-    @contextmanager
-    def recording(self) -> Iterator[dict[str, Any]]:
-        """Change the record; written before each thing is made, so `down` finds it after a crash."""
-        rec = self.record()
-        yield rec
-        write_private(self.record_file, json.dumps(rec, indent=1, sort_keys=True))
-
-    def host_dir(self, netns: str) -> Path:
-        return self.dir / "hosts" / netns
-
-    def host_key(self, netns: str) -> str:
-        """The server's public SSH host key, as `kokoa:...hostKey` pins it."""
-        return (self.host_dir(netns) / "ssh_host_ed25519_key.pub").read_text().strip()
-
-    def seed(self) -> bytes:
-        return self.seed_file.read_bytes()
-
-    def server_pid(self, netns: str) -> int | None:
-        """Root-namespace pid of the server's init: the machine's systemd, or sshd on a plain host."""
-        return self.record()["hosts"].get(netns, {}).get("init")
-
-    def init_system(self, netns: str) -> str:
-        """`systemd` for a server booted as a systemd machine, `plain` for every other host."""
-        return self.record()["hosts"].get(netns, {}).get("mode", "plain")
-
-    # --- running things on hosts ------------------------------------------------------
-    def host_argv(self, netns: str, argv: list[str]) -> list[str]:
-        entry = self.record()["hosts"].get(netns, {})
-        pid = entry.get("init")
-        if entry.get("mode") == "systemd":
-            if not recorded_pid(entry, "init"):
-                raise LabError(f"machine {netns} is not running (`kokoa lab up` boots it again)")
-            # The view the machine's own processes have: its root, mounts, hostname, network, pids.
-            return machines.enter_argv(pid, argv)
-        if pid:
-            # The same view an SSH session on that server has: its mounts, network, hostname, pids.
-            return ["nsenter", f"--target={pid}", "--mount", "--net", "--uts", "--pid", "--wd=/", "--", *argv]
-        return ["ip", "netns", "exec", netns, *argv]
-
-    def on_host(self, netns: str, argv: list[str], check: bool = False, **kwargs) -> subprocess.CompletedProcess:
-        """Run `argv` on a lab host as its own processes would see the machine."""
-        return run(self.host_argv(netns, list(argv)), check=check, **kwargs)
-
-    def spawn(self, argv: list[str], log: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
-            # A session of its own: Ctrl-C on `kokoa lab up` must not take the hosts down.
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=env)
-        self._children.append(child)
-        return child
 
     # --- health -----------------------------------------------------------------------
     def infra_namespaces(self) -> list[str]:
@@ -159,8 +92,7 @@ class Lab:
                 found.append(f"{'machine' if host.get('mode') == 'systemd' else 'sshd'} on {netns} is not running")
             elif host["role"] == "origin" and not services.demo_answers(self, Host(**host["host"])):
                 found.append(f"the demo application on {netns} does not answer")
-            elif host["role"] == "acme" and not (self.ca_bundle.exists() and all(
-                    alive(rec["processes"].get(p)) for p in ("pebble", "challtestsrv"))):
+            elif host["role"] == "acme" and not (self.ca_bundle.exists() and alive(rec["processes"].get("pebble"))):
                 found.append("pebble is not running")
         if topo is not None:
             for h in topo.hosts:
@@ -184,7 +116,7 @@ class Lab:
 
     # --- bring-up ---------------------------------------------------------------------
     def ensure(self, topo: LabTopology, echo: Echo = print) -> None:
-        """Make every host of `topo` exist and run; a broken lab is torn down and rebuilt whole."""
+        """Make every host of `topo` exist and run, and the lab's DNS; a broken lab is torn down and rebuilt whole."""
         broken = self.problems(topo)
         if broken:
             echo("rebuilding the lab: " + "; ".join(broken))
@@ -215,6 +147,7 @@ class Lab:
                 services.start_acme(self, host)
             with self.recording() as rec:
                 rec["hosts"][host.netns]["ready"] = True
+        LabDns(self).ensure(topo, echo)
 
     def _prepare(self) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -277,10 +210,6 @@ class Lab:
         """Requests the origin's demo application has answered since it started."""
         return services.demo_requests(self, netns)
 
-    def set_dns(self, topo: LabTopology, records: Mapping[str, list[str]]) -> None:
-        """Make the lab's DNS answer each origin domain with exactly `records`."""
-        services.set_dns(self, topo, records)
-
     # --- tear-down ---------------------------------------------------------------------
     def prune(self, topo: LabTopology, echo: Echo = print) -> None:
         """Remove servers that are no longer in `topo` (after their delete commands have run)."""
@@ -296,28 +225,19 @@ class Lab:
             with self.recording() as rec:
                 del rec["hosts"][netns]
                 rec["namespaces"].remove(netns)
-        self._reap_children()
-
-    def _reap_children(self) -> None:
-        for child in self._children:
-            child.poll()
-        self._children = [c for c in self._children if c.returncode is None]
+        self.reap_children()
 
     def _remove_netns(self, netns: str, host: Mapping[str, Any] | None = None) -> None:
         host = host or {}
         init = host.get("init")
         if host.get("mode") == "systemd":
-            # Powered off, as `systemctl poweroff` would: units stop, then systemd exits.
-            machines.halt(recorded_pid(host, "init"), recorded_pid(host, "launcher"), alive, reap)
-            machines.kill_cgroup_processes(netns, alive)
+            servers.halt(netns, host)
         elif init and alive(init):
             # SIGKILL to a pid namespace's init ends every process in it; other signals it may ignore.
             os.kill(init, signal.SIGKILL)
         kill(netns_pids(netns))
         if host.get("root"):
-            machines.unmount_root(Path(host["root"]).parent)
-            machines.remove_runtime_dirs(netns)
-            machines.remove_cgroups(netns)
+            servers.clear_machine(netns, Path(host["root"]).parent)
         if netns in namespaces():
             run(["ip", "netns", "del", netns])
         shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
@@ -327,11 +247,8 @@ class Lab:
         entry = self.record()["hosts"].get(netns, {})
         if entry.get("mode") != "systemd":
             raise LabError(f"{netns} is not a systemd machine")
-        machines.halt(recorded_pid(entry, "init"), recorded_pid(entry, "launcher"), alive, reap)
-        machines.kill_cgroup_processes(netns, alive)
-        left = machines.unmount_root(self.host_dir(netns))
-        machines.remove_runtime_dirs(netns)
-        machines.remove_cgroups(netns)
+        servers.halt(netns, entry)
+        left = servers.clear_machine(netns, self.host_dir(netns))
         if left:
             raise LabError(f"machine {netns}: still mounted after power-off: {', '.join(left)}")
 
@@ -372,7 +289,7 @@ class Lab:
                 self._remove_netns(netns, host)
         for netns in rec["namespaces"]:
             shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
-        self._reap_children()
+        self.reap_children()
         servers.remove_created_dirs()
         mounted = machines.mounted_under(self.dir)
         if not mounted:

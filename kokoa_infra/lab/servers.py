@@ -8,15 +8,13 @@ import os
 import shlex
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from kokoa_infra.lab import machines
+from kokoa_infra.lab.context import LabContext
 from kokoa_infra.lab.hosts import Host
-from kokoa_infra.lab.processes import (LabError, alive, in_netns, listening, mounted_anywhere, recorded_pid, run,
-                                       started, wait_until)
-
-if TYPE_CHECKING:
-    from kokoa_infra.lab.lab import Lab
+from kokoa_infra.lab.processes import (LabError, alive, in_netns, listening, mounted_anywhere, reap, recorded_pid,
+                                       run, started, wait_until)
 
 # Directories some lab had to create on the machine (bind targets such as /etc/kokoa), shared
 # by every lab here: whichever lab goes down last removes them.
@@ -67,7 +65,22 @@ def server_up(netns: str, host: Mapping[str, Any]) -> bool:
     return bool(init) and alive(init) and in_netns(init, netns) and listening(netns, 22)
 
 
-def start_server(lab: Lab, host: Host) -> None:
+def halt(netns: str, entry: Mapping[str, Any]) -> None:
+    """Power a systemd machine off, as `systemctl poweroff` would: units stop, then systemd exits; then
+    whatever is left in its cgroups is killed."""
+    machines.halt(recorded_pid(entry, "init"), recorded_pid(entry, "launcher"), alive, reap)
+    machines.kill_cgroup_processes(netns, alive)
+
+
+def clear_machine(netns: str, hdir: Path) -> list[str]:
+    """After a halt: the machine's root unmounted, what systemd-nspawn left removed; the mounts still there."""
+    left = machines.unmount_root(hdir)
+    machines.remove_runtime_dirs(netns)
+    machines.remove_cgroups(netns)
+    return left
+
+
+def start_server(lab: LabContext, host: Host) -> None:
     """sshd up on a plain host; on a systemd machine, the boot started (`await_server` waits)."""
     hdir = lab.host_dir(host.netns)
     hdir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +92,7 @@ def start_server(lab: Lab, host: Host) -> None:
         _start_plain(lab, host)
 
 
-def _start_machine(lab: Lab, host: Host) -> None:
+def _start_machine(lab: LabContext, host: Host) -> None:
     hdir = lab.host_dir(host.netns)
     for path in NSPAWN_RUN_DIRS:
         machine_dir(path)
@@ -96,7 +109,7 @@ def _start_machine(lab: Lab, host: Host) -> None:
     boot(lab, host.netns)
 
 
-def boot(lab: Lab, netns: str) -> None:
+def boot(lab: LabContext, netns: str) -> None:
     host = Host(**lab.record()["hosts"][netns]["host"])
     hdir = lab.host_dir(netns)
     launcher = lab.spawn(machines.boot_argv(netns, host.name, machines.root(hdir)), hdir / "console.log")
@@ -104,7 +117,7 @@ def boot(lab: Lab, netns: str) -> None:
         rec["hosts"][netns].update(launcher=launcher.pid, launcher_start=started(launcher.pid), init=None)
 
 
-def await_server(lab: Lab, netns: str) -> None:
+def await_server(lab: LabContext, netns: str) -> None:
     """The machine booted (every unit started: `running`, not `degraded`) and its sshd listens."""
     entry = lab.record()["hosts"][netns]
     if entry.get("mode") != "systemd":
@@ -123,7 +136,7 @@ def await_server(lab: Lab, netns: str) -> None:
     wait_until(f"sshd on {netns}", lambda: listening(netns, 22))
 
 
-def _start_plain(lab: Lab, host: Host) -> None:
+def _start_plain(lab: LabContext, host: Host) -> None:
     hdir = lab.host_dir(host.netns)
     root = hdir / "root"
     for path in PRIVATE_DIRS:

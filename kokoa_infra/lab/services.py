@@ -1,6 +1,4 @@
-"""The lab's services besides the servers: pebble (the ACME server) with pebble-challtestsrv (its DNS, set
-to the A records the program declares), and each origin's demo application.
-"""
+"""The lab's services besides the servers and DNS: pebble (the ACME server) and each origin's demo application."""
 
 from __future__ import annotations
 
@@ -8,15 +6,13 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
 from urllib.parse import urlsplit
 
 from kokoa_infra.lab import machines
-from kokoa_infra.lab.hosts import Host, LabTopology
-from kokoa_infra.lab.processes import LabError, listening, run, wait_until
-
-if TYPE_CHECKING:
-    from kokoa_infra.lab.lab import Lab
+from kokoa_infra.lab.context import LabContext
+from kokoa_infra.lab.dns import CHALLTESTSRV_DNS
+from kokoa_infra.lab.hosts import Host
+from kokoa_infra.lab.processes import LabError, run, wait_until
 
 # The demo application: a static nginx, so that the lab and `make bench` measure Kokoa's
 # path and not a slow application. Its request counter (stub_status) is on a unix socket
@@ -87,14 +83,14 @@ WantedBy=multi-user.target
 """
 
 
-def demo_answers(lab: Lab, host: Host) -> bool:
+def demo_answers(lab: LabContext, host: Host) -> bool:
     up = urlsplit(host.upstream)
     proc = lab.on_host(host.netns, ["curl", "-fsS", "-m", "2", "-o", "/dev/null",
                                     f"http://{up.hostname}:{up.port or 80}/"])
     return proc.returncode == 0
 
 
-def stop_demo(lab: Lab, host: Host) -> None:
+def stop_demo(lab: LabContext, host: Host) -> None:
     """Stop the origin's demo application (a benchmark puts another on its port)."""
     if lab.init_system(host.netns) == "systemd":
         lab.on_host(host.netns, ["systemctl", "stop", "kokoa-demo.service"], check=True)
@@ -104,7 +100,7 @@ def stop_demo(lab: Lab, host: Host) -> None:
     wait_until(f"demo application on {host.netns} to stop", lambda: not demo_answers(lab, host))
 
 
-def start_demo(lab: Lab, host: Host) -> None:
+def start_demo(lab: LabContext, host: Host) -> None:
     up = urlsplit(host.upstream)
     if up.scheme != "http" or not up.hostname:
         raise LabError(f"origin {host.name}: the lab's demo application needs an http:// upstream, "
@@ -134,7 +130,7 @@ def start_demo(lab: Lab, host: Host) -> None:
     wait_until(f"demo application on {host.netns}", lambda: demo_answers(lab, host))
 
 
-def demo_requests(lab: Lab, netns: str) -> int:
+def demo_requests(lab: LabContext, netns: str) -> int:
     """Requests the origin's demo application has answered since it started."""
     proc = lab.on_host(netns, ["curl", "-fsS", "-m", "2", "--unix-socket", DEMO_STATUS_SOCKET,
                                "http://demo/"], check=True)
@@ -142,7 +138,7 @@ def demo_requests(lab: Lab, netns: str) -> int:
     return int(proc.stdout.splitlines()[2].split()[2])
 
 
-def start_acme(lab: Lab, host: Host) -> None:
+def start_acme(lab: LabContext, host: Host) -> None:
     lab.acme_dir.mkdir(mode=0o700, exist_ok=True)
     key = lab.acme_dir / "key.pem"
     run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -156,42 +152,15 @@ def start_acme(lab: Lab, host: Host) -> None:
         "httpPort": 80, "tlsPort": 443, "ocspResponderURL": "", "externalAccountBindingRequired": False,
     }}, indent=1))
     ns = ["ip", "netns", "exec", host.netns]
-    # Names with no A record resolve to the ACME host itself, where nothing answers on port 80.
-    dns = lab.spawn([*ns, "pebble-challtestsrv", "-dns01", "127.0.0.1:8053", "-http01", "",
-                     "-https01", "", "-tlsalpn01", "", "-management", "127.0.0.1:8055",
-                     "-defaultIPv4", host.ip, "-defaultIPv6", ""], lab.acme_dir / "challtestsrv.log")
-    with lab.recording() as rec:
-        rec["processes"]["challtestsrv"] = dns.pid
+    # Its DNS, pebble-challtestsrv, is the lab DNS's (dns.py): pebble asks it only when it validates.
     # No validation sleep and no deliberately rejected nonces: deterministic and fast.
     env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
-    pebble = lab.spawn([*ns, "pebble", "-config", str(config), "-dnsserver", "127.0.0.1:8053"],
+    pebble = lab.spawn([*ns, "pebble", "-config", str(config), "-dnsserver", CHALLTESTSRV_DNS],
                         lab.acme_dir / "pebble.log", env=env)
     with lab.recording() as rec:
         rec["processes"]["pebble"] = pebble.pid
     curl = [*ns, "curl", "-fsS", "-m", "2", "--cacert", str(lab.acme_cert)]
     wait_until("pebble", lambda: pebble.poll() is None
                and run([*curl, "-o", "/dev/null", f"https://{host.ip}:14000/dir"], check=False).returncode == 0)
-    wait_until("pebble-challtestsrv", lambda: listening(host.netns, 8055))
     # The issuing root is new on every pebble start: this is what verifies lab certificates.
     run([*curl, "-o", str(lab.ca_bundle), f"https://{host.ip}:15000/roots/0"])
-
-
-def set_dns(lab: Lab, topo: LabTopology, records: Mapping[str, list[str]]) -> None:
-    """Make the lab's DNS (pebble-challtestsrv) answer each origin domain with exactly `records`."""
-    acme = topo.one("acme")
-    if acme is None:
-        return
-    wanted = {o.domain: sorted(records.get(o.domain, [])) for o in topo.of_role("origin")}
-    if lab.record().get("dns") == wanted:
-        return
-    for domain, addresses in wanted.items():
-        _challtestsrv(acme, "clear-a", {"host": f"{domain}."})
-        if addresses:
-            _challtestsrv(acme, "add-a", {"host": f"{domain}.", "addresses": addresses})
-    with lab.recording() as rec:
-        rec["dns"] = wanted
-
-
-def _challtestsrv(acme: Host, action: str, body: dict) -> None:
-    run(["ip", "netns", "exec", acme.netns, "curl", "-fsS", "-m", "5", "-X", "POST",
-         "-d", json.dumps(body), f"http://127.0.0.1:8055/{action}"])

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from kokoa_infra.cli import main as kokoa
-from kokoa_infra.health.html_preview import chromium_binary, run_chromium
+from tests.support.html_preview import chromium_binary, run_chromium
 from kokoa_infra.lab.deploy import load_stack
 from tests.lab.test_health_lab import run_health
 

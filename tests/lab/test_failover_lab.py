@@ -19,7 +19,7 @@ import pytest
 from kokoa_infra.lab.dns import LabDns
 from tests.lab.test_health_lab import on_edge
 from tests.lab.test_rotation_lab import DnsFollowingClient, resolve
-from tests.lab_fixture import TEST_LAB_DIR, TEST_PREFIX
+from tests.support.lab_fixture import TEST_LAB_DIR, TEST_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
 INTERVAL_S, FAIL_AFTER, RECOVER_AFTER = 2, 2, 2

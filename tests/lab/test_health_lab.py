@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kokoa_infra.health.html_preview import PageRow, page_rows, parse_html
+from tests.support.html_preview import PageRow, page_rows, parse_html
 
 
 REPO = Path(__file__).resolve().parents[2]

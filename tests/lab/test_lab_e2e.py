@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab_fixture import INIT
+from tests.support.lab_fixture import INIT
 
 
 def curl(lab, *args: str, timeout: int = 10) -> subprocess.CompletedProcess:

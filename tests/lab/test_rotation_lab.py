@@ -28,19 +28,19 @@ from kokoa_infra.lab.executor import SshRunner
 from kokoa_infra.lab.rotation import rotate_ssh_key
 from tests.lab.test_lab_e2e import domain_of, https_get, wait_for_certificates
 
-
+PROJECT = Path(__file__).resolve().parents[2]
 BLOG = "blog"
 
 
 class DnsFollowingClient:
-    """kokoa_infra.lab.dns_client in the client namespace, bounded in requests and time; always stopped."""
+    """tests/support/dns_client.py in the client namespace, bounded in requests and time; always stopped."""
 
     def __init__(self, lab, domain: str, max_seconds: float = 240) -> None:
         self.lab = lab
         tag = uuid.uuid4().hex[:8]
         self.log = lab.state_dir / f"dns-client-{tag}.log"
         self.stop_file = lab.state_dir / f"dns-client-{tag}.stop"
-        self.argv = ["ip", "netns", "exec", lab.status["client"], sys.executable, "-m", "kokoa_infra.lab.dns_client",
+        self.argv = ["ip", "netns", "exec", lab.status["client"], sys.executable, "-m", "tests.support.dns_client",
                      "--resolver", lab.status["resolver"], "--domain", domain, "--ca", lab.status["caBundle"],
                      "--log", str(self.log), "--stop-file", str(self.stop_file), "--max-seconds", str(max_seconds)]
         self.proc: subprocess.Popen | None = None
@@ -48,7 +48,7 @@ class DnsFollowingClient:
     def __enter__(self) -> "DnsFollowingClient":
         self.log.touch()
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, cwd=PROJECT)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kokoa_infra.health.html import CHART_HEIGHT
-from kokoa_infra.health.html_preview import chromium_binary, page_rows, parse_html, screenshot
+from tests.support.html_preview import chromium_binary, page_rows, parse_html, screenshot
 from kokoa_infra.render import COUNTERS_INTERVAL, LOG_FLUSH_S
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,12 +20,12 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import BASE_CONFIG
 from kokoa_infra.model import parse_topology
 from kokoa_infra.render import JS_MODULE, health_token
 from kokoa_infra.stackfile import kokoa_config
-from tests.edge_serving import link_tunnel, start_edge_nginx, throwaway_certificate, write_edge_files
-from tests.rendering import PASS_KEY, bundles, wireguard_ips
+from tests.support.edge_serving import link_tunnel, start_edge_nginx, throwaway_certificate, write_edge_files
+from tests.support.rendering import PASS_KEY, bundles, wireguard_ips
+from tests.support.stacks import BASE_CONFIG
 
 DOMAIN = "blog.example.com"
 VISITOR, NEIGHBOUR, STRANGER, MONITOR = "10.9.1.5", "10.9.1.6", "10.9.2.5", "10.9.3.5"
@@ -305,7 +305,7 @@ def test_capacity_without_challenge_is_a_fast_503_and_a_dead_origin_still_a_502(
 
 
 def test_headless_chromium_solves_the_challenge_and_sees_the_page(start_edge):
-    from kokoa_infra.health.html_preview import chromium_binary, run_chromium
+    from tests.support.html_preview import chromium_binary, run_chromium
 
     if chromium_binary() is None:
         pytest.skip("chromium is not installed (make setup installs it)")

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASE_CONFIG
-from kokoa_infra.health.traffic import parse_edge_metrics, scrape_edge
+from tests.support.stacks import BASE_CONFIG
+from kokoa_infra.health.probes import scrape_edge
+from kokoa_infra.health.traffic import parse_edge_metrics
 from kokoa_infra.render import COUNTERS_INTERVAL, LOG_FLUSH_S, METRICS_PORT, METRICS_STATE_DIR
-from tests.rendering import bundles, wireguard_ips
+from tests.support.rendering import bundles, wireguard_ips
 
 DOMAIN = "blog.example.com"
 EDGE = "edge-tokyo-1"
@@ -161,7 +162,7 @@ def test_the_edge_counts_what_its_clients_saw_and_serves_it_only_to_its_origin(e
     assert counters.upstream_count >= codes.count(200)
     # The same through kokoa health's own scraper, run in the origin's namespace.
     probe = in_ns(edge["origin"], sys.executable, "-c",
-                  "import sys; from kokoa_infra.health.traffic import scrape_edge; "
+                  "import sys; from kokoa_infra.health.probes import scrape_edge; "
                   f"r = scrape_edge({edge['ip']!r}, {METRICS_PORT}, 3.0); print(r.ok, r.error)")
     assert probe.stdout.split()[0] == "True", probe.stdout
     # mtail runs as nobody and listens on the WireGuard address alone.
@@ -188,7 +189,7 @@ def test_an_edge_without_its_exporter_is_reported_not_zero(edge):
     subprocess.run(["kill", "-TERM", edge["mtail_pid"]], check=True)
     time.sleep(0.5)
     probe = in_ns(edge["origin"], sys.executable, "-c",
-                  "from kokoa_infra.health.traffic import scrape_edge; "
+                  "from kokoa_infra.health.probes import scrape_edge; "
                   f"r = scrape_edge({edge['ip']!r}, {METRICS_PORT}, 2.0); print(r.ok, r.counters, r.error)")
     ok, counters, *error = probe.stdout.split()
     assert (ok, counters) == ("False", "None") and " ".join(error).startswith("metrics: connect failed")

@@ -12,8 +12,8 @@ import uuid
 
 import pytest
 
-from conftest import BASE_CONFIG
-from tests.rendering import bundles, lab_config
+from tests.support.stacks import BASE_CONFIG
+from tests.support.rendering import bundles, lab_config
 
 
 SERVER, ATTACKER, VISITOR = "10.9.1.1", "10.9.1.2", "10.9.2.2"
@@ -46,17 +46,6 @@ def test_nft_refuses_a_broken_table_and_keeps_the_old_one(netns):
     broken = good.replace("policy drop;", "policy dorp;")
     assert nft(netns, "-f", "-", stdin=broken).returncode != 0
     assert "policy drop" in nft(netns, "list", "table", "inet", "kokoa").stdout
-
-
-def test_shield_numbers_come_from_the_origin_rate_limit():
-    config = copy.deepcopy(BASE_CONFIG)
-    config["kokoa:origins"][0]["rateLimit"] = {"requestsPerSecond": 7, "burst": 9, "connections": 11}
-    table = bundles(config)["edge/edge-tokyo-1"]["firewall.nft"]
-    assert "limit rate over 7/second burst 9 packets } counter name shield_new drop" in table
-    assert "ct count over 11 } counter name shield_open drop" in table
-    config["kokoa:origins"][0]["rateLimit"] |= {"newConnectionsPerSecond": 3, "newConnectionsBurst": 4}
-    table = bundles(config)["edge/edge-tokyo-1"]["firewall.nft"]
-    assert "limit rate over 3/second burst 4 packets } counter name shield_new drop" in table
 
 
 # --- three namespaces: a shielded edge, an attacker and a visitor on separate links -----------

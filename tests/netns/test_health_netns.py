@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kokoa_infra.health.html_preview import page_rows, parse_html
-from kokoa_infra.health.netns import TargetNetwork, target_network
+from tests.support.html_preview import page_rows, parse_html
+from tests.support.target_network import TargetNetwork, target_network
 
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASE_CONFIG
 from kokoa_infra.mocked_program import run_program
 from kokoa_infra.render import CERT_EXPORT_DIR, INSTALL_DIR
+from tests.support.stacks import BASE_CONFIG
 
 HARNESS = r"""
 set -u

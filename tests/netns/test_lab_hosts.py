@@ -15,7 +15,7 @@ from kokoa_infra.lab.hosts import INIT_SYSTEMS, Host, LabTopology
 from kokoa_infra.lab.lab import Lab, lab_unavailable
 from kokoa_infra.lab.processes import namespaces
 from kokoa_infra.mocked_program import DeclaredResource
-from tests.lab_fixture import TAG
+from tests.support.lab_fixture import TAG
 
 STACK = "urn:pulumi:lab::kokoa::pulumi:pulumi:Stack::kokoa-lab"
 
@@ -73,23 +73,6 @@ def test_two_hosts_run_commands_over_ssh_from_the_operator_namespace_and_leave_n
         left = lab.down(echo=lambda _: None)
     assert left == []
     assert not {h.netns for h in hosts} & namespaces()
-
-
-def test_a_second_up_or_down_on_the_same_lab_is_refused_while_one_runs(tmp_path):
-    import click
-
-    from kokoa_infra.lab.cli import exclusive, lock_path
-
-    lab_dir = tmp_path / "lab"
-    try:
-        with exclusive(lab_dir):
-            with pytest.raises(click.ClickException, match="another `kokoa lab up` or `down` is running"):
-                with exclusive(lab_dir):
-                    pass
-        with exclusive(lab_dir):  # released: the next one runs
-            pass
-    finally:
-        lock_path(lab_dir).unlink(missing_ok=True)
 
 
 def test_a_lab_of_the_other_init_mode_is_rebuilt_and_the_cli_takes_the_mode():

@@ -15,7 +15,7 @@ from kokoa_infra.lab import machines
 from kokoa_infra.lab.hosts import Host, LabTopology
 from kokoa_infra.lab.lab import Lab, lab_unavailable
 from kokoa_infra.lab.processes import LabError, alive, namespaces
-from tests.lab_fixture import TAG
+from tests.support.lab_fixture import TAG
 
 
 PREFIX = f"kokoam{TAG}-"

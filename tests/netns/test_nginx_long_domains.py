@@ -9,7 +9,7 @@ import pytest
 
 from kokoa_infra.addressing import TUNNEL_PREFIX
 from tests.netns.test_render_tools import nginx_test
-from tests.rendering import bundles, wireguard_ips
+from tests.support.rendering import bundles, wireguard_ips
 from tests.unit.test_long_domains import config_with_domain, domain_of
 
 LENGTHS = [46, 47, 100, 253]

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASE_CONFIG
 from kokoa_infra.addressing import TUNNEL_PREFIX
 from kokoa_infra.render import GATEWAY_USER
-from tests.rendering import bundles as render_bundles
-from tests.rendering import wireguard_ips
+from tests.support.rendering import bundles as render_bundles
+from tests.support.rendering import wireguard_ips
+from tests.support.stacks import BASE_CONFIG
 from tests.unit.test_render import bundles, need, render_all, wg_files  # noqa: F401 (bundles: a fixture)
 
 

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from kokoa_infra.health.html_preview import (
+from tests.support.html_preview import (
     chromium_binary, dump_dom, parse_html, run_chromium, sample_page, screenshot)
 
 

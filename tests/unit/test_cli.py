@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kokoa, stack_in
 from kokoa_infra.model import RSA_HOST_KEY
+from tests.support.stacks import kokoa, stack_in
 
 STACK = """\
 # Production stack: keep this comment.

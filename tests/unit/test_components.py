@@ -19,10 +19,10 @@ import pulumi
 import pytest
 
 import kokoa_infra
-from conftest import BASE_CONFIG
 from kokoa_infra.components import EdgeNodeArgs, OriginArgs
 from kokoa_infra.model import parse_topology
 from kokoa_infra.stackfile import kokoa_config
+from tests.support.stacks import BASE_CONFIG
 
 
 def component_classes() -> list[type]:

@@ -55,7 +55,7 @@ def test_every_help_gives_the_exit_codes(path):
 def test_every_environment_variable_the_package_reads_is_named_in_a_help():
     read = set()
     for source in PACKAGE.rglob("*.py"):
-        if source.parent.name == "lab" and source.stem in ("cloudflare_standin", "resolver", "dns_client"):
+        if source.parent.name == "lab" and source.stem in ("cloudflare_standin", "resolver"):
             continue  # the lab's own helper processes, configured by the lab, not by users
         read |= set(re.findall(r'"((?:KOKOA|CLOUDFLARE)_[A-Z_]+)"', source.read_text()))
     assert read >= {"KOKOA_STACK", "KOKOA_PROJECT_DIR", "KOKOA_LAB_ORDER_SEED", "CLOUDFLARE_API_TOKEN"}

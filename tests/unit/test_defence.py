@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from conftest import BASE_CONFIG, blog_problems, blog_with
 from kokoa_infra.admission import Admission, reserve, split_capacity
 from kokoa_infra.model import Defence, parse_topology
 from kokoa_infra.render import file_mode, render_edge_bundle
-from tests.rendering import KEY, PASS_KEY, bundles
+from tests.support.rendering import KEY, PASS_KEY, bundles
+from tests.support.stacks import BASE_CONFIG, blog_problems, blog_with
 
 BLOG = "kokoa:origins[0] (blog)"
 
@@ -213,3 +213,14 @@ def test_on_challenges_at_the_door_and_auto_only_when_full():
     assert "max_conns" not in on  # on needs no capacity
     auto = rendered(capacity={"concurrentRequests": 4})["nginx.conf"]
     assert "js_content kokoa.challenge;" not in auto and "error_page 502 503 = @kokoa_busy;" in auto
+
+
+def test_shield_numbers_come_from_the_origin_rate_limit():
+    config = copy.deepcopy(BASE_CONFIG)
+    config["kokoa:origins"][0]["rateLimit"] = {"requestsPerSecond": 7, "burst": 9, "connections": 11}
+    table = bundles(config)["edge/edge-tokyo-1"]["firewall.nft"]
+    assert "limit rate over 7/second burst 9 packets } counter name shield_new drop" in table
+    assert "ct count over 11 } counter name shield_open drop" in table
+    config["kokoa:origins"][0]["rateLimit"] |= {"newConnectionsPerSecond": 3, "newConnectionsBurst": 4}
+    table = bundles(config)["edge/edge-tokyo-1"]["firewall.nft"]
+    assert "limit rate over 3/second burst 4 packets } counter name shield_new drop" in table

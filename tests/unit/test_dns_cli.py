@@ -16,7 +16,7 @@ import pytest
 import requests
 from click.testing import CliRunner, Result
 
-from fake_cloudflare import FakeCloudflare, failure_envelope
+from kokoa_infra.lab.cloudflare_standin import FakeCloudflare, failure_envelope
 from kokoa_infra import dns_cli
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -481,7 +481,7 @@ def test_the_fake_server_answers_as_cloudflare_documents(
 
 def test_the_fake_server_runs_standalone_for_the_lab() -> None:
     server = subprocess.Popen(
-        [sys.executable, str(PROJECT_DIR / "tests" / "fake_cloudflare.py"), "--port", "0",
+        [sys.executable, "-m", "kokoa_infra.lab.cloudflare_standin", "--port", "0",
          "--token", TOKEN, "--zone", ZONE_ID],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kokoa_infra.lab import executor
-from kokoa_infra.lab.executor import (COMMAND, COPY_TO_REMOTE, Completed, ExecutorError, SshRunner, apply,
+from kokoa_infra.lab.executor import (COMMAND, Completed, ExecutorError, SshRunner, apply,
                                       path_contains, parse_path, replace_reasons)
 from kokoa_infra.mocked_program import DeclaredResource
 
@@ -375,15 +375,6 @@ def test_refresh_reads_commands_back_unchanged(state_file):
     assert runner.calls == [] and report.counts == {"unchanged": 1}
 
 
-def test_version_1_state_is_read(state_file):
-    entry = {"name": "a", "type": COMMAND, "inputs": json.loads(json.dumps(command("a").inputs)), "deps": [],
-             "secretPaths": ["connection"], "deleteBeforeReplace": False, "seq": 1}
-    state_file.write_text(json.dumps({"version": 1, "seq": 1, "resources": {urn("a"): entry},
-                                      "pendingDeletes": []}))
-    runner = FakeRunner()
-    assert run([command("a")], state_file, runner).counts == {"unchanged": 1}
-
-
 # --- output and the SSH runner ----------------------------------------------------------------
 
 def test_secrets_never_reach_the_output(state_file, capsys):
@@ -398,17 +389,6 @@ def test_secrets_never_reach_the_output(state_file, capsys):
     assert "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ" not in shown
     assert "[secret]" in shown
     assert "connect to host 10.0.0.1" in shown  # the address is not a secret, only the key
-
-
-def test_copy_to_remote_string_asset_is_copied_with_cat(state_file):
-    copy = DeclaredResource(
-        urn=urn("cfg", COPY_TO_REMOTE), type=COPY_TO_REMOTE, name="cfg",
-        inputs={"connection": command("x").inputs["connection"], "remotePath": "/etc/kokoa/a b.conf",
-                "source": {executor.ASSET_SIG_KEY: executor.STRING_ASSET_SIG, "text": "hello\n"}},
-        secret_paths=frozenset(), dependencies=(), parent=STACK, delete_before_replace=False)
-    runner = FakeRunner()
-    run([copy], state_file, runner)
-    assert runner.calls == [("10.0.0.1", "cat > '/etc/kokoa/a b.conf'", "hello\n", KEY)]
 
 
 def test_ssh_argv_pins_the_host_key_and_runs_in_the_operator_namespace(tmp_path):

@@ -11,7 +11,7 @@ from typing import Iterator
 import pytest
 from click.testing import CliRunner
 
-from fake_cloudflare import FakeCloudflare
+from kokoa_infra.lab.cloudflare_standin import FakeCloudflare
 from kokoa_infra.cloudflare import ApiSettings, CloudflareDns, RetryPolicy
 from kokoa_infra.health import failover as fo
 from kokoa_infra.health.command import health

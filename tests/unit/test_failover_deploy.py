@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASE_CONFIG, ZONE
-from fake_cloudflare import FakeCloudflare
+from kokoa_infra.lab.cloudflare_standin import FakeCloudflare
 from kokoa_infra.cloudflare import ApiSettings, CloudflareDns, RetryPolicy
 from kokoa_infra.health import failover as fo
 from kokoa_infra.health.results import HttpsResult, NodeResult, Sweep
 from kokoa_infra.health.targets import Target
-from kokoa_infra.lab.dns import CloudflareApi, DnsRecordHandler
+from kokoa_infra.lab.dns import DnsRecordHandler
 from kokoa_infra.lab.executor import DNS_RECORD, apply
 from kokoa_infra.mocked_program import run_program
+from tests.support.stacks import BASE_CONFIG, ZONE
 
 TOKEN = "test-token"
 BLOG = "blog.example.com"
@@ -36,7 +36,7 @@ def stack(failover: bool, drained: tuple[str, ...] = (), removed: tuple[str, ...
 def pulumi_up(config: dict, state: Path, cf: FakeCloudflare) -> dict[str, str]:
     """`pulumi up` with `refresh: always`: the DnsRecords only (no hosts here); actions by record."""
     resources = run_program(config).resources   # only the DnsRecords have a handler: the rest is skipped
-    report = apply(resources, state, handlers={DNS_RECORD: DnsRecordHandler(CloudflareApi(cf.base_url, TOKEN),
+    report = apply(resources, state, handlers={DNS_RECORD: DnsRecordHandler(cf.base_url, TOKEN,
                                                                               echo=lambda _: None)},
                    echo=lambda _: None, seed=1, refresh=True)
     return {name.removesuffix("-a-record"): action for action, name in report.actions}

@@ -733,7 +733,7 @@ def test_health_reads_the_secret_origin_addresses_and_no_bundle(tmp_path, monkey
     """`kokoa health` asks for healthTargets and edges with --show-secrets (an origin's
     publicIp is a secret output), never for every output (the bundles hold private keys);
     the targets it gets are the program's own, under the mocks."""
-    from conftest import BASE_CONFIG
+    from tests.support.stacks import BASE_CONFIG
     from kokoa_infra.mocked_program import run_program
 
     outputs = run_program(BASE_CONFIG).outputs

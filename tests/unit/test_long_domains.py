@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from conftest import BASE_CONFIG
-from tests.rendering import bundles
+from tests.support.stacks import BASE_CONFIG
+from tests.support.rendering import bundles
 
 
 def domain_of(length: int) -> str:

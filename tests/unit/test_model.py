@@ -15,11 +15,11 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import BASE_CONFIG
 from kokoa_infra import model
 from kokoa_infra.model import (DEFAULT_HSTS_MAX_AGE, EDGE_KEYS, OBJECT_KEYS, ORIGIN_KEYS, RATE_LIMIT_KEYS,
                                SECRET_KEYS, STRING_KEYS, InvalidConfig, next_index, next_subnet, parse_topology)
 from kokoa_infra.stackfile import kokoa_config
+from tests.support.stacks import BASE_CONFIG
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 RSA_WHY = ("pulumi-command offers only SHA-1 ssh-rsa signatures for RSA host keys, which OpenSSH 8.8 "

@@ -1,4 +1,5 @@
-"""`pip install .` (not editable) into a fresh virtualenv gives working `kokoa` and `kokoa-dns` from any directory.
+"""`pip install .` (not editable) into a fresh virtualenv gives working `kokoa` and `kokoa-dns` from any directory,
+and the wheel holds only what the product runs (no test support).
 
 The project is copied first (only what a clone has: pyproject.toml and the package), so the
 build cannot lean on files of the working tree, and built into a new virtualenv without
@@ -11,13 +12,18 @@ editable install of this checkout is not.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.support.import_graph import import_graph, module_names
 
 PROJECT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120
@@ -30,9 +36,9 @@ def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Path:
-    """A fresh virtualenv with the project installed from a copy of its sources; its bin/."""
-    root = tmp_path_factory.mktemp("install")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel `pip install .` builds, from a copy of what a clone has (pyproject.toml and the package)."""
+    root = tmp_path_factory.mktemp("wheel")
     source = root / "source"
     source.mkdir()
     shutil.copy2(PROJECT / "pyproject.toml", source)
@@ -42,7 +48,69 @@ def installed(tmp_path_factory) -> Path:
     built = run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                  "--no-index", "--wheel-dir", str(root / "dist"), str(source)], cwd=root)
     assert built.returncode == 0, built.stdout + built.stderr
-    wheel, = (root / "dist").glob("kokoa_proxy-*.whl")
+    # The source copy goes away: nothing may be read from it any more.
+    shutil.rmtree(source)
+    found, = (root / "dist").glob("kokoa_proxy-*.whl")
+    return found
+
+
+def used_by_the_product(package: Path, program: Path, scripts: list[str]) -> set[str]:
+    """The package's modules that the console scripts and the Pulumi program (`program`) import, directly or
+    not, and those the package runs by name (`python -m kokoa_infra...`, a script path beside a module)."""
+    modules = module_names(package)
+    graph = import_graph(package)
+    sources = {name: path.read_text() for name, path in modules.items()}
+    roots = {script.split(":")[0] for script in scripts}
+    roots |= {m for m in modules if re.search(rf"^(from {re.escape(m)} import|import {re.escape(m)})\b",
+                                              program.read_text(), re.M)}
+    for name, path in modules.items():
+        quoted = [f"{quote}{word}{quote}" for quote in "'\"" for word in (name, path.name)]
+        if any(q in text for q in quoted for other, text in sources.items() if other != name):
+            roots |= {name, f"{name}.__main__"} & set(modules)
+    used, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name in used:
+            continue
+        used.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c imports a and a.b
+        todo += graph.get(name, ())
+    return used
+
+
+def test_the_wheel_holds_no_test_support(wheel, tmp_path):
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        archive.extractall(tmp_path, [n for n in names if n.startswith("kokoa_infra/")])
+    assert {n.split("/")[0] for n in names} == {"kokoa_infra", f"{wheel.name.split('-')[0]}-0.1.0.dist-info"}
+    scripts = list(tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["scripts"].values())
+    shipped = module_names(tmp_path / "kokoa_infra")
+    used = used_by_the_product(tmp_path / "kokoa_infra", PROJECT / "__main__.py", scripts)
+    assert "kokoa_infra.lab.cloudflare_standin" in used and "kokoa_infra.health.__main__" in used  # run by name
+    assert set(shipped) - used == set(), "modules in the wheel that only tests, benchmarks or docs use"
+    for name, path in shipped.items():
+        assert not re.search(r"^\s*(import|from) (pytest|tests)\b", path.read_text(), re.M), name
+
+
+def test_the_check_finds_a_module_nothing_uses(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "cli.py").write_text("from pkg import used\n\ndef main():\n    import pkg.lazy\n")
+    (package / "used.py").write_text("ARGV = ['python', '-m', 'pkg.server']\n")
+    (package / "lazy.py").write_text("")
+    (package / "server.py").write_text("")
+    (package / "preview.py").write_text("from pkg import used\n")
+    program = tmp_path / "__main__.py"
+    program.write_text("import pkg.cli\n")
+    assert set(module_names(package)) - used_by_the_product(package, program, ["pkg.cli:main"]) == {"pkg.preview"}
+
+
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> Path:
+    """A fresh virtualenv with the project installed from its wheel; its bin/."""
+    root = tmp_path_factory.mktemp("install")
     venv = root / "venv"
     made = run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     assert made.returncode == 0, made.stderr
@@ -55,8 +123,6 @@ def installed(tmp_path_factory) -> Path:
     site = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
     ours = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
     (Path(site) / "kokoa-test-dependencies.pth").write_text("".join(f"{p}\n" for p in ours))
-    # The source copy goes away: nothing may be read from it any more.
-    shutil.rmtree(source)
     return venv / "bin"
 
 

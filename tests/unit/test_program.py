@@ -12,9 +12,9 @@ import tarfile
 
 import pytest
 
-from conftest import BASE_CONFIG, OTHER_ZONE, SSH_KEY, ZONE
 from kokoa_infra.keys import public_key
 from kokoa_infra.mocked_program import ProgramFailed, run_program
+from tests.support.stacks import BASE_CONFIG, OTHER_ZONE, SSH_KEY, ZONE
 
 COMMAND = "command:remote:Command"
 DNS_RECORD = "cloudflare:index/dnsRecord:DnsRecord"
@@ -46,7 +46,7 @@ def test_keys_are_32_random_bytes_per_node_and_pair(program):
     assert all(r.inputs["length"] == 32 for r in keys)
 
 
-def test_outputs_have_the_contract_shape(program):
+def test_outputs_have_the_documented_shape(program):
     out = program.outputs
     assert set(out) == {"origins", "edges", "dnsRecords", "dnsFailover", "healthTargets", "bundles", "healthTokens"}
     assert out["origins"]["blog"] == {

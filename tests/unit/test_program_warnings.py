@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import BASE_CONFIG
 from kokoa_infra.mocked_program import ProgramFailed, run_program
+from tests.support.stacks import BASE_CONFIG
 
 OPEN_SSH = ("kokoa: SSH on every host is open to the internet; set kokoa:sshAllowFrom to the networks "
             "you administer from (e.g. [\"198.51.100.0/24\"])")

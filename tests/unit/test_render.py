@@ -9,12 +9,12 @@ import subprocess
 import pytest
 from nacl.public import PrivateKey
 
-from conftest import BASE_CONFIG
 from kokoa_infra.keys import public_key
 from kokoa_infra.model import parse_topology
 from kokoa_infra.render import EdgePeer, render_edge_bundle, render_origin_bundle
 from kokoa_infra.stackfile import kokoa_config
-from tests.rendering import wireguard_ips
+from tests.support.rendering import wireguard_ips
+from tests.support.stacks import BASE_CONFIG
 
 CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
@@ -55,7 +55,7 @@ def need(tool: str) -> None:
         pytest.skip(f"{tool} is not installed (make setup installs it)")
 
 
-def test_file_names_follow_the_contract(bundles):
+def test_each_bundle_holds_exactly_its_files(bundles):
     assert set(bundles["origin/blog"]) == {"wg0.conf", "gateway.conf", "certificate.sh", "install.sh",
                                            "uninstall.sh", "acme-ca.pem", "firewall.nft", "logrotate.conf"}
     assert set(bundles["edge/edge-tokyo-2"]) == {"wg-origin-1.conf", "nginx.conf", "cert-refresh.sh",

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-if __name__ == "__main__":  # run as a script: conftest and tests.* as pytest finds them
-    sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
+if __name__ == "__main__":  # run as a script: tests.* as pytest finds them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from conftest import BASE_CONFIG
-from tests.rendering import bundles, lab_config
+from tests.support.stacks import BASE_CONFIG
+from tests.support.rendering import bundles, lab_config
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 # The lab's stack as it was on main (tests/golden/lab-stack.yaml): the lab itself moves on.

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from conftest import BASE_CONFIG, blog_problems, blog_with
 from kokoa_infra.model import parse_topology
 from kokoa_infra.render import DROPPED_CLIENT_HEADERS
-from tests.rendering import bundles
+from tests.support.rendering import bundles
+from tests.support.stacks import BASE_CONFIG, blog_problems, blog_with
 
 BLOG = "kokoa:origins[0] (blog)"
 PATH_RULE = "is not a path prefix like /api/ (a leading /, then at most 199 of A-Z a-z 0-9 . _ ~ / -)"

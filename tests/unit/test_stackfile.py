@@ -12,10 +12,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from conftest import BASE_CONFIG
 from kokoa_infra.cli import main
 from kokoa_infra.model import parse_topology
 from kokoa_infra.stackfile import guess_indent, kokoa_config
+from tests.support.stacks import BASE_CONFIG
 
 # A wide hostKey line (over 100 characters with its comment) and `  - ` under each list key.
 WIDE_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGL1PD1MFLSHFsj6ZYvAaf0idYchw2mywPcxjfuZyrx8 "

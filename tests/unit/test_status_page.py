@@ -22,7 +22,7 @@ from kokoa_infra.health.command import Reporter, health, run_interval
 from kokoa_infra.health.html import (
     DRAINED, SERVING, UNHEALTHY, History, StatusPage, history_document, measured_interval,
     node_state, parse_history, render_page, update_history)
-from kokoa_infra.health.html_preview import (
+from tests.support.html_preview import (
     SAMPLE_END, SAMPLE_INTERVAL_S, page_rows, parse_html, sample_history, sample_sweep,
     sample_targets)
 from kokoa_infra.health.probes import SweepOptions

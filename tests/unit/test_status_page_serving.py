@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kokoa_infra.health.html_preview import sample_page
+from tests.support.html_preview import sample_page
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "health.md"

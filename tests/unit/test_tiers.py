@@ -13,7 +13,7 @@ def test_a_unit_test_using_a_namespace_is_refused(tmp_path):
     tests = tmp_path / "tests"
     (tests / "unit").mkdir(parents=True)
     (tests / "conftest.py").write_text((PROJECT / "tests" / "conftest.py").read_text()
-                                       .replace('pytest_plugins = ["tests.lab_fixture"]', ""))
+                                       .replace('pytest_plugins = ["tests.support.lab_fixture"]', ""))
     (tests / "unit" / "test_wrong.py").write_text("def test_wrong(netns):\n    pass\n\n\ndef test_right():\n    pass\n")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--co", str(tests)],
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)

@@ -18,14 +18,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kokoa_infra.health import command as health_cli
 from kokoa_infra.health.html import History, parse_history, history_document, render_page, update_history
-from kokoa_infra.health.html_preview import page_rows, parse_html, sample_history
+from tests.support.html_preview import page_rows, parse_html, sample_history
 from kokoa_infra.health.probes import SweepOptions, run_sweep
 from kokoa_infra.health.report import render_prometheus, sweep_document
 from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep
 from kokoa_infra.health.targets import LocalNetwork, Target
+from kokoa_infra.health.probes import scrape_edge
+from kokoa_infra.health.report import render_textfile, render_traffic_table, write_textfile
+from kokoa_infra.health.results import origin_traffic
 from kokoa_infra.health.traffic import (
-    EdgeCounters, MetricsFormatError, TrafficMemory, TrafficResult, bucket_deltas, origin_traffic,
-    parse_edge_metrics, quantile, render_textfile, render_traffic_table, scrape_edge, write_textfile)
+    EdgeCounters, MetricsFormatError, TrafficResult, bucket_deltas, parse_edge_metrics, quantile)
+from kokoa_infra.health.results import TrafficMemory
 from kokoa_infra.render import TEMPLATES_DIR
 
 from tests.unit.test_health import CHECKED_AT

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from conftest import BASE_CONFIG, kokoa, stack_in
 from kokoa_infra.model import parse_topology
 from kokoa_infra.stackfile import kokoa_config
+from tests.support.stacks import BASE_CONFIG, kokoa, stack_in
 
 HOST_KEY = BASE_CONFIG["kokoa:edges"][0]["hostKey"]
 ORIGIN_KEY = BASE_CONFIG["kokoa:origins"][0]["hostKey"]

@@ -18,7 +18,8 @@ from pathlib import Path
 from kokoa_infra.health.html import DEFAULT_HISTORY, History, render_page, update_history
 from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep
 from kokoa_infra.health.targets import Target
-from kokoa_infra.health.traffic import EdgeCounters, TrafficMemory, TrafficResult
+from kokoa_infra.health.results import TrafficMemory
+from kokoa_infra.health.traffic import EdgeCounters, TrafficResult
 
 # No background traffic of the browser's own: no sync, component updates, field trials, QUIC.
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -1,7 +1,8 @@
 """A lab user that follows DNS: before every request it asks the lab resolver, then GETs over verified HTTPS.
 
 Run it in the client namespace:
-`ip netns exec kokoa-client python -m kokoa_infra.lab.dns_client --resolver IP --domain D --ca CA --log F`.
+`ip netns exec kokoa-client python -m tests.support.dns_client --resolver IP --domain D --ca CA --log F`
+(from the project directory).
 It resolves the domain for every request (no cache: what the resolver says now is
 where the request goes), picks one of the A records at random, and appends one line per
 request to the log: `<unix time> <address or -> <status or error>`. It stops when the
