@@ -323,7 +323,7 @@ def test_a_sweep_of_slow_targets_takes_one_timeout_and_respects_the_pool_bound()
 def test_https_probes_only_edges_and_a_https_only_sweep_leaves_origins_out():
     probed = []
 
-    def fake_https(domain, address, timeout_s, ca_bundle, port, health_token=None):
+    def fake_https(domain, address, timeout_s, ca_bundle, port, health_token=None, redirect_to=None):
         probed.append(address)
         return https_result(200)
 
@@ -700,7 +700,7 @@ def test_each_edge_probe_carries_its_origins_health_token_when_the_outputs_hold_
     token = "ab" * 32
     sent = {}
 
-    def fake_https(domain, address, timeout_s, ca_bundle, port, health_token=None):
+    def fake_https(domain, address, timeout_s, ca_bundle, port, health_token=None, redirect_to=None):
         sent[address] = health_token
         return https_result(200)
 
