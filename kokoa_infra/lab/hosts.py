@@ -29,6 +29,7 @@ class Host:
     origin: str = ""  # edges: the origin they serve
     domain: str = ""
     upstream: str = ""  # origins: where the demo application listens
+    hostnames: tuple[str, ...] = ()  # origins: their other names (kokoa:origins[].hostnames)
 
     @property
     def is_server(self) -> bool:
@@ -91,7 +92,8 @@ def topology(config: Mapping[str, Any], prefix: str = PREFIX) -> LabTopology:
     for o in model.origins:
         if o.endpoint != o.ssh.host:
             problems.append(f"origin {o.name}: a lab origin has one address; drop endpoint or make it equal to host")
-        hosts.append(Host(o.name, "origin", o.ssh.host, f"{prefix}{o.name}", domain=o.domain, upstream=o.upstream))
+        hosts.append(Host(o.name, "origin", o.ssh.host, f"{prefix}{o.name}", domain=o.domain, upstream=o.upstream,
+                          hostnames=tuple(h.name for h in o.hostnames)))
     for e in model.edges:
         if e.ssh.host != e.public_ip:
             problems.append(f"edge {e.name}: a lab edge has one address; drop host or make it equal to publicIp")

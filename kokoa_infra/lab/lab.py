@@ -278,7 +278,7 @@ class Lab:
         return services.demo_requests(self, netns)
 
     def set_dns(self, topo: LabTopology, records: Mapping[str, list[str]]) -> None:
-        """Make the lab's DNS answer each origin domain with exactly `records`."""
+        """Make the lab's DNS answer every name of `records` (the dnsRecords output) with exactly its addresses."""
         services.set_dns(self, topo, records)
 
     # --- tear-down ---------------------------------------------------------------------

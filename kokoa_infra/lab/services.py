@@ -177,17 +177,20 @@ def start_acme(lab: Lab, host: Host) -> None:
 
 
 def set_dns(lab: Lab, topo: LabTopology, records: Mapping[str, list[str]]) -> None:
-    """Make the lab's DNS (pebble-challtestsrv) answer each origin domain with exactly `records`."""
+    """Make the lab's DNS (pebble-challtestsrv) answer every name of the program's `dnsRecords`
+    output (each origin's domain and hostnames) with exactly its addresses; a name no longer
+    there, with none."""
     acme = topo.one("acme")
     if acme is None:
         return
-    wanted = {o.domain: sorted(records.get(o.domain, [])) for o in topo.of_role("origin")}
-    if lab.record().get("dns") == wanted:
+    wanted = {name: sorted(addresses) for name, addresses in records.items()}
+    before = lab.record().get("dns") or {}
+    if before == wanted:
         return
-    for domain, addresses in wanted.items():
-        _challtestsrv(acme, "clear-a", {"host": f"{domain}."})
-        if addresses:
-            _challtestsrv(acme, "add-a", {"host": f"{domain}.", "addresses": addresses})
+    for name in sorted(before.keys() | wanted.keys()):
+        _challtestsrv(acme, "clear-a", {"host": f"{name}."})
+        if wanted.get(name):
+            _challtestsrv(acme, "add-a", {"host": f"{name}.", "addresses": wanted[name]})
     with lab.recording() as rec:
         rec["dns"] = wanted
 
