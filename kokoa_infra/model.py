@@ -904,7 +904,7 @@ def _unique_names(c: _Checker, names: list[tuple[str, str, str, bool]]) -> None:
     seen: dict[str, tuple[str, bool]] = {}
     for entry, key, name, is_domain in names:
         if name not in seen:
-            seen[name] = (f"{entry} {key}" if not is_domain else entry, is_domain)
+            seen[name] = (entry, is_domain)
         elif not (is_domain and seen[name][1]):
             c.fail(entry, key, f"{name} is already a name of {seen[name][0]}; a name belongs to one origin, once")
 
