@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
@@ -29,7 +29,9 @@ class Host:
     origin: str = ""  # edges: the origin they serve
     domain: str = ""
     upstream: str = ""  # origins: where the demo application listens
-    hostnames: tuple[str, ...] = ()  # origins: their other names (kokoa:origins[].hostnames)
+    # Origins: their other names (kokoa:origins[].hostnames), for `lab status`. Not what the host
+    # is: a changed list rebuilds no host.
+    hostnames: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def is_server(self) -> bool:
