@@ -288,7 +288,8 @@ def sweep_by_name(results: dict[tuple[str, str], bool]) -> Sweep:
     for edge in ("e1", "e2"):
         target = edge_target(edge)
         nodes.append(NodeResult(target, None, https(results.get((edge, BLOG), True)),
-                                tuple(HostnameResult(n, https(results.get((edge, n), True))) for n in (WWW, API))))
+                                hostnames=tuple(HostnameResult(n, https(results.get((edge, n), True)))
+                                                for n in (WWW, API))))
     return Sweep(checked_at=datetime.now(timezone.utc), duration_s=0.1, checks=("https",), nodes=nodes)
 
 
