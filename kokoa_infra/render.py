@@ -112,7 +112,6 @@ def _common(settings: Settings, origin: Origin) -> dict:
         "cert_port": CERT_PORT,
         "gateway_user": GATEWAY_USER,
         "applications": applications(origin),
-        "redirects": redirects(origin),
         "tunnel_prefix": TUNNEL_PREFIX,
         "ssh_allow_from": settings.ssh_allow_from,
         "dropped_headers": DROPPED_CLIENT_HEADERS,
@@ -321,15 +320,6 @@ def applications(origin: Origin) -> tuple[Application, ...]:
             names.setdefault(hostname.upstream or origin.upstream, []).append(hostname.name)
     return tuple(Application(_upstream(url), tuple(served), GATEWAY_PORT + i, f"_{i}" if i else "")
                  for i, (url, served) in enumerate(names.items()))
-
-
-def redirects(origin: Origin) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """(target, names redirected to it) of the origin's redirecting hostnames."""
-    targets: dict[str, list[str]] = {}
-    for hostname in origin.hostnames:
-        if hostname.redirect_to is not None:
-            targets.setdefault(hostname.redirect_to, []).append(hostname.name)
-    return tuple((target, tuple(names)) for target, names in targets.items())
 
 
 def _upstream(url: str) -> Upstream:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,9 @@ MAIN_PORT, API_PORT = 8080, 9000
                         ("http://127.0.0.1:8080/", "http://127.0.0.1:9000")],
                 ids=["relayed domain, proxied api", "proxied domain, relayed api"])
 def site(request, make_netns, tmp_path):
-    """The chain for blog with its three names; returns (client namespace, CA, the main application's log)."""
-    def build(**blog) -> tuple[str, Path, Path]:
+    """The chain for blog with its three names; returns (client namespace, CA, the main application's log,
+    the edge's directory)."""
+    def build(**blog) -> tuple[str, Path, Path, Path]:
         edge_ns, origin_ns = make_netns(), make_netns()
         main, api = request.param
         config = copy.deepcopy(BASE_CONFIG)
@@ -53,7 +55,7 @@ def site(request, make_netns, tmp_path):
         edge_dir.mkdir()
         ca = throwaway_certificate(edge_dir, BLOG, WWW, API)
         start_edge_nginx(edge_ns, edge_dir, rendered["edge/edge-tokyo-1"])
-        return edge_ns, ca, log
+        return edge_ns, ca, log, edge_dir
     return build
     # make_netns kills every process left in the namespaces.
 
@@ -65,7 +67,7 @@ def curl(netns: str, ca: Path, name: str, *args: str, path: str = "/") -> subpro
 
 
 def test_each_name_reaches_its_own_application_through_its_door(site):
-    netns, ca, _ = site()
+    netns, ca, _, edge_dir = site()
     assert curl(netns, ca, BLOG).stdout == "the main application\n"
     api = curl(netns, ca, API, path="/x?y=1")
     assert api.stdout.startswith("upgrade=[] connection=[] x-forwarded-proto=[https]"), api.stdout + api.stderr
@@ -78,10 +80,26 @@ def test_each_name_reaches_its_own_application_through_its_door(site):
                               "--ca", str(ca), "--connect", "127.0.0.1:443"], capture_output=True, text=True,
                              timeout=60)
     assert refused.returncode != 0
+    # Each name is its own server: the access log (the edge's traffic metrics) names the one asked for.
+    assert curl(netns, ca, WWW, "-o", "/dev/null").returncode == 0
+    subprocess.run(["kill", "-USR1", (edge_dir / "run" / "nginx.pid").read_text().strip()], check=True)
+    sites = {" ".join(line.split(" kokoa ", 1)[1].split()[:2]) for line in wait_for_log(edge_dir, 5)}
+    assert sites >= {f"{BLOG} 2xx", f"{API} 2xx", f"{API} 1xx", f"{BLOG} 4xx", f"{WWW} 3xx"}, sites
+
+
+def wait_for_log(edge_dir: Path, lines: int) -> list[str]:
+    """The edge's access log once it has `lines` lines (nginx writes its buffer on USR1; bounded: 5 s)."""
+    log = edge_dir / "log" / "nginx" / "access.log"
+    for _ in range(50):
+        found = log.read_text().splitlines() if log.exists() else []
+        if len(found) >= lines:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"the access log has {len(found)} lines")
 
 
 def test_the_redirect_is_the_edges_own_answer_and_never_reaches_the_origin(site):
-    netns, ca, log = site()
+    netns, ca, log, _ = site()
     before = log.read_text()
     moved = curl(netns, ca, WWW, "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", path="/a/%2Fb?c=d")
     assert moved.stdout == f"301 https://{BLOG}/a/%2Fb?c=d", moved.stdout + moved.stderr
@@ -96,7 +114,7 @@ def test_the_redirect_is_the_edges_own_answer_and_never_reaches_the_origin(site)
 
 
 def test_a_redirecting_name_is_rate_limited_like_the_others(site):
-    netns, ca, _ = site(rateLimit={"requestsPerSecond": 1, "burst": 2})
+    netns, ca, *_ = site(rateLimit={"requestsPerSecond": 1, "burst": 2})
     # Eight at once: a burst of 2 waits its turn, the rest are refused.
     codes = curl(netns, ca, WWW, "--parallel", "--parallel-immediate", *(["-o", "/dev/null"] * 8),
                  "-w", "%{http_code}\n", *[f"https://{WWW}/{i}" for i in range(7)]).stdout.split()

@@ -140,11 +140,13 @@ def test_one_application_per_upstream_each_at_its_own_door(rendered):
     # The edge sends each name to its application's door; the origin's upstream keeps its name.
     for suffix, door in (("", 80), ("_1", 81), ("_2", 82)):
         assert f"upstream kokoa_origin{suffix} {{\n        server {ip}:{door};" in edge
-    assert "proxy_pass http://kokoa_origin;" in server_block(edge, "443 ssl http2", f"{BLOG} {STATIC}")
-    assert "proxy_pass http://kokoa_origin_1;" in server_block(edge, "443 ssl http2", API)
-    assert "proxy_pass http://kokoa_origin_2;" in server_block(edge, "443 ssl http2", "ws.blog.example.com")
+    # A server per name (its own $server_name for the access log), each to its application's door.
+    for name, group in ((BLOG, "kokoa_origin"), (STATIC, "kokoa_origin"), (API, "kokoa_origin_1"),
+                        ("ws.blog.example.com", "kokoa_origin_2")):
+        assert f"proxy_pass http://{group};" in server_block(edge, "443 ssl http2", name)
     # Port 80 takes every name (ACME's challenges for each, and the way to HTTPS).
-    server_block(edge, "80;", f"{BLOG} {WWW} {API} {STATIC} ws.blog.example.com")
+    for name in (BLOG, WWW, API, STATIC, "ws.blog.example.com"):
+        assert "location /.well-known/acme-challenge/" in server_block(edge, "80;", name)
     # The gateway: the origin's upstream relayed on 80, api's HTTP proxy under its path on 81,
     # ws's relay on 82; the firewall opens exactly these doors (and the certificate port) to the edges.
     gateway = rendered["origin/blog"]["gateway.conf"]
@@ -173,9 +175,10 @@ def test_capacity_counts_the_origins_own_upstream_and_the_challenge_every_served
     rendered = bundles(with_hostnames(capacity={"concurrentRequests": 8}, underAttack="on"))
     edge = rendered["edge/edge-tokyo-1"]["nginx.conf"]
     assert "server 10.100.0.1:80 max_conns=" in edge and "server 10.100.0.1:81;" in edge
-    own, api = server_block(edge, "443 ssl http2", f"{BLOG} {STATIC}"), server_block(edge, "443 ssl http2", API)
-    assert "limit_conn kokoa_open" in own and "limit_conn kokoa_open" not in api
-    for served in (own, api):
+    own = [server_block(edge, "443 ssl http2", name) for name in (BLOG, STATIC)]
+    api = server_block(edge, "443 ssl http2", API)
+    assert all("limit_conn kokoa_open" in block for block in own) and "limit_conn kokoa_open" not in api
+    for served in (*own, api):
         assert "js_content kokoa.challenge;" in served and "limit_req zone=kokoa_visitor_requests" in served
 
 
