@@ -182,7 +182,7 @@ class EdgeNode(pulumi.ComponentResource):
     server_tag: pulumi.Output[str]
     bundle: pulumi.Output[dict[str, str]]
     install: remote.Command
-    dns_record: cloudflare.DnsRecord | None
+    dns_records: list[cloudflare.DnsRecord]  # one per name of its origin; none when drained or without a zone
 
     def __init__(self, name: str, args: EdgeNodeArgs, opts: pulumi.ResourceOptions | None = None):
         opts = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(aliases=node_aliases(args.former_names)))
@@ -202,25 +202,29 @@ class EdgeNode(pulumi.ComponentResource):
         self.install = _push_command(f"{name}-install", f"edge/{edge.name}", edge.ssh,
                                      args.ssh_private_key, self.bundle, self, args.server_key)
 
-        zone_id = args.zone_id
-        self.dns_record = None
-        if edge.dns and zone_id:
-            # Only after the install: DNS never sends users to a half-built edge.
-            self.dns_record = cloudflare.DnsRecord(
-                f"{name}-a-record",
-                zone_id=zone_id,
-                name=origin.domain,
-                type="A",
-                content=edge.public_ip,
-                ttl=DNS_TTL,
-                proxied=False,
-                comment=f"kokoa edge {edge.name} (stack {args.stack})",
-                # With failover the agent parks a failing edge's record under another name and
-                # votes in its comment; ignoring both keeps a refreshed `pulumi up` from undoing
-                # that, while creating and deleting the record stay the program's (docs/dns.md).
-                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.install],
-                                            ignore_changes=["name", "comment"] if args.settings.dns_failover else None))
+        # An A record for each name of the origin; the domain's keeps the resource name it always had.
+        self.dns_records = [
+            self._a_record(f"{name}-a-record" if hostname == origin.domain else f"{name}-a-record-{hostname}",
+                           hostname, args)
+            for hostname in origin.names] if edge.dns and args.zone_id else []
         self.register_outputs({"publicKey": self.public_key})
+
+    def _a_record(self, resource_name: str, hostname: str, args: EdgeNodeArgs) -> cloudflare.DnsRecord:
+        # Only after the install: DNS never sends users to a half-built edge.
+        return cloudflare.DnsRecord(
+            resource_name,
+            zone_id=args.zone_id,
+            name=hostname,
+            type="A",
+            content=args.edge.public_ip,
+            ttl=DNS_TTL,
+            proxied=False,
+            comment=f"kokoa edge {args.edge.name} (stack {args.stack})",
+            # With failover the agent parks a failing edge's record under another name and
+            # votes in its comment; ignoring both keeps a refreshed `pulumi up` from undoing
+            # that, while creating and deleting the record stay the program's (docs/dns.md).
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.install],
+                                        ignore_changes=["name", "comment"] if args.settings.dns_failover else None))
 
 
 @dataclass(frozen=True)
@@ -301,13 +305,13 @@ class Origin(pulumi.ComponentResource):
             self.certificate = remote.Command(
                 f"{name}-certificate",
                 connection=_connection(spec.ssh, args.ssh_private_key),
-                # Naming domain and ACME server in the command re-runs it when they change.
-                create=(f"# kokoa certificate for {spec.domain} from {args.settings.acme_server}\n"
+                # Naming the names and the ACME server in the command re-runs it when they change.
+                create=(f"# kokoa certificate for {', '.join(spec.names)} from {args.settings.acme_server}\n"
                         + _as_root(f"{INSTALL_DIR}/certificate.sh")),
                 add_previous_output_in_env=False,
                 opts=pulumi.ResourceOptions(
                     parent=self,
                     depends_on=[self.install, *[n.install for n in serving],
-                                *[n.dns_record for n in serving if n.dns_record is not None]]),
+                                *[record for n in serving for record in n.dns_records]]),
             )
         self.register_outputs({"publicKey": self.public_key})

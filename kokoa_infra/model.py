@@ -80,6 +80,9 @@ CHALLENGE_DIFFICULTY_RANGE = (8, 24)
 PATH_PREFIX_RE = re.compile(r"/[A-Za-z0-9._~/-]{0,199}")
 MAX_EXEMPT_PATHS = 50
 MAX_STREAMING_PATHS = 50
+# One certificate carries every name of an origin: Let's Encrypt issues at most 100 names per
+# certificate, the domain among them.
+MAX_NAMES_PER_ORIGIN = 100
 # Seconds an upgraded (WebSocket) or streaming connection may stay silent before the edge and
 # the gateway close it. nginx takes any time; an hour is a sanity bound (an application that
 # keeps a connection open longer sends pings).
@@ -105,12 +108,13 @@ SECRET_KEYS = ("sshPrivateKey",)
 ORIGIN_KEYS = ("name", "domain", "subnet", "host", "endpoint", "listenPort", "upstream", "sshPort",
                "sshUser", "hostKey", "insecureAnyHostKey", "rateLimit", "capacity", "underAttack",
                "allowFrom", "exemptPaths", "challengeDifficulty", "hstsMaxAge", "idleTimeout",
-               "maxBodySize", "streamingPaths", "zoneId", "keyGeneration")
+               "maxBodySize", "streamingPaths", "hostnames", "zoneId", "keyGeneration")
 EDGE_KEYS = ("name", "origin", "publicIp", "index", "host", "sshPort", "sshUser", "hostKey",
              "insecureAnyHostKey", "dns", "keyGeneration")
 RATE_LIMIT_KEYS = ("requestsPerSecond", "burst", "connections", "newConnectionsPerSecond",
                    "newConnectionsBurst")
 CAPACITY_KEYS = ("concurrentRequests",)
+HOSTNAME_KEYS = ("name", "upstream", "redirectTo")
 # A Cloudflare A record's TTL, whoever writes it (the program's DnsRecords, kokoa-dns).
 DNS_TTL = 60
 
@@ -176,6 +180,16 @@ class Ssh:
 
 
 @dataclass(frozen=True)
+class Hostname:
+    """One more name of an origin (kokoa:origins[].hostnames): served like its domain, sent to an
+    application of its own (`upstream`), or answered at the edge with a 301 to `redirect_to`."""
+
+    name: str
+    upstream: str | None = None
+    redirect_to: str | None = None
+
+
+@dataclass(frozen=True)
 class Origin:
     name: str
     domain: str
@@ -196,8 +210,15 @@ class Origin:
     max_body_size: str = DEFAULT_MAX_BODY_SIZE
     # Path prefixes whose request bodies go to the origin as they arrive (not buffered first).
     streaming_paths: tuple[str, ...] = ()
+    # Its other names, all on its one certificate and in DNS beside the domain.
+    hostnames: tuple[Hostname, ...] = ()
 
     interface = "wg0"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name of the origin, its domain first: the certificate's names, each with A records."""
+        return (self.domain, *(h.name for h in self.hostnames))
 
     @property
     def edge_interface(self) -> str:
@@ -826,6 +847,68 @@ def _streaming_paths(c: _Checker, entry: str, raw: Mapping[str, Any]) -> tuple[s
                         lambda items: _path_prefixes(c, entry, items, "streamingPaths"))
 
 
+def _hostnames(c: _Checker, entry: str, raw: Mapping[str, Any],
+               domain: str | None) -> list[tuple[str, Hostname]]:
+    """hostnames: the origin's other names, each `{name, upstream?, redirectTo?}`; a redirect goes to
+    a name of the same origin that is served (so there is no chain and no loop). The names that
+    passed their own checks, each with its entry's label: whether all did, the checker's problems say."""
+    value = raw.get("hostnames")
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        c.fail(entry, "hostnames", f"{value!r} is not a list of names like [{{name: www.blog.example.com}}]")
+        return []
+    if len(value) >= MAX_NAMES_PER_ORIGIN:
+        c.fail(entry, "hostnames", f"has {len(value)} names; with the domain an origin has at most "
+                                   f"{MAX_NAMES_PER_ORIGIN} (all on one certificate): at most "
+                                   f"{MAX_NAMES_PER_ORIGIN - 1} here")
+        return []
+    named: list[tuple[str, Hostname]] = []  # every entry whose name is valid, with where it is
+    for i, item in enumerate(value):
+        where = f"{entry} hostnames[{i}]"
+        if not isinstance(item, dict):
+            c.fail(entry, f"hostnames[{i}]", f"{item!r} is not a mapping like {{name: www.blog.example.com}}")
+            continue
+        c.keys(where, item, HOSTNAME_KEYS)
+        name = c.string(where, item, "name", DOMAIN_RE, "a lower-case domain name like www.blog.example.com")
+        upstream = _upstream(c, where, item) if item.get("upstream") is not None else None
+        redirect_to = c.string(where, item, "redirectTo", DOMAIN_RE, "a name of this origin, like blog.example.com",
+                               required=False)
+        if item.get("upstream") is not None and item.get("redirectTo") is not None:
+            c.fail(where, "redirectTo", "cannot go with upstream: a redirected name never reaches an "
+                                        "application; keep one of the two")
+        elif name is not None:
+            named.append((where, Hostname(name, upstream, redirect_to)))
+    redirects = {h.name: h.redirect_to for _, h in named if h.redirect_to}
+    names = {domain, *(h.name for _, h in named)}
+    for where, h in named:
+        target = h.redirect_to
+        if target is None:
+            continue
+        if target == h.name:
+            c.fail(where, "redirectTo", f"{target} is this name itself; redirect to a name that is served, "
+                                        f"such as {domain}")
+        elif target in redirects:
+            c.fail(where, "redirectTo", f"{target} is redirected itself (to {redirects[target]}); redirect "
+                                        f"straight to a name that is served, such as {domain}")
+        elif target not in names:
+            c.fail(where, "redirectTo", f"{target} is not a name of this origin (its domain {domain} or one "
+                                        "of its hostnames)")
+    return named
+
+
+def _unique_names(c: _Checker, names: list[tuple[str, str, str, bool]]) -> None:
+    """Every domain and hostname once in the whole stack: `names` are (entry, key, name, is the
+    domain), domains first, so that a hostname is reported, not the domain it takes. Two equal
+    domains are the domain check's to report."""
+    seen: dict[str, tuple[str, bool]] = {}
+    for entry, key, name, is_domain in names:
+        if name not in seen:
+            seen[name] = (entry, is_domain)
+        elif not (is_domain and seen[name][1]):
+            c.fail(entry, key, f"{name} is already a name of {seen[name][0]}; a name belongs to one origin, once")
+
+
 def _upstream(c: _Checker, entry: str, raw: Mapping[str, Any]) -> str | None:
     value = c.string(entry, raw, "upstream", UPSTREAM_RE,
                      "an http(s)://host[:port][/path] URL of the application")
@@ -887,6 +970,7 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
     # Every entry's values that passed their own checks, also of entries with problems
     # elsewhere: a duplicate is reported with the rest, not after the other fix.
     seen_origins: list[tuple[str, Any, Any, Any, Ssh, Any, Any]] = []
+    other_names: list[tuple[str, str, str, bool]] = []  # the hostnames' (see _unique_names)
     for entry, raw in origin_entries:
         c.keys(entry, raw, ORIGIN_KEYS)
         name = c.string(entry, raw, "name", NAME_RE, "a name matching ^[a-z][a-z0-9-]{0,30}$")
@@ -914,6 +998,8 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
         idle_timeout = c.integer(entry, raw, "idleTimeout", *IDLE_TIMEOUT_RANGE, False, DEFAULT_IDLE_TIMEOUT)
         max_body_size = _max_body_size(c, entry, raw)
         streaming_paths = _streaming_paths(c, entry, raw)
+        hostnames = _hostnames(c, entry, raw, domain)
+        other_names += [(where, "name", h.name, False) for where, h in hostnames]
         seen_origins.append((entry, name, domain, subnet, ssh, endpoint, listen_port))
         if None in (name, domain, subnet, endpoint, listen_port, upstream) or not ssh.host:
             continue
@@ -923,11 +1009,14 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
                               ssh=ssh, rate_limit=rate_limit, zone_id=zone_id,
                               hsts_max_age=hsts_max_age, key_generation=key_generation, defence=defence,
                               idle_timeout=idle_timeout, max_body_size=max_body_size,
-                              streaming_paths=streaming_paths))
+                              streaming_paths=streaming_paths,
+                              hostnames=tuple(h for _, h in hostnames)))
 
     c.unique([(label, name, repr(name)) for label, name, *_ in seen_origins], "name", "origin name",
              by_position=True)
     c.unique([(label, domain, repr(domain)) for label, _, domain, *_ in seen_origins], "domain", "domain")
+    _unique_names(c, [(label, "domain", domain, True) for label, _, domain, *_ in seen_origins if domain]
+                  + other_names)
     c.unique([(label, subnet, repr(subnet)) for label, _, _, subnet, *_ in seen_origins], "subnet", "subnet")
     # One wg0 per host: two origins on one server would overwrite each other's tunnel.
     c.unique([(label, server_identity(ssh) if ssh.host else None, _describe(ssh))

@@ -9,6 +9,7 @@ import pulumi
 from kokoa_infra.components import Origin, OriginArgs, server_key
 from kokoa_infra.model import (NAME_RE, OBJECT_KEYS, SECRET_KEYS, STRING_KEYS, InvalidConfig, Problem, Topology, keyscan_command,
                                parse_topology)
+from kokoa_infra.model import Origin as OriginSpec
 
 
 def read_config(config: pulumi.Config) -> tuple[dict[str, Any], pulumi.Output[str] | None]:
@@ -132,12 +133,14 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
                 "endpoint": pulumi.Output.secret(o.endpoint),
                 "listenPort": o.listen_port,
                 "edges": [e.name for e in topology.edges_of(o)],
+                "hostnames": [h.name for h in o.hostnames],
             } for o in topology.origins
         },
         "edges": {
             e.name: {
                 "origin": e.origin,
                 "domain": topology.origin(e.origin).domain,
+                "hostnames": [h.name for h in topology.origin(e.origin).hostnames],
                 "publicIp": e.public_ip,
                 "wireguardIp": e.wireguard_ip,
                 "publicKey": origins[e.origin].edges[e.name].public_key,
@@ -147,18 +150,24 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
         # Whether `kokoa health --failover` may take records out of DNS (it refuses otherwise).
         "dnsFailover": topology.settings.dns_failover,
         "dnsRecords": {
-            o.domain: [e.public_ip for e in topology.edges_of(o) if e.dns] for o in topology.origins
+            name: [e.public_ip for e in topology.edges_of(o) if e.dns] for o in topology.origins for name in o.names
         },
         "healthTargets": [
             {"name": o.name, "role": "origin", "origin": o.name, "domain": o.domain,
+             "hostnames": _hostname_targets(o),
              "wireguardIp": o.wireguard_ip, "publicIp": pulumi.Output.secret(o.endpoint)}
             for o in topology.origins
         ] + [
             {"name": e.name, "role": "edge", "origin": e.origin,
-             "domain": topology.origin(e.origin).domain,
+             "domain": topology.origin(e.origin).domain, "hostnames": _hostname_targets(topology.origin(e.origin)),
              "wireguardIp": e.wireguard_ip, "publicIp": e.public_ip} for e in topology.edges
         ],
         "bundles": pulumi.Output.secret(bundles),
         # What `kokoa health` sends so that its probes are never challenged (secret).
         "healthTokens": pulumi.Output.secret({name: origin.health_token for name, origin in origins.items()}),
     }
+
+
+def _hostname_targets(origin: OriginSpec) -> list[dict[str, str]]:
+    """What `kokoa health` probes of an origin's other names: each name, and where it redirects."""
+    return [{"name": h.name, **({"redirectTo": h.redirect_to} if h.redirect_to else {})} for h in origin.hostnames]

@@ -110,8 +110,8 @@ def _common(settings: Settings, origin: Origin) -> dict:
         "acme_webroot": ACME_WEBROOT,
         "cert_export_dir": CERT_EXPORT_DIR,
         "cert_port": CERT_PORT,
-        "gateway_port": GATEWAY_PORT,
         "gateway_user": GATEWAY_USER,
+        "applications": applications(origin),
         "tunnel_prefix": TUNNEL_PREFIX,
         "ssh_allow_from": settings.ssh_allow_from,
         "dropped_headers": DROPPED_CLIENT_HEADERS,
@@ -130,18 +130,16 @@ def render_origin_bundle(settings: Settings, origin: Origin, private_key: str,
     if strangers:
         raise ValueError(f"edges {', '.join(strangers)} do not serve origin {origin.name}")
     peers = sorted(peers, key=lambda p: p.edge.index)
-    upstream = _upstream(origin.upstream)
+    relay = any(app.relay for app in applications(origin))
     ctx = _common(settings, origin) | {
         "private_key": private_key,
         "peers": peers,
         "renew_interval": RENEW_INTERVAL,
-        "upstream": upstream,
-        # A path must be put in front of each request's URI, which takes an HTTP proxy;
-        # without one the gateway relays the edge's bytes as they are.
-        "relay": not upstream.path,
+        # Whether any application's door is a TCP relay (nginx stream).
+        "relay": relay,
         "stream_module": STREAM_MODULE,
         "stream_package": STREAM_PACKAGE,
-        "gateway_logs": GATEWAY_LOGS + (("gateway-relay.log",) if not upstream.path else ()),
+        "gateway_logs": GATEWAY_LOGS + (("gateway-relay.log",) if relay else ()),
     }
     edges = [p.edge for p in peers]
     ctx["firewall"] = _render("common/firewall.nft.j2", **ctx, role="origin", node_name=origin.name,
@@ -291,6 +289,37 @@ class Upstream:
     host: str
     server: str  # host:port, as nginx's `server` takes it
     path: str  # "" or a prefix without a trailing "/"
+
+
+@dataclass(frozen=True)
+class Application:
+    """One application behind an origin's gateway and the names the edges send to it: the
+    origin's `upstream` first (its domain's), then each other `upstream` of its hostnames."""
+
+    upstream: Upstream
+    names: tuple[str, ...]
+    # Its door: the gateway's port for it on the origin's WireGuard address, which the edges
+    # choose by the name a request is for (so a relay needs no Host header to route).
+    door: int
+    # "" for the first; the upstream blocks of the edges and the gateway are named with it.
+    suffix: str
+
+    @property
+    def relay(self) -> bool:
+        """A path must be put in front of each request's URI, which takes an HTTP proxy;
+        without one the gateway relays the edge's bytes as they are."""
+        return not self.upstream.path
+
+
+def applications(origin: Origin) -> tuple[Application, ...]:
+    """The origin's applications in a fixed order (its upstream, then its hostnames' in the
+    order they are listed), each with its names; a redirecting name has none."""
+    names: dict[str, list[str]] = {origin.upstream: [origin.domain]}
+    for hostname in origin.hostnames:
+        if hostname.redirect_to is None:
+            names.setdefault(hostname.upstream or origin.upstream, []).append(hostname.name)
+    return tuple(Application(_upstream(url), tuple(served), GATEWAY_PORT + i, f"_{i}" if i else "")
+                 for i, (url, served) in enumerate(names.items()))
 
 
 def _upstream(url: str) -> Upstream:

@@ -255,8 +255,13 @@ class _EdgeView:
     host: str
     user: str
     port: int
-    domain: str
+    names: tuple[str, ...]  # its origin's: the domain, then the hostnames
     zone: bool
+
+    @property
+    def site(self) -> str:
+        """Its origin's names, for messages."""
+        return ", ".join(self.names)
 
 
 def _view(stack: StackDocument, entry: Any) -> _EdgeView:
@@ -271,8 +276,15 @@ def _view(stack: StackDocument, entry: Any) -> _EdgeView:
     return _EdgeView(name=name, origin=origin["name"], public_ip=entry["publicIp"], dns=entry.get("dns", True) is not False,
                      host=str(entry.get("host", entry["publicIp"])),
                      user=str(entry.get("sshUser", plain.get(PREFIX + "sshUser", "root"))),
-                     port=int(entry.get("sshPort", 22)), domain=str(origin.get("domain")),
+                     port=int(entry.get("sshPort", 22)), names=_names(origin),
                      zone=bool(origin.get("zoneId") or plain.get(PREFIX + "cloudflareZoneId")))
+
+
+def _names(origin: dict) -> tuple[str, ...]:
+    """An origin entry's names as written: its domain, then each of its hostnames."""
+    hostnames = origin.get("hostnames") if isinstance(origin.get("hostnames"), list) else []
+    return (str(origin.get("domain")),
+            *(str(h["name"]) for h in hostnames if isinstance(h, dict) and isinstance(h.get("name"), str)))
 
 
 def _serving(stack: StackDocument, origin: str) -> list[str]:
@@ -295,10 +307,11 @@ def _insert(entry: dict, key: str, value: Any, order: tuple[str, ...]) -> None:
 
 def _record_lines(edge: _EdgeView, verb: str) -> list[str]:
     if edge.zone:
-        return [f"{verb} the A record {edge.domain} → {edge.public_ip} (TTL {DNS_TTL} s)"]
+        return [f"{verb} the A record {name} → {edge.public_ip} (TTL {DNS_TTL} s)" for name in edge.names]
     action = "add" if verb == "creates" else "remove"
-    return [f"manages no A record (no Cloudflare zone for {edge.origin}): {action} it by hand: "
-            f"kokoa-dns {action} --ip {edge.public_ip} --name {edge.domain}"]
+    records = "it" if len(edge.names) == 1 else f"its {len(edge.names)} records"
+    return [f"manages no A record (no Cloudflare zone for {edge.origin}): {action} {records} by hand: "
+            + "; ".join(f"kokoa-dns {action} --ip {edge.public_ip} --name {name}" for name in edge.names)]
 
 
 def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> StackChange:
@@ -310,7 +323,7 @@ def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> S
     stack = StackDocument(path)
     edges, i = _entry(stack, "edges", name)
     edge = _view(stack, edges[i])
-    domain = edge.domain
+    site = edge.site
     if edge.dns == serving:
         return StackChange(path, False, f"edge {name} is already {'serving' if serving else 'drained'}; "
                                        f"{path} is unchanged", [])
@@ -321,18 +334,18 @@ def set_edge_dns(path: Path, name: str, serving: bool, force: bool = False) -> S
     else:
         others = [e for e in _serving(stack, edge.origin) if e != name]
         if not others and not force:
-            raise ChangeRefused(f"{name} is the last serving edge of {edge.origin} ({domain}): draining it "
+            raise ChangeRefused(f"{name} is the last serving edge of {edge.origin} ({site}): draining it "
                                  "takes the site out of DNS. Add and deploy another edge first, or use --force")
         _insert(entry, "dns", False, EDGE_KEYS)
     stack.write()
     serving_now = _serving(stack, edge.origin)
     if serving:
         lines = [*_record_lines(edge, "creates"),
-                 f"{domain} is then served by {', '.join(serving_now)}"]
+                 f"{site} is then served by {', '.join(serving_now)}"]
         return StackChange(path, True, f"undrained edge {name} in {path}", lines)
     lines = [*_record_lines(edge, "deletes"), f"keeps {name} running and its tunnel up",
-             (f"{domain} is then served by {', '.join(serving_now)}" if serving_now
-              else f"WARNING: {domain} then has no serving edge: the site is unreachable"),
+             (f"{site} is then served by {', '.join(serving_now)}" if serving_now
+              else f"WARNING: {site} then has no serving edge: the site is unreachable"),
              f"then wait out the TTL before `kokoa remove-edge {name}`"]
     return StackChange(path, True, f"drained edge {name} in {path} (dns: false)", lines)
 
@@ -348,7 +361,7 @@ def remove_edge(path: Path, name: str, force: bool = False) -> StackChange:
     edge = _view(stack, edges[i])
     others = [e for e in _serving(stack, edge.origin) if e != name]
     if edge.dns and not others and not force:
-        raise ChangeRefused(f"{name} is the last serving edge of {edge.origin} ({edge.domain}): removing it "
+        raise ChangeRefused(f"{name} is the last serving edge of {edge.origin} ({edge.site}): removing it "
                              "takes the site down. Add and deploy another edge first, or use --force")
     if i == len(edges) - 1 and i > 0:
         _move_trailing_comment(edges[i], edges[i - 1])
@@ -362,10 +375,10 @@ def remove_edge(path: Path, name: str, force: bool = False) -> StackChange:
     if edge.dns:
         lines += _record_lines(edge, "deletes")
         lines.append("WARNING: it was still serving; clients that cached its address fail until the TTL passes"
-                     if others else f"WARNING: {edge.domain} then has no serving edge: the site is unreachable")
+                     if others else f"WARNING: {edge.site} then has no serving edge: the site is unreachable")
     lines += [f"removes its peer from origin {edge.origin} and its WireGuard keys from the state"]
     if not _serving(stack, edge.origin) and not edge.dns:
-        lines.append(f"{edge.domain} has no serving edge (it had none before either)")
+        lines.append(f"{edge.site} has no serving edge (it had none before either)")
     return StackChange(path, True, f"removed edge {name} from {path}", lines)
 
 

@@ -12,17 +12,22 @@ creates or deletes an A record.
 The records also carry the agents' votes, in their comment after the program's marker:
 `kokoa edge edge-1 (stack prod); a=down; b=up; out=2025-05-01T03:00:00Z`. A record is
 parked only when every agent that voted on it says down, and put back by an agent that
-says up, so two agents never park and restore a record in turns. Parking a hostname's
+says up, so two agents never park and restore a record in turns.
+
+Per name: an edge has one record for each name of its origin (`kokoa:origins[].hostnames`),
+and each is counted, voted on, parked (`kokoa-out-<edge>.<that name>`) and put back on the
+probe of that name through that edge, so an edge that fails one name keeps serving the others. Parking a hostname's
 record happens under a lock made of a TXT record (`_kokoa-failover.<domain>`): Cloudflare
 refuses a second identical record (81057), which makes creating it the one atomic step the
 API offers; the holder re-reads the hostname's records and keeps at least one in DNS.
 
-Decision rules (one sweep = one HTTPS probe per edge, the end-to-end check):
+Decision rules (one sweep = one HTTPS probe per name through each edge, the end-to-end check):
 - K (`--fail-after`) consecutive failed sweeps make this agent's vote `down`, M
   (`--recover-after`) consecutive passing sweeps make it `up`; a new agent votes `up` at
   its first passing sweep.
-- When every edge of an origin fails in the same sweep, this checker's own network is the
-  likelier cause: the counts of those edges stay as they were and a note says why.
+- When every edge of an origin fails a name in the same sweep, this checker's own network (or
+  that name's application) is the likelier cause: the counts of that name stay as they were
+  and a note says why.
 - The last A record of a hostname is never parked; a drained edge (`dns: false`) or one no
   longer in the outputs is never put back.
 - Every API failure is reported and nothing is believed done: the state is what the
@@ -51,7 +56,8 @@ from kokoa_infra.health.targets import Target
 DEFAULT_FAIL_AFTER = 3
 DEFAULT_RECOVER_AFTER = 3
 DEFAULT_STATE_FILE = "/var/lib/kokoa-health/failover.json"
-STATE_VERSION = 1
+# 2: counts per edge and name (1 counted per edge: read as no counts, which K sweeps rebuild).
+STATE_VERSION = 2
 AGENT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,15}")
 # The program's marker (components.py: `kokoa edge NAME (stack STACK)`), then the agents' fields.
 MARKER_RE = re.compile(r"kokoa edge (?P<edge>[a-z][a-z0-9-]{0,30}) \(stack (?P<stack>[^)]*)\)")
@@ -85,8 +91,8 @@ def agent_problem(name: str) -> str | None:
     return None
 
 
-def parked_name(edge: str, domain: str) -> str:
-    return f"{PARKED_PREFIX}{edge}.{domain}"
+def parked_name(edge: str, hostname: str) -> str:
+    return f"{PARKED_PREFIX}{edge}.{hostname}"
 
 
 def require_failover_on(outputs: dict[str, Any]) -> None:
@@ -148,13 +154,20 @@ class EdgeCount:
 
 @dataclass
 class AgentState:
-    edges: dict[str, EdgeCount] = field(default_factory=dict)
+    edges: dict[str, dict[str, EdgeCount]] = field(default_factory=dict)   # edge -> hostname -> count
     changes: int = 0
+
+    def count(self, edge: str, hostname: str) -> EdgeCount:
+        return self.edges.setdefault(edge, {}).setdefault(hostname, EdgeCount())
+
+    def vote(self, edge: str, hostname: str) -> str | None:
+        return self.edges.get(edge, {}).get(hostname, EdgeCount()).vote
 
     def document(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "changes": self.changes,
-                "edges": {name: {"fails": c.fails, "passes": c.passes, "vote": c.vote}
-                          for name, c in sorted(self.edges.items())}}
+                "edges": {edge: {hostname: {"fails": c.fails, "passes": c.passes, "vote": c.vote}
+                                 for hostname, c in sorted(names.items())}
+                          for edge, names in sorted(self.edges.items())}}
 
 
 def load_state(path: str) -> tuple[AgentState, str | None]:
@@ -168,9 +181,10 @@ def load_state(path: str) -> tuple[AgentState, str | None]:
     try:
         if document.get("version") != STATE_VERSION:
             raise ValueError(f"version {document.get('version')!r}")
-        edges = {str(name): EdgeCount(int(c["fails"]), int(c["passes"]),
-                                      c["vote"] if c.get("vote") in (UP, DOWN) else None)
-                 for name, c in document["edges"].items()}
+        edges = {str(edge): {str(hostname): EdgeCount(int(c["fails"]), int(c["passes"]),
+                                                       c["vote"] if c.get("vote") in (UP, DOWN) else None)
+                             for hostname, c in names.items()}
+                 for edge, names in document["edges"].items()}
         return AgentState(edges=edges, changes=int(document.get("changes", 0))), None
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         return AgentState(), f"starting with no failover counts: {path} is not a failover state file ({exc})"
@@ -184,18 +198,22 @@ class FailoverReport:
     events: list[str] = field(default_factory=list)       # changes made (also logged)
     notes: list[str] = field(default_factory=list)        # why something was not done
     errors: list[str] = field(default_factory=list)       # API failures: nothing believed done
-    removed: dict[str, dict[str, str]] = field(default_factory=dict)   # edge -> hostname, address, since
-    in_dns: dict[str, str] = field(default_factory=dict)  # edge -> hostname, records in DNS
+    # (edge, hostname) -> hostname, address, since: the records parked
+    removed: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    in_dns: set[tuple[str, str]] = field(default_factory=set)   # (edge, hostname) of the records in DNS
     changes: int = 0
 
     def document(self) -> dict[str, Any]:
         return {"agent": self.agent, "changes": self.changes,
-                "removed": [{"edge": edge, **info} for edge, info in sorted(self.removed.items())],
+                "removed": [{"edge": edge, **info} for (edge, _), info in sorted(self.removed.items())],
                 "events": self.events, "notes": self.notes, "errors": self.errors}
 
     def out_of_dns(self) -> dict[str, str]:
-        """edge name -> since when it is out of DNS (the status page's mark)."""
-        return {edge: info.get("since") or "?" for edge, info in self.removed.items()}
+        """edge name -> since when (one of) its records is out of DNS (the status page's mark)."""
+        out: dict[str, str] = {}
+        for (edge, _), info in sorted(self.removed.items()):
+            out.setdefault(edge, info.get("since") or "?")
+        return out
 
 
 def prometheus_lines(report: FailoverReport) -> list[str]:
@@ -204,8 +222,7 @@ def prometheus_lines(report: FailoverReport) -> list[str]:
         return f'{{edge="{edge}",hostname="{hostname}"}}'
     lines = ["# HELP kokoa_failover_removed 1 while failover keeps the edge's A record out of DNS.",
              "# TYPE kokoa_failover_removed gauge"]
-    rows = {(edge, info["hostname"]): 1 for edge, info in report.removed.items()}
-    rows |= {(edge, hostname): 0 for edge, hostname in report.in_dns.items() if edge not in report.removed}
+    rows = {key: 1 for key in report.removed} | {key: 0 for key in report.in_dns if key not in report.removed}
     lines += [f"kokoa_failover_removed{labels(edge, hostname)} {value}"
               for (edge, hostname), value in sorted(rows.items())]
     lines += ["# HELP kokoa_failover_changes_total Records this agent took out of DNS or put back.",
@@ -246,11 +263,13 @@ class FailoverAgent:
         except CloudflareApiError as exc:
             report.errors.append(f"reading the A records: {exc.message}")
         else:
-            mine = [r for r in records if r.edge in edges and self._is_of(r, edges[r.edge].target)]
-            self._vote(mine, edges, report)
+            # This stack's edges' records, each with the name it is for.
+            mine = [(r, hostname) for r in records if r.edge in edges
+                    for hostname in [self._hostname_of(r, edges[r.edge].target)] if hostname is not None]
+            self._vote(mine, report)
             self._restore(mine, edges, report)
-            self._park(mine, edges, report)
-            self._describe(mine, edges, report)
+            self._park(mine, report)
+            self._describe(mine, report)
         report.changes = self.state.changes
         try:
             write_atomically(self.state_file, json.dumps(self.state.document(), indent=1) + "\n", 0o600)
@@ -265,26 +284,29 @@ class FailoverAgent:
         return report
 
     @staticmethod
-    def _is_of(record: EdgeRecord, target: Target) -> bool:
-        """The record is this edge's: its address, under its domain or its parking name."""
-        return (record.content == target.public_ip
-                and record.name in (target.domain.lower(), parked_name(target.name, target.domain.lower())))
+    def _hostname_of(record: EdgeRecord, target: Target) -> str | None:
+        """The name of the edge's origin the record is for (in DNS under it, or parked from it), or
+        None when the record is not this edge's (another address, stack or name)."""
+        if record.content != target.public_ip:
+            return None
+        return next((name for name in (n.lower() for n in target.names)
+                     if record.name in (name, parked_name(target.name, name))), None)
 
     def _count(self, sweep: Sweep, report: FailoverReport) -> None:
-        by_origin: dict[str, list[Any]] = {}
+        by_name: dict[tuple[str, str], list[tuple[str, bool]]] = {}   # (origin, name) -> (edge, passed)
         for node in sweep.nodes:
-            if node.target.role == "edge" and node.https is not None:
-                by_origin.setdefault(node.target.origin, []).append(node)
-        for origin, nodes in sorted(by_origin.items()):
-            all_failed = all(not node.https.ok for node in nodes)
-            if all_failed and len(nodes) > 0:
+            if node.target.role == "edge":
+                for name, https in node.https_by_name():
+                    by_name.setdefault((node.target.origin, name.lower()), []).append((node.target.name, https.ok))
+        for (origin, name), results in sorted(by_name.items()):
+            if not any(passed for _, passed in results):
                 report.notes.append(
-                    f"every edge of {origin} fails from here ({', '.join(n.target.name for n in nodes)}): "
+                    f"every edge of {origin} fails from here for {name} ({', '.join(edge for edge, _ in results)}): "
                     "more likely this checker's own network; nothing removed, counts held")
                 continue
-            for node in nodes:
-                count = self.state.edges.setdefault(node.target.name, EdgeCount())
-                if node.https.ok:
+            for edge, passed in results:
+                count = self.state.count(edge, name)
+                if passed:
                     count.passes, count.fails = count.passes + 1, 0
                     if count.vote is None or count.passes >= self.recover_after:
                         count.vote = UP
@@ -299,53 +321,49 @@ class FailoverAgent:
         self.state.changes += 1
         self.log(line)
 
-    def _vote(self, records: list[EdgeRecord], edges: dict[str, Any], report: FailoverReport) -> None:
-        """Write this agent's vote into each of its edges' records where it differs."""
-        for record in records:
-            vote = self.state.edges.get(record.edge, EdgeCount()).vote
+    def _vote(self, records: list[tuple[EdgeRecord, str]], report: FailoverReport) -> None:
+        """Write this agent's vote into each of its records where it differs."""
+        for record, hostname in records:
+            vote = self.state.vote(record.edge, hostname)
             if vote is None or record.votes.get(self.agent) == vote:
                 continue
             votes = {**record.votes, self.agent: vote}
             try:
                 self.dns.patch_record(record.id, {"comment": EdgeRecord(**{**record.__dict__, "votes": votes}).comment()})
             except CloudflareApiError as exc:
-                report.errors.append(f"recording the vote on {record.edge}'s record: {exc.message}")
+                report.errors.append(f"recording the vote on {record.edge}'s record of {hostname}: {exc.message}")
                 continue
             record.votes = votes
 
-    def _restore(self, records: list[EdgeRecord], edges: dict[str, Any], report: FailoverReport) -> None:
-        for record in records:
-            target = edges[record.edge].target
-            if record.name == target.domain.lower() or self.state.edges.get(record.edge, EdgeCount()).vote != UP:
+    def _restore(self, records: list[tuple[EdgeRecord, str]], edges: dict[str, Any], report: FailoverReport) -> None:
+        for record, hostname in records:
+            if record.name == hostname or self.state.vote(record.edge, hostname) != UP:
                 continue
-            if target.drained:
+            if edges[record.edge].target.drained:
                 report.notes.append(f"{record.edge} passes but is drained (dns: false): left out of DNS; "
                                     "the next `pulumi up` deletes its record")
                 continue
             try:
-                self.dns.patch_record(record.id, {"name": target.domain.lower(),
+                self.dns.patch_record(record.id, {"name": hostname,
                                                   "comment": EdgeRecord(**{**record.__dict__, "out_since": None}).comment()})
             except CloudflareApiError as exc:
-                report.errors.append(f"putting {record.edge}'s record back: {exc.message}")
+                report.errors.append(f"putting {record.edge}'s record of {hostname} back: {exc.message}")
                 continue
-            record.name, record.out_since = target.domain.lower(), None
-            self._event(report, f"restored {record.edge} ({record.content}) to {target.domain}: "
+            record.name, record.out_since = hostname, None
+            self._event(report, f"restored {record.edge} ({record.content}) to {hostname}: "
                                 f"https passed {self.recover_after} sweeps in a row")
 
-    def _park(self, records: list[EdgeRecord], edges: dict[str, Any], report: FailoverReport) -> None:
+    def _park(self, records: list[tuple[EdgeRecord, str]], report: FailoverReport) -> None:
         wanted: dict[str, list[EdgeRecord]] = {}
-        for record in records:
-            target = edges[record.edge].target
-            if record.name != target.domain.lower():
-                continue
-            if self.state.edges.get(record.edge, EdgeCount()).vote != DOWN:
+        for record, hostname in records:
+            if record.name != hostname or self.state.vote(record.edge, hostname) != DOWN:
                 continue
             waiting = sorted(agent for agent, vote in record.votes.items() if vote != DOWN)
             if waiting:
-                report.notes.append(f"{record.edge} fails from here; not removed while "
+                report.notes.append(f"{record.edge} fails {hostname} from here; not removed while "
                                     f"{', '.join(waiting)} see{'s' if len(waiting) == 1 else ''} it up")
                 continue
-            wanted.setdefault(target.domain.lower(), []).append(record)
+            wanted.setdefault(hostname, []).append(record)
         for hostname, candidates in sorted(wanted.items()):
             self._park_under_lock(hostname, sorted(candidates, key=lambda r: r.edge), report)
 
@@ -377,7 +395,7 @@ class FailoverAgent:
                         "name": parked_name(record.edge, hostname),
                         "comment": EdgeRecord(**{**record.__dict__, "out_since": since}).comment()})
                 except CloudflareApiError as exc:
-                    report.errors.append(f"removing {record.edge}'s record: {exc.message}")
+                    report.errors.append(f"removing {record.edge}'s record of {hostname}: {exc.message}")
                     continue
                 remaining -= 1
                 record.name, record.out_since = parked_name(record.edge, hostname), since
@@ -429,12 +447,10 @@ class FailoverAgent:
             report.errors.append(f"releasing the lock of {hostname} (taken over after {LOCK_STALE_S:.0f} s): "
                                  f"{exc.message}")
 
-    def _describe(self, records: list[EdgeRecord], edges: dict[str, Any], report: FailoverReport) -> None:
-        for record in records:
-            target = edges[record.edge].target
-            if record.name == target.domain.lower():
-                report.in_dns[record.edge] = target.domain
+    def _describe(self, records: list[tuple[EdgeRecord, str]], report: FailoverReport) -> None:
+        for record, hostname in records:
+            if record.name == hostname:
+                report.in_dns.add((record.edge, hostname))
             else:
-                report.removed[record.edge] = {"hostname": target.domain, "address": record.content,
-                                               "since": record.out_since or "?"}
-
+                report.removed[(record.edge, hostname)] = {"hostname": hostname, "address": record.content,
+                                                           "since": record.out_since or "?"}

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 import ping3
 
-from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep
+from kokoa_infra.health.results import HostnameResult, HttpsResult, NodeResult, PingResult, Sweep
 from kokoa_infra.health.targets import LocalNetwork, PingVia, Target, ping_address, wireguard_routable
 from kokoa_infra.health.traffic import (
     MAX_METRICS_BYTES, METRICS_PATH, METRICS_PORT, MetricsFormatError, TrafficResult, parse_edge_metrics)
@@ -212,7 +212,7 @@ def _cert_recording_pool_class() -> type:
 
 
 def probe_https(domain: str, address: str, timeout_s: float, ca_bundle: str | None = None,
-                port: int = 443, health_token: str | None = None) -> HttpsResult:
+                port: int = 443, health_token: str | None = None, redirect_to: str | None = None) -> HttpsResult:
     """GET https://<domain>/ from `address` (SNI and Host = domain, certificate verified).
 
     With its origin's `health_token`, the edge never answers the probe with its challenge
@@ -220,6 +220,8 @@ def probe_https(domain: str, address: str, timeout_s: float, ca_bundle: str | No
 
     ok = an HTTP response with a status below 500: a 502/504 is the edge saying the
     tunnel or the origin behind it failed, while a 404 or a redirect still proves the path.
+    A name that `redirect_to`s another is answered by the edge itself: ok = its 301 to
+    https://<redirect_to>/.
     """
     import urllib3
 
@@ -243,10 +245,15 @@ def probe_https(domain: str, address: str, timeout_s: float, ca_bundle: str | No
                            error=_https_error_text(exc))
     finally:
         pool.close()
-    code = response.status
-    return HttpsResult(ok=code < 500, code=code, latency_ms=latency_ms,
-                       cert_days_left=_cert_days_left(peer_cert, time.time()),
-                       error=None if code < 500 else f"HTTP {code}")
+    code, location = response.status, response.headers.get("Location")
+    if redirect_to is None:
+        error = None if code < 500 else f"HTTP {code}"
+    else:
+        expected = f"https://{redirect_to}/"
+        error = (None if code == 301 and location == expected
+                 else f"HTTP {code} to {location or 'nowhere'}, not a 301 to {expected}")
+    return HttpsResult(ok=error is None, code=code, latency_ms=latency_ms,
+                       cert_days_left=_cert_days_left(peer_cert, time.time()), error=error, location=location)
 
 
 def fit_file_descriptors(options: SweepOptions) -> SweepOptions:
@@ -313,14 +320,17 @@ def run_sweep(targets: list[Target], options: SweepOptions, local: LocalNetwork,
     ping_pool = ThreadPoolExecutor(options.concurrency, thread_name_prefix="kokoa-ping")
     https_pool = ThreadPoolExecutor(options.https_concurrency, thread_name_prefix="kokoa-https")
     pings: dict[int, Future[PingResult]] = {}
-    probes: dict[int, Future[HttpsResult]] = {}
+    # Every name of an edge's origin through that edge: the domain first, then its hostnames.
+    probes: dict[int, list[Future[HttpsResult]]] = {}
     scrapes: dict[int, Future[TrafficResult]] = {}
     try:
         for index, target in enumerate(targets):
             if "https" in options.checks and target.role == "edge":
-                probes[index] = https_pool.submit(
-                    https, target.domain, target.public_ip, options.https_timeout_s,
-                    options.ca_bundle, options.https_port, health_token=target.health_token)
+                probes[index] = [https_pool.submit(
+                    https, name, target.public_ip, options.https_timeout_s, options.ca_bundle, options.https_port,
+                    health_token=target.health_token, redirect_to=redirect)
+                    for name, redirect in ((target.domain, None),
+                                           *((h.name, h.redirect_to) for h in target.hostnames))]
         for index, target in enumerate(targets):
             if scrapes_traffic(target, options, local):
                 scrapes[index] = https_pool.submit(scrape, str(target.wireguard_ip), options.metrics_port,
@@ -330,12 +340,15 @@ def run_sweep(targets: list[Target], options: SweepOptions, local: LocalNetwork,
                 address, via = ping_address(target, local, options.ping_via)
                 pings[index] = ping_pool.submit(ping, address, via, options.timeout_s,
                                                 options.count, index * options.count)
-        nodes = [
-            NodeResult(target=target,
-                       ping=pings[index].result() if index in pings else None,
-                       https=probes[index].result() if index in probes else None,
-                       traffic=scrapes[index].result() if index in scrapes else None)
-            for index, target in enumerate(targets) if index in pings or index in probes]
+        nodes = []
+        for index, target in enumerate(targets):
+            if index not in pings and index not in probes:
+                continue
+            domain, *others = [probe.result() for probe in probes.get(index, [])] or [None]
+            nodes.append(NodeResult(target=target, ping=pings[index].result() if index in pings else None,
+                                    https=domain, traffic=scrapes[index].result() if index in scrapes else None,
+                                    hostnames=tuple(HostnameResult(h.name, result)
+                                                    for h, result in zip(target.hostnames, others))))
     finally:
         # On Ctrl-C, drop what has not started; what has started ends within its timeout.
         ping_pool.shutdown(wait=False, cancel_futures=True)

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any, Iterator
 
 from kokoa_infra.health.results import (
-    HEALTHY, UNHEALTHY, NodeResult, Sweep, milliseconds, origin_traffic, summarize)
+    HEALTHY, UNHEALTHY, HttpsResult, NodeResult, Sweep, milliseconds, origin_traffic, summarize)
 from kokoa_infra.health.traffic import Rates
 from kokoa_infra.tables import format_table
 
@@ -24,15 +24,23 @@ def node_document(node: NodeResult) -> dict[str, Any]:
                           "rttMs": node.ping.rtt_ms, "sent": node.ping.sent,
                           "received": node.ping.received, "error": node.ping.error}
     if node.https is not None:
-        checks["https"] = {"ok": node.https.ok, "code": node.https.code,
-                           "latencyMs": node.https.latency_ms,
-                           "certDaysLeft": node.https.cert_days_left, "error": node.https.error}
+        checks["https"] = _https_document(node.https)
+    if node.hostnames:
+        # The origin's other names through this edge; `https` stays the domain's.
+        redirects = {h.name: h.redirect_to for h in node.target.hostnames}
+        checks["hostnames"] = [{"hostname": h.hostname, "redirectTo": redirects.get(h.hostname),
+                                **_https_document(h.https), "location": h.https.location} for h in node.hostnames]
     target = node.target
     document = {"name": target.name, "role": target.role, "origin": target.origin,
                 "domain": target.domain, "status": node.status, "checks": checks}
     if node.traffic is not None:
         document["traffic"] = node.traffic.document()
     return document
+
+
+def _https_document(https: HttpsResult) -> dict[str, Any]:
+    return {"ok": https.ok, "code": https.code, "latencyMs": https.latency_ms,
+            "certDaysLeft": https.cert_days_left, "error": https.error}
 
 
 def sweep_document(sweep: Sweep) -> dict[str, Any]:
@@ -99,6 +107,8 @@ _METRICS = {
     "kokoa_https_status_code": "HTTP status of the probe through the edge.",
     "kokoa_https_latency_seconds": "Time from connect to response headers through the edge.",
     "kokoa_cert_days_left": "Whole days until the edge's certificate expires.",
+    "kokoa_hostname_up": ("1 when GET https://<hostname>/ through the edge passed (below 500; a redirecting "
+                          "name: its 301), for every name of the origin."),
     "kokoa_health_nodes": "Nodes by status in the last sweep.",
     "kokoa_health_last_sweep_timestamp_seconds": "When the last sweep started (Unix time).",
     "kokoa_health_sweep_duration_seconds": "How long the last sweep took.",
@@ -124,6 +134,8 @@ def render_prometheus(sweep: Sweep) -> str:
                     f"{_labels(node)} {node.https.latency_ms / 1000:.6f}")
             if node.https.cert_days_left is not None:
                 samples["kokoa_cert_days_left"].append(f"{_labels(node)} {node.https.cert_days_left}")
+        samples["kokoa_hostname_up"] += [f"{_labels(node, hostname=name)} {int(https.ok)}"
+                                         for name, https in node.https_by_name()]
     counts = summarize(sweep.nodes)
     samples["kokoa_health_nodes"] = [f'{{status="{status}"}} {counts[status]}'
                                      for status in (HEALTHY, UNHEALTHY)]

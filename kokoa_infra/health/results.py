@@ -28,13 +28,22 @@ class PingResult:
 
 @dataclass(frozen=True)
 class HttpsResult:
-    """GET https://<domain>/ through one edge."""
+    """GET https://<name>/ through one edge."""
 
     ok: bool
     code: int | None
     latency_ms: float | None
     cert_days_left: int | None
     error: str | None
+    location: str | None = None   # a redirect's Location
+
+
+@dataclass(frozen=True)
+class HostnameResult:
+    """The probe of another name of the edge's origin (Target.hostnames)."""
+
+    hostname: str
+    https: HttpsResult
 
 
 @dataclass(frozen=True)
@@ -43,14 +52,22 @@ class NodeResult:
 
     target: Target
     ping: PingResult | None
-    https: HttpsResult | None
+    https: HttpsResult | None   # the domain's
     # An edge's traffic metrics (health/traffic.py): None when not asked for. Not a check: an
     # edge whose metrics cannot be scraped is reported as such, and stays as healthy as it is.
     traffic: TrafficResult | None = None
+    hostnames: tuple[HostnameResult, ...] = ()   # the origin's other names', in its order
 
     @property
     def healthy(self) -> bool:
-        return all(check.ok for check in (self.ping, self.https) if check is not None)
+        return all(check.ok for check in (self.ping, self.https, *(h.https for h in self.hostnames))
+                   if check is not None)
+
+    def https_by_name(self) -> list[tuple[str, HttpsResult]]:
+        """Every name's HTTPS probe through this edge, the domain first (none when not probed)."""
+        if self.https is None:
+            return []
+        return [(self.target.domain, self.https), *((h.hostname, h.https) for h in self.hostnames)]
 
     @property
     def status(self) -> str:
@@ -68,8 +85,9 @@ class NodeResult:
         if self.ping is not None and not self.ping.ok:
             address = f" {self.ping.address}" if with_address else ""
             reasons.append(f"ping{address}: {self.ping.error or 'no reply'}")
-        if self.https is not None and not self.https.ok:
-            reasons.append(f"https: {self.https.error or 'failed'}")
+        # "https: ..." for the domain, "https NAME: ..." for another name.
+        reasons += [f"https{'' if name == self.target.domain else ' ' + name}: {https.error or 'failed'}"
+                    for name, https in self.https_by_name() if not https.ok]
         return reasons
 
     def problem(self) -> str:

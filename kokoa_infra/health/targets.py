@@ -26,6 +26,15 @@ class TargetsError(Exception):
 
 
 @dataclass(frozen=True)
+class HostnameTarget:
+    """Another name of a node's origin (`hostnames` of its `healthTargets` entry): probed through
+    each edge too, a redirecting one for its 301 to `redirect_to`."""
+
+    name: str
+    redirect_to: str | None = None
+
+
+@dataclass(frozen=True)
 class Target:
     """One node as listed in `healthTargets`."""
 
@@ -39,6 +48,13 @@ class Target:
     # Sent in `Kokoa-Health` so that the edge never challenges the probe (its origin's entry of
     # the secret `healthTokens` output; None when the outputs were read without secrets).
     health_token: str | None = None
+    # Its origin's other names (the domain is `domain`).
+    hostnames: tuple[HostnameTarget, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name of its origin, the domain first: each has this edge's A record."""
+        return (self.domain, *(h.name for h in self.hostnames))
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,9 @@ def parse_targets(outputs: dict[str, Any]) -> list[Target]:
         except ValueError:
             problems.append(f"{where}: `wireguardIp` {entry['wireguardIp']!r} is not an IPv4 address")
             continue
+        hostnames = _hostnames(entry.get("hostnames", []), where, problems)
+        if hostnames is None:
+            continue
         key = (entry["role"], entry["name"])
         if key in seen:
             problems.append(f"{where}: duplicate {entry['role']} name {entry['name']!r}")
@@ -98,10 +117,26 @@ def parse_targets(outputs: dict[str, Any]) -> list[Target]:
                               domain=entry["domain"], wireguard_ip=wireguard_ip,
                               public_ip=entry["publicIp"],
                               drained=entry["role"] == "edge" and entry["name"] in drained,
-                              health_token=tokens.get(entry["origin"])))
+                              health_token=tokens.get(entry["origin"]), hostnames=hostnames))
     if problems:
         raise TargetsError("invalid `healthTargets`:\n  " + "\n  ".join(problems))
     return targets
+
+
+def _hostnames(raw: Any, where: str, problems: list[str]) -> tuple[HostnameTarget, ...] | None:
+    """`hostnames` of one entry: [{name, redirectTo?}] (outputs of before it existed have none)."""
+    if not isinstance(raw, list):
+        problems.append(f"{where}: `hostnames` must be a list of {{name, redirectTo?}}")
+        return None
+    found = []
+    for i, item in enumerate(raw):
+        name = item.get("name") if isinstance(item, dict) else None
+        redirect_to = item.get("redirectTo") if isinstance(item, dict) else None
+        if not isinstance(name, str) or not name or not (redirect_to is None or isinstance(redirect_to, str)):
+            problems.append(f"{where}: `hostnames[{i}]` must be {{name, redirectTo?}} with strings, not {item!r}")
+            return None
+        found.append(HostnameTarget(name, redirect_to))
+    return tuple(found)
 
 
 def health_tokens(outputs: dict[str, Any]) -> dict[str, str]:

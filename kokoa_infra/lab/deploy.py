@@ -52,8 +52,8 @@ def lab_status(topo: LabTopology, lab: Lab) -> dict[str, Any]:
         "client": topo.one("client").netns,
         "caBundle": str(lab.ca_bundle),
         "resolver": topo.one("acme").ip if topo.one("acme") else None,
-        "origins": [{"name": h.name, "domain": h.domain, "netns": h.netns, "publicIp": h.ip,
-                     "init": lab.init_system(h.netns)} for h in topo.of_role("origin")],
+        "origins": [{"name": h.name, "domain": h.domain, "hostnames": list(h.hostnames), "netns": h.netns,
+                     "publicIp": h.ip, "init": lab.init_system(h.netns)} for h in topo.of_role("origin")],
         "edges": [{"name": h.name, "origin": h.origin, "netns": h.netns, "publicIp": h.ip,
                    "init": lab.init_system(h.netns)} for h in topo.of_role("edge")],
     }
@@ -103,12 +103,13 @@ def up(lab: Lab, overrides: Mapping[str, Any] | None = None, stack_file: Path = 
 
 
 def how_to_reach(status: Mapping[str, Any]) -> str:
+    """A curl line for every name of every origin through each of its edges."""
     lines = [f"From the client namespace ({status['client']}), through each edge:"]
-    domains = {o["name"]: o["domain"] for o in status["origins"]}
+    names = {o["name"]: [o["domain"], *o.get("hostnames", [])] for o in status["origins"]}
     for edge in status["edges"]:
-        domain = domains[edge["origin"]]
-        lines.append(f"  ip netns exec {status['client']} curl --cacert {status['caBundle']} "
-                     f"--resolve {domain}:443:{edge['publicIp']} https://{domain}/")
+        for name in names[edge["origin"]]:
+            lines.append(f"  ip netns exec {status['client']} curl --cacert {status['caBundle']} "
+                         f"--resolve {name}:443:{edge['publicIp']} https://{name}/")
     return "\n".join(lines)
 
 

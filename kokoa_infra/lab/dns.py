@@ -185,17 +185,20 @@ class LabDns:
                    and listening(acme.netns, CHALLTESTSRV_MANAGEMENT_PORT))
 
     def set_acme_records(self, topo: LabTopology, records: Mapping[str, list[str]]) -> None:
-        """Make pebble's DNS (pebble-challtestsrv) answer each origin domain with exactly `records`."""
+        """Make pebble's DNS (pebble-challtestsrv) answer every name of the program's `dnsRecords`
+        output (each origin's domain and hostnames) with exactly its addresses; a name no longer
+        there, with none."""
         acme = topo.one("acme")
         if acme is None:
             return
-        wanted = {o.domain: sorted(records.get(o.domain, [])) for o in topo.of_role("origin")}
-        if self.lab.record().get("dns") == wanted:
+        wanted = {name: sorted(addresses) for name, addresses in records.items()}
+        before = self.lab.record().get("dns") or {}
+        if before == wanted:
             return
-        for domain, addresses in wanted.items():
-            self._challtestsrv(acme, "clear-a", {"host": f"{domain}."})
-            if addresses:
-                self._challtestsrv(acme, "add-a", {"host": f"{domain}.", "addresses": addresses})
+        for name in sorted(before.keys() | wanted.keys()):
+            self._challtestsrv(acme, "clear-a", {"host": f"{name}."})
+            if wanted.get(name):
+                self._challtestsrv(acme, "add-a", {"host": f"{name}.", "addresses": wanted[name]})
         with self.lab.recording() as rec:
             rec["dns"] = wanted
 

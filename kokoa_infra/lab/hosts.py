@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
@@ -29,6 +29,9 @@ class Host:
     origin: str = ""  # edges: the origin they serve
     domain: str = ""
     upstream: str = ""  # origins: where the demo application listens
+    # Origins: their other names (kokoa:origins[].hostnames), for `lab status`. Not what the host
+    # is: a changed list rebuilds no host.
+    hostnames: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def is_server(self) -> bool:
@@ -91,7 +94,8 @@ def topology(config: Mapping[str, Any], prefix: str = PREFIX) -> LabTopology:
     for o in model.origins:
         if o.endpoint != o.ssh.host:
             problems.append(f"origin {o.name}: a lab origin has one address; drop endpoint or make it equal to host")
-        hosts.append(Host(o.name, "origin", o.ssh.host, f"{prefix}{o.name}", domain=o.domain, upstream=o.upstream))
+        hosts.append(Host(o.name, "origin", o.ssh.host, f"{prefix}{o.name}", domain=o.domain, upstream=o.upstream,
+                          hostnames=tuple(h.name for h in o.hostnames)))
     for e in model.edges:
         if e.ssh.host != e.public_ip:
             problems.append(f"edge {e.name}: a lab edge has one address; drop host or make it equal to publicIp")

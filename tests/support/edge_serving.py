@@ -21,13 +21,14 @@ def link_tunnel(edge_ns: str, origin_ns: str, edge_address: str, origin_address:
         subprocess.run(["ip", "-n", ns, "link", "set", "tun0", "up"], check=True)
 
 
-def throwaway_certificate(directory: Path, domain: str) -> Path:
-    """A self-signed certificate for `domain` where the edge looks for it (below `directory`,
-    mounted as /etc/letsencrypt); returns its fullchain.pem, the clients' CA."""
+def throwaway_certificate(directory: Path, domain: str, *other_names: str) -> Path:
+    """A self-signed certificate for `domain` (and `other_names`) where the edge looks for it (below
+    `directory`, mounted as /etc/letsencrypt); returns its fullchain.pem, the clients' CA."""
     live = directory / "letsencrypt" / "live" / domain
     live.mkdir(parents=True)
+    names = ",".join(f"DNS:{name}" for name in (domain, *other_names))
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-days", "1", "-subj", f"/CN={domain}", "-addext", f"subjectAltName=DNS:{domain}",
+                    "-nodes", "-days", "1", "-subj", f"/CN={domain}", "-addext", f"subjectAltName={names}",
                     "-keyout", str(live / "privkey.pem"), "-out", str(live / "fullchain.pem")],
                    check=True, capture_output=True)
     return live / "fullchain.pem"

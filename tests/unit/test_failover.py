@@ -78,7 +78,7 @@ def test_k_failed_sweeps_park_the_record_and_m_passing_ones_put_it_back(cloudfla
     report = a.after_sweep(sweep({"e1": False, "e2": True}))
     assert live(cloudflare) == {IPS["e2"]}
     assert names(cloudflare)["e1"] == "kokoa-out-e1.blog.example.com"   # same record, same id, parked
-    assert list(report.removed) == ["e1"] and report.removed["e1"]["hostname"] == BLOG
+    assert list(report.removed) == [("e1", BLOG)] and report.removed[("e1", BLOG)]["hostname"] == BLOG
     assert any("removed e1" in event for event in report.events)
     a.after_sweep(sweep({"e1": True, "e2": True}))
     assert live(cloudflare) == {IPS["e2"]}                     # 1 pass of 2: still out
@@ -209,7 +209,7 @@ def test_counts_survive_a_restart_through_the_state_file(cloudflare, tmp_path):
     first.after_sweep(sweep({"e1": False, "e2": True}))
     first.after_sweep(sweep({"e1": False, "e2": True}))
     saved = json.loads((tmp_path / "a.json").read_text())
-    assert saved["edges"]["e1"]["fails"] == 2
+    assert saved["edges"]["e1"][BLOG]["fails"] == 2
     restarted = agent(cloudflare, tmp_path, fail_after=3)
     restarted.after_sweep(sweep({"e1": False, "e2": True}))
     assert live(cloudflare) == {IPS["e2"]}

@@ -323,7 +323,7 @@ def test_a_sweep_of_slow_targets_takes_one_timeout_and_respects_the_pool_bound()
 def test_https_probes_only_edges_and_a_https_only_sweep_leaves_origins_out():
     probed = []
 
-    def fake_https(domain, address, timeout_s, ca_bundle, port, health_token=None):
+    def fake_https(domain, address, timeout_s, ca_bundle, port, health_token=None, redirect_to=None):
         probed.append(address)
         return https_result(200)
 
@@ -420,6 +420,7 @@ class TlsSite:
 
     def __init__(self, certificates: Path) -> None:
         self.status = 200
+        self.location: str | None = None
         self.server_names: list[str | None] = []
         self.hosts: list[str | None] = []
         site = self
@@ -428,6 +429,8 @@ class TlsSite:
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 site.hosts.append(self.headers.get("Host"))
                 self.send_response(site.status)
+                if site.location:
+                    self.send_header("Location", site.location)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
@@ -483,6 +486,18 @@ def test_https_ok_means_a_status_below_500(site, certificates, status, ok):
     result = probe_https(DOMAIN, "127.0.0.1", 5.0, str(certificates / "ca.pem"), port=site.port)
     assert (result.ok, result.code) == (ok, status)
     assert result.error == (None if ok else f"HTTP {status}")
+
+
+@pytest.mark.parametrize("status, location, ok", [
+    (301, "https://blog.example.com/", True), (302, "https://blog.example.com/", False),
+    (301, "https://elsewhere.example.com/", False), (301, None, False), (200, None, False)])
+def test_a_redirecting_name_is_ok_on_its_301_to_the_right_place_alone(site, certificates, status, location, ok):
+    site.status, site.location = status, location
+    result = probe_https(DOMAIN, "127.0.0.1", 5.0, str(certificates / "ca.pem"), port=site.port,
+                         redirect_to="blog.example.com")
+    assert (result.ok, result.code, result.location) == (ok, status, location)
+    assert result.error == (None if ok else f"HTTP {status} to {location or 'nowhere'}, not a 301 to "
+                                            "https://blog.example.com/")
 
 
 def test_https_probe_reports_a_refused_connection(certificates):
@@ -700,7 +715,7 @@ def test_each_edge_probe_carries_its_origins_health_token_when_the_outputs_hold_
     token = "ab" * 32
     sent = {}
 
-    def fake_https(domain, address, timeout_s, ca_bundle, port, health_token=None):
+    def fake_https(domain, address, timeout_s, ca_bundle, port, health_token=None, redirect_to=None):
         sent[address] = health_token
         return https_result(200)
 

@@ -52,17 +52,17 @@ def test_outputs_have_the_documented_shape(program):
     assert out["origins"]["blog"] == {
         "domain": "blog.example.com", "subnet": 0, "wireguardIp": "10.100.0.1",
         "publicKey": out["origins"]["blog"]["publicKey"], "endpoint": "203.0.113.10",
-        "listenPort": 51820, "edges": ["edge-tokyo-1", "edge-osaka-1"]}
+        "listenPort": 51820, "edges": ["edge-tokyo-1", "edge-osaka-1"], "hostnames": []}
     assert out["origins"]["shop"]["endpoint"] == "203.0.113.21"
     assert out["origins"]["shop"]["listenPort"] == 51821
     assert out["edges"]["edge-osaka-1"] == {
-        "origin": "blog", "domain": "blog.example.com", "publicIp": "198.51.100.8",
+        "origin": "blog", "domain": "blog.example.com", "hostnames": [], "publicIp": "198.51.100.8",
         "wireguardIp": "10.100.0.11", "publicKey": out["edges"]["edge-osaka-1"]["publicKey"],
         "dns": False}
     assert out["edges"]["edge-tokyo-2"]["wireguardIp"] == "10.100.1.10"
     assert out["dnsRecords"] == {"blog.example.com": ["198.51.100.7"], "shop.example.com": ["198.51.100.9"]}
     assert out["healthTargets"][0] == {"name": "blog", "role": "origin", "origin": "blog",
-                                       "domain": "blog.example.com", "wireguardIp": "10.100.0.1",
+                                       "domain": "blog.example.com", "hostnames": [], "wireguardIp": "10.100.0.1",
                                        "publicIp": "203.0.113.10"}
     assert {(t["name"], t["role"]) for t in out["healthTargets"]} == {
         ("blog", "origin"), ("shop", "origin"), ("edge-tokyo-1", "edge"), ("edge-osaka-1", "edge"),
