@@ -1,6 +1,6 @@
 """`make bench`, third part: what the edge's challenge costs a browser, per difficulty.
 
-Runs the challenge page's own solver (the SHA-256 part of kokoa_infra/templates/edge/
+Runs the challenge page's own solver (the SHA-256 part of templates/edge/
 challenge.js) in headless Chromium on a local page, in a namespace with no network, for 30
 challenges of the real shape at each difficulty, and prints the hash rate and the solve times
 (mean, p95, max). A phone-class CPU is taken as PHONE_FACTOR times slower than this machine's
@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from tests.support.html_preview import chromium_binary, run_chromium  # noqa: E402
 from kokoa_infra.model import CHALLENGE_DIFFICULTY_RANGE, DEFAULT_CHALLENGE_DIFFICULTY  # noqa: E402
 
-CHALLENGE_JS = REPO / "kokoa_infra" / "templates" / "edge" / "challenge.js"
+CHALLENGE_JS = REPO / "templates" / "edge" / "challenge.js"
 DIFFICULTIES = (12, 14, 15, 16, 18)
 SOLVES = 30
 PHONE_FACTOR = 5

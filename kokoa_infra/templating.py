@@ -9,8 +9,11 @@ from pathlib import Path
 
 import jinja2
 
-# Shipped inside the package (package-data), so an installed `kokoa` finds them from any directory.
-TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+# templates/ at the top of the repository; an installed package carries them as
+# kokoa_infra/templates (pyproject.toml), found from any directory.
+_PACKAGE = Path(__file__).resolve().parent
+TEMPLATES_DIR = next((where for where in (_PACKAGE / "templates", _PACKAGE.parent / "templates") if where.is_dir()),
+                     _PACKAGE / "templates")
 
 
 def environment(*, html: bool = False) -> jinja2.Environment:

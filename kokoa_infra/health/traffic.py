@@ -21,7 +21,7 @@ CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 ATTACK_REFUSED_PER_S = 10.0
 TRAFFIC_MODES = ("auto", "on", "off")
 
-EDGE_METRICS = {   # the edge's mtail names (kokoa_infra/templates/edge/edge.mtail)
+EDGE_METRICS = {   # the edge's mtail names (templates/edge/edge.mtail)
     "requests": "kokoa_edge_requests_total",
     "limited": "kokoa_edge_limited_total",
     "bytes": "kokoa_edge_bytes_total",

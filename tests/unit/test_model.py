@@ -458,7 +458,7 @@ def need(tool: str) -> str:
 
 
 def nginx_accepts(tmp_path: Path, rate: Any, burst: Any, connections: Any) -> subprocess.CompletedProcess:
-    """`nginx -t` of the edge's limit directives (as kokoa_infra/templates/edge/nginx.conf.j2 writes them)."""
+    """`nginx -t` of the edge's limit directives (as templates/edge/nginx.conf.j2 writes them)."""
     conf = tmp_path / "limits.conf"
     (tmp_path / "tmp").mkdir(exist_ok=True)
     temp_paths = " ".join(f"{kind}_temp_path {tmp_path}/tmp;"

@@ -37,13 +37,13 @@ def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """The wheel `pip install .` builds, from a copy of what a clone has (pyproject.toml and the package)."""
+    """The wheel `pip install .` builds, from a copy of what a clone has (pyproject.toml, the package and its templates)."""
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"
     source.mkdir()
     shutil.copy2(PROJECT / "pyproject.toml", source)
-    shutil.copytree(PROJECT / "kokoa_infra", source / "kokoa_infra",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for directory in ("kokoa_infra", "templates"):
+        shutil.copytree(PROJECT / directory, source / directory, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     # Built by this environment's setuptools (requirements-test.txt), offline.
     built = run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                  "--no-index", "--wheel-dir", str(root / "dist"), str(source)], cwd=root)
@@ -167,6 +167,6 @@ def test_the_installed_package_renders_bundles_from_its_own_templates(installed)
                              "nginx.conf", "uninstall.sh", "wg-origin-0.conf"]
     assert "server_name blog.example.com" in found["nginx"]
     shipped = sorted(p.relative_to(found["templates"]).as_posix() for p in Path(found["templates"]).rglob("*.j2"))
-    ours = sorted(p.relative_to(PROJECT / "kokoa_infra" / "templates").as_posix()
-                  for p in (PROJECT / "kokoa_infra" / "templates").rglob("*.j2"))
+    ours = sorted(p.relative_to(PROJECT / "templates").as_posix()
+                  for p in (PROJECT / "templates").rglob("*.j2"))
     assert shipped == ours
