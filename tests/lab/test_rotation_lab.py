@@ -119,17 +119,27 @@ def test_status_names_the_resolver_which_answers_from_the_standin(lab):
     assert (domain_of(lab, BLOG), edge(lab, "edge-blog-2")["publicIp"]) in records
 
 
+def records_of(lab, edge_name: str, origin: str) -> list[str]:
+    """The edge's A record resources: its origin's domain's, then one per other hostname."""
+    hostnames = next(o for o in lab.status["origins"] if o["name"] == origin)["hostnames"]
+    return sorted([f"{edge_name}-a-record", *(f"{edge_name}-a-record-{name}" for name in hostnames)])
+
+
 def test_a_drain_and_undrain_with_the_cli_change_what_the_resolver_answers(lab, tmp_path):
     domain, address = domain_of(lab, BLOG), edge(lab, "edge-blog-2")["publicIp"]
+    names = [domain, *next(o for o in lab.status["origins"] if o["name"] == BLOG)["hostnames"]]
+    records = records_of(lab, "edge-blog-2", BLOG)
     path = stack_copy(lab, tmp_path)
     assert "deletes the A record" in cli("drain", "edge-blog-2", "--file", str(path))
-    report = lab.apply({"kokoa:edges": edges_in(path)})
-    assert report.changed == ["deleted edge-blog-2-a-record"]
-    assert address not in resolve(lab, domain)
-    cli("undrain", "edge-blog-2", "--file", str(path))
-    report = lab.apply({"kokoa:edges": edges_in(path)})
-    assert report.changed == ["created edge-blog-2-a-record"]
-    assert address in resolve(lab, domain)
+    try:
+        report = lab.apply({"kokoa:edges": edges_in(path)})
+        assert sorted(report.changed) == [f"deleted {record}" for record in records]
+        assert all(address not in resolve(lab, name) for name in names)
+    finally:
+        cli("undrain", "edge-blog-2", "--file", str(path))
+        report = lab.apply({"kokoa:edges": edges_in(path)})
+    assert sorted(report.changed) == [f"created {record}" for record in records]
+    assert all(address in resolve(lab, name) for name in names)
 
 
 def test_kokoa_dns_remove_takes_an_edge_out_until_the_next_up_refreshes(lab, monkeypatch):
