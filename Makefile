@@ -12,7 +12,7 @@ DEBIAN_PACKAGES := wireguard-tools wireguard-go nginx libnginx-mod-stream libngi
 	certbot pebble iproute2 iputils-ping fping curl openssl util-linux wrk \
 	systemd-container nftables chromium nghttp2-client logrotate mtail python3-venv
 
-.PHONY: setup system-packages venv test test-debian-python lab lab-down bench clean
+.PHONY: setup system-packages venv lint test test-debian-python lab lab-down bench clean
 
 setup: system-packages venv
 
@@ -46,7 +46,11 @@ venv:
 	  echo "$(VENV) was made from another Python than $(PYTHON): making it again"; rm -rf $(VENV); fi
 	@$(MAKE) --no-print-directory $(VENV)/.installed
 
-test: setup
+# The linter first (ruff: pyflakes, pycodestyle, isort; configured in pyproject.toml), then every tier.
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: setup lint
 	$(VENV)/bin/python -m pytest -q
 
 # The unit tier on Debian 12's own Python, in a virtualenv of its own (.ci/run runs it after `make test`).

@@ -21,8 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.support.html_preview import chromium_binary, run_chromium  # noqa: E402
 from kokoa_infra.model import CHALLENGE_DIFFICULTY_RANGE, DEFAULT_CHALLENGE_DIFFICULTY  # noqa: E402
+from tests.support.html_preview import chromium_binary, run_chromium  # noqa: E402
 
 CHALLENGE_JS = REPO / "templates" / "edge" / "challenge.js"
 DIFFICULTIES = (12, 14, 15, 16, 18)

@@ -39,10 +39,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from kokoa_infra.lab.deploy import STACK_FILE, load_stack, up, verify_sites  # noqa: E402
-from kokoa_infra.model import RATE_LIMIT_KEYS  # noqa: E402
 from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, Host, topology  # noqa: E402
 from kokoa_infra.lab.lab import Lab, lab_unavailable  # noqa: E402
 from kokoa_infra.lab.processes import LabError, run  # noqa: E402
+from kokoa_infra.model import RATE_LIMIT_KEYS  # noqa: E402
 
 LAB_DIR = Path("/var/lib/kokoa-lab-bench")
 PREFIX = "kokoab-"

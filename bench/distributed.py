@@ -43,12 +43,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from dataplane import SITE, OnTheLab, log, parse_wrk, percentile, table, verdicts  # noqa: E402
-from tests.support.html_preview import chromium_binary, run_chromium  # noqa: E402
+
 from kokoa_infra.lab.deploy import STACK_FILE, load_stack, up, verify_sites  # noqa: E402
 from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, Host  # noqa: E402
 from kokoa_infra.lab.lab import Lab, lab_unavailable  # noqa: E402
 from kokoa_infra.lab.processes import LabError  # noqa: E402
 from kokoa_infra.lab.services import stop_demo  # noqa: E402
+from tests.support.html_preview import chromium_binary, run_chromium  # noqa: E402
 
 LAB_DIR = Path("/var/lib/kokoa-lab-distributed")
 PREFIX = "kokoad-"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -120,17 +121,31 @@ UNITS_STOPPED: dict[str, dict[str, list[str]]] = {
 SETTLE_SECONDS = 11
 
 
+def namespace_cpu_seconds(netns: str) -> float:
+    """User and system CPU of every process now in `netns` (a lab host's: its nginx workers, mtail,
+    wireguard-go), from /proc; processes that ended in between are not counted."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in run(["ip", "netns", "pids", netns]).stdout.split():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(fields[11]) + int(fields[12])   # utime, stime
+    return total / tick
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=4, help="tuned/variant pairs per variant (1-9)")
+    parser.add_argument("--rounds", type=int, default=4, help="tuned/variant pairs per variant (1-20)")
     parser.add_argument("--seconds", type=float, default=4, help="per wrk run (1-30)")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "variants.json")
     parser.add_argument("--variant", action="append", choices=list(VARIANTS), metavar="NAME",
                         help="measure only this variant (repeatable; default: all of them)")
     args = parser.parse_args()
     chosen = {name: VARIANTS[name] for name in (args.variant or VARIANTS)}
-    if not (1 <= args.rounds <= 9 and 1 <= args.seconds <= 30):
-        parser.error("--rounds 1-9, --seconds 1-30")
+    if not (1 <= args.rounds <= 20 and 1 <= args.seconds <= 30):
+        parser.error("--rounds 1-20, --seconds 1-30")
     lab = Lab(LAB_DIR, PREFIX)
     status_file = lab.dir / "status.json"
     if not status_file.exists():
@@ -153,14 +168,19 @@ def main() -> int:
         for role, names in units.items():
             lab.on_host(hosts[role], ["systemctl", verb, *names], check=True)
 
-    def ratio() -> float:
+    def ratio() -> tuple[float, float]:
+        """edge/bare, and the edge host's CPU per edge request in microseconds: every process of
+        its namespace, from the start of the edge's run to the end of the bare one (by then what
+        the edge deferred, mtail's reading of the log, has caught up)."""
+        before = namespace_cpu_seconds(hosts["edge"])
         edge = parse_wrk(run(["ip", "netns", "exec", status["client"],
                               *wrk_argv(f"https://{domain}/", args.seconds, 32)]).stdout)
         bare = parse_wrk(run(["ip", "netns", "exec", status["client"],
                               *wrk_argv(f"https://{BARE_SITE}/", args.seconds, 32)]).stdout)
+        cpu = namespace_cpu_seconds(hosts["edge"]) - before
         if edge.non_2xx or bare.non_2xx:
             raise LabError("non-2xx answers: lift the limits (dataplane.py --only hops deploys them lifted)")
-        return edge.rate / bare.rate
+        return edge.rate / bare.rate, cpu / max(edge.requests, 1) * 1e6
 
     originals = {(role, path): read(role, path) for changes in chosen.values() for role, path, _ in changes}
     results = {}
@@ -170,14 +190,18 @@ def main() -> int:
             for role, path, transform in changes:
                 variant_files[(role, path)] = transform(variant_files.get((role, path), originals[(role, path)]))
             units = UNITS_STOPPED.get(name, {})
-            tuned_ratios, variant_ratios = [], []
+            tuned_ratios, variant_ratios, tuned_cpu, variant_cpu = [], [], [], []
             for _ in range(args.rounds):
-                tuned_ratios.append(ratio())
+                measured, cpu = ratio()
+                tuned_ratios.append(measured)
+                tuned_cpu.append(cpu)
                 for (role, path), text in variant_files.items():
                     write(role, path, text)
                 systemctl("stop", units)
                 time.sleep(SETTLE_SECONDS)
-                variant_ratios.append(ratio())
+                measured, cpu = ratio()
+                variant_ratios.append(measured)
+                variant_cpu.append(cpu)
                 for role, path in variant_files:
                     write(role, path, originals[(role, path)])
                 systemctl("start", units)
@@ -186,10 +210,14 @@ def main() -> int:
             # pairs cancels, and the median pair says what the setting is worth.
             pairs = [t / v for t, v in zip(tuned_ratios, variant_ratios)]
             results[name] = {"tuned": statistics.median(tuned_ratios), "variant": statistics.median(variant_ratios),
-                             "tunedOverVariant": statistics.median(pairs), "pairs": pairs}
+                             "tunedOverVariant": statistics.median(pairs), "pairs": pairs,
+                             "edgeCpuUsPerRequest": {"tuned": statistics.median(tuned_cpu),
+                                                     "variant": statistics.median(variant_cpu)}}
+            cpu = results[name]["edgeCpuUsPerRequest"]
             print(f"{name:<55} edge/bare tuned {results[name]['tuned']:.3f}  "
                   f"variant {results[name]['variant']:.3f}  tuned/variant, median pair "
-                  f"{results[name]['tunedOverVariant']:.3f} (pairs {min(pairs):.3f}-{max(pairs):.3f})", flush=True)
+                  f"{results[name]['tunedOverVariant']:.3f} (pairs {min(pairs):.3f}-{max(pairs):.3f}); "
+                  f"edge CPU per request {cpu['tuned']:.1f} us tuned, {cpu['variant']:.1f} us variant", flush=True)
     finally:
         for (role, path), text in originals.items():
             if read(role, path) != text:

@@ -11,11 +11,23 @@ import click
 # The API client lives in kokoa_infra.cloudflare (shared with failover and the lab); these
 # names stay importable from here for the tests and scripts that use them.
 from kokoa_infra.cloudflare import (  # noqa: F401
-    DEFAULT_API_BASE_URL, MAX_PAGES, MAX_WAIT_SECONDS, PAGE_SIZE, RECORD_COMMENT, RECORD_NOT_FOUND,
-    ApiSettings, CloudflareApiError, CloudflareDns, ConfigError, NothingMatched, RetryPolicy,
-    read_settings)
+    DEFAULT_API_BASE_URL,
+    MAX_PAGES,
+    MAX_WAIT_SECONDS,
+    PAGE_SIZE,
+    RECORD_COMMENT,
+    RECORD_NOT_FOUND,
+    ApiSettings,
+    CloudflareApiError,
+    CloudflareDns,
+    ConfigError,
+    NothingMatched,
+    RetryPolicy,
+    read_settings,
+)
 from kokoa_infra.conventions import CONTEXT, epilog
-from kokoa_infra.model import DOMAIN_RE, ipv4_problem, parse_ipv4 as canonical_ipv4_address
+from kokoa_infra.model import DOMAIN_RE, ipv4_problem
+from kokoa_infra.model import parse_ipv4 as canonical_ipv4_address
 from kokoa_infra.tables import format_table
 
 ENVIRONMENT = {

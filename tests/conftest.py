@@ -37,7 +37,8 @@ def pytest_collection_modifyitems(config, items):
         elif tier != "unit":
             item.add_marker(getattr(pytest.mark, tier))
         elif ROOT_FIXTURES & set(item.fixturenames):
-            misplaced.append(f"{item.nodeid}: a unit test using {', '.join(sorted(ROOT_FIXTURES & set(item.fixturenames)))}")
+            needs = ", ".join(sorted(ROOT_FIXTURES & set(item.fixturenames)))
+            misplaced.append(f"{item.nodeid}: a unit test using {needs}")
     if misplaced:
         raise pytest.UsageError("tests in the wrong tier:\n  " + "\n  ".join(misplaced))
 

@@ -19,16 +19,26 @@ from kokoa_infra.conventions import CONTEXT, STACK_ENVIRONMENT, CouldNotRun, epi
 from kokoa_infra.health import failover as fo
 from kokoa_infra.health.html import DEFAULT_HISTORY, MAX_HISTORY, StatusPage
 from kokoa_infra.health.probes import (
-    CHECKS, PingPermissionError, SweepOptions, check_ping_permission, fit_file_descriptors,
-    run_sweep)
+    CHECKS,
+    PingPermissionError,
+    SweepOptions,
+    check_ping_permission,
+    fit_file_descriptors,
+    run_sweep,
+)
 from kokoa_infra.health.report import (
-    dumps, render_summary_line, render_table, statuses, statuses_from_document,
-    sweep_document, transitions)
-from kokoa_infra.health.results import Sweep, exit_code
-from kokoa_infra.health.targets import (
-    LocalNetwork, Target, TargetsError, parse_targets, read_local_network)
-from kokoa_infra.health.report import render_traffic_table, write_textfile
-from kokoa_infra.health.results import TrafficMemory
+    dumps,
+    render_summary_line,
+    render_table,
+    render_traffic_table,
+    statuses,
+    statuses_from_document,
+    sweep_document,
+    transitions,
+    write_textfile,
+)
+from kokoa_infra.health.results import Sweep, TrafficMemory, exit_code
+from kokoa_infra.health.targets import LocalNetwork, Target, TargetsError, parse_targets, read_local_network
 from kokoa_infra.health.traffic import METRICS_PORT, TRAFFIC_MODES
 from kokoa_infra.outputs import OutputsError, load_outputs
 
@@ -257,7 +267,8 @@ def run_interval(sweep_once: Callable[[], Sweep], report: Callable[[Sweep], None
               help="Show the origins' public addresses on the page (hidden by default).")
 @stack_option("Read this stack's outputs with `pulumi stack output`")
 @click.option("--outputs", "outputs_file", metavar="FILE",
-              help="Read the outputs from FILE (JSON holding healthTargets, from `pulumi stack output --json --show-secrets`).")
+              help="Read the outputs from FILE (JSON holding healthTargets, from "
+                   "`pulumi stack output --json --show-secrets`).")
 @click.option("--checks", default="ping,https", show_default=True, callback=parse_checks,
               help="Checks to run, comma-separated: ping, https.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.05, 60), default=1.0,

@@ -329,7 +329,8 @@ class FailoverAgent:
                 continue
             votes = {**record.votes, self.agent: vote}
             try:
-                self.dns.patch_record(record.id, {"comment": EdgeRecord(**{**record.__dict__, "votes": votes}).comment()})
+                voted = EdgeRecord(**{**record.__dict__, "votes": votes})
+                self.dns.patch_record(record.id, {"comment": voted.comment()})
             except CloudflareApiError as exc:
                 report.errors.append(f"recording the vote on {record.edge}'s record of {hostname}: {exc.message}")
                 continue
@@ -344,8 +345,8 @@ class FailoverAgent:
                                     "the next `pulumi up` deletes its record")
                 continue
             try:
-                self.dns.patch_record(record.id, {"name": hostname,
-                                                  "comment": EdgeRecord(**{**record.__dict__, "out_since": None}).comment()})
+                back = EdgeRecord(**{**record.__dict__, "out_since": None})
+                self.dns.patch_record(record.id, {"name": hostname, "comment": back.comment()})
             except CloudflareApiError as exc:
                 report.errors.append(f"putting {record.edge}'s record of {hostname} back: {exc.message}")
                 continue
@@ -409,8 +410,8 @@ class FailoverAgent:
         name = LOCK_PREFIX + hostname
         for _ in range(2):
             try:
-                return str(self.dns.create_record("TXT", name, LOCK_CONTENT,
-                                                  f"kokoa failover agent {self.agent} at {now_text(self.clock())}")["id"])
+                holder = f"kokoa failover agent {self.agent} at {now_text(self.clock())}"
+                return str(self.dns.create_record("TXT", name, LOCK_CONTENT, holder)["id"])
             except CloudflareApiError as exc:
                 if not set(exc.codes) & set(DUPLICATE_RECORD):
                     report.errors.append(f"taking the lock of {hostname}: {exc.message}")

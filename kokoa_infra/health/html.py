@@ -375,7 +375,8 @@ def _traffic_row(key: str, name: str, sub: str, history: History, node: NodeResu
     traffic = node.traffic if node is not None else None
     rates = None if last is None else {
         "requests": _rate_text(last[0]), "refused": _rate_text(last[1]), "errors": _rate_text(last[2]),
-        "p50": None if last[3] is None else _ms(last[3] * 1000), "p99": None if last[4] is None else _ms(last[4] * 1000)}
+        "p50": None if last[3] is None else _ms(last[3] * 1000),
+        "p99": None if last[4] is None else _ms(last[4] * 1000)}
     return {"key": key, "name": name, "sub": sub, "attack": _under_attack(points),
             "unscraped": (traffic.error or "") if traffic is not None and not traffic.ok else None,
             "rates": rates, "chart": _chart(points, f"{name} traffic")}

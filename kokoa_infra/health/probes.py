@@ -1,4 +1,5 @@
-"""The network side of `kokoa health`: ICMP echo through ping3, the HTTPS probe through urllib3, and the pooled sweep."""
+"""The network side of `kokoa health`: ICMP echo through ping3, the HTTPS probe and the edges'
+metrics through urllib3, and the pooled sweep."""
 
 from __future__ import annotations
 
@@ -22,7 +23,13 @@ import ping3
 from kokoa_infra.health.results import HostnameResult, HttpsResult, NodeResult, PingResult, Sweep
 from kokoa_infra.health.targets import LocalNetwork, PingVia, Target, ping_address, wireguard_routable
 from kokoa_infra.health.traffic import (
-    MAX_METRICS_BYTES, METRICS_PATH, METRICS_PORT, MetricsFormatError, TrafficResult, parse_edge_metrics)
+    MAX_METRICS_BYTES,
+    METRICS_PATH,
+    METRICS_PORT,
+    MetricsFormatError,
+    TrafficResult,
+    parse_edge_metrics,
+)
 
 CHECKS = ("ping", "https")
 PING_PAYLOAD_BYTES = 56

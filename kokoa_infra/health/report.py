@@ -8,7 +8,15 @@ from datetime import datetime
 from typing import Any, Iterator
 
 from kokoa_infra.health.results import (
-    HEALTHY, UNHEALTHY, HttpsResult, NodeResult, Sweep, milliseconds, origin_traffic, summarize)
+    HEALTHY,
+    UNHEALTHY,
+    HttpsResult,
+    NodeResult,
+    Sweep,
+    milliseconds,
+    origin_traffic,
+    summarize,
+)
 from kokoa_infra.health.traffic import Rates
 from kokoa_infra.tables import format_table
 
@@ -302,7 +310,8 @@ def render_traffic_table(sweep: Sweep) -> str:
         rates = total.rates
         note = ("UNDER ATTACK" if rates is not None and rates.under_attack else "") + (
             f" {len(total.unscraped)} edge(s) not scraped" if total.unscraped else "")
-        rows.append([f"(origin total, {total.edges} scraped)", origin, "", "", "", _rate(rates and rates.requests_per_s),
+        rows.append([f"(origin total, {total.edges} scraped)", origin, "", "", "",
+                     _rate(rates and rates.requests_per_s),
                      _rate(rates and rates.refused_per_s), _rate(rates and rates.errors_per_s), "",
                      _seconds(rates, 0.5), _seconds(rates, 0.99), note.strip()])
     if not rows:

@@ -9,7 +9,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-
 # The edge's mtail (kokoa_infra/render.py METRICS_PORT): on its WireGuard address only.
 METRICS_PORT = 3903
 METRICS_PATH = "/metrics"

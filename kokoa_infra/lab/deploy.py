@@ -18,8 +18,16 @@ from ruamel.yaml import YAML
 from kokoa_infra.atomic_file import write_private
 from kokoa_infra.lab import ORDER_SEED_ENV
 from kokoa_infra.lab.dns import LabDns
-from kokoa_infra.lab.executor import (COMMAND, DEFAULT_PARALLEL, DNS_RECORD, CommandHandler, Report, SshRunner, apply,
-                                      project_refreshes_always)
+from kokoa_infra.lab.executor import (
+    COMMAND,
+    DEFAULT_PARALLEL,
+    DNS_RECORD,
+    CommandHandler,
+    Report,
+    SshRunner,
+    apply,
+    project_refreshes_always,
+)
 from kokoa_infra.lab.hosts import LabTopology, topology
 from kokoa_infra.lab.lab import Lab
 from kokoa_infra.lab.processes import LabError

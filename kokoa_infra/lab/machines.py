@@ -216,7 +216,8 @@ def boot_argv(netns: str, hostname: str, merged: Path) -> list[str]:
         cgroup.mkdir(parents=True, exist_ok=True)
     # The launcher moves itself into those cgroups, then becomes systemd-nspawn.
     enter = 'while [ "$1" != -- ]; do echo $$ > "$1/cgroup.procs" || exit 1; shift; done; shift; exec "$@"'
-    return ["sh", "-c", enter, "kokoa-machine", *map(str, own), "--", NSPAWN, "--quiet", "--register=no", "--keep-unit", "--settings=no", "--link-journal=no",
+    return ["sh", "-c", enter, "kokoa-machine", *map(str, own), "--",
+            NSPAWN, "--quiet", "--register=no", "--keep-unit", "--settings=no", "--link-journal=no",
             "--resolv-conf=off", "--timezone=off", "--console=read-only",
             # A server administers its own network (wg-quick, nft); nspawn grants that only with
             # --private-network, and the machine's namespace is its own anyway.

@@ -16,7 +16,6 @@ import subprocess
 from pathlib import Path
 from typing import Any, Mapping
 
-
 from kokoa_infra.lab.deploy import STACK_FILE, load_stack, up
 from kokoa_infra.lab.executor import Completed, SshRunner
 from kokoa_infra.lab.hosts import topology

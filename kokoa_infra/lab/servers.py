@@ -13,8 +13,18 @@ from typing import Any, Mapping
 from kokoa_infra.lab import machines
 from kokoa_infra.lab.context import LabContext
 from kokoa_infra.lab.hosts import Host
-from kokoa_infra.lab.processes import (LabError, alive, in_netns, listening, mounted_anywhere, reap, recorded_pid,
-                                       run, started, wait_until)
+from kokoa_infra.lab.processes import (
+    LabError,
+    alive,
+    in_netns,
+    listening,
+    mounted_anywhere,
+    reap,
+    recorded_pid,
+    run,
+    started,
+    wait_until,
+)
 
 # Directories some lab had to create on the machine (bind targets such as /etc/kokoa), shared
 # by every lab here: whichever lab goes down last removes them.

@@ -1,7 +1,8 @@
 """A minimal WebSocket echo server and client, for the lab (its second demo application) and the
 tests (standard library only, RFC 6455: the opening handshake and unfragmented text frames, the
-client's masked). The server is also a small HTTP application: a plain request is answered with the headers it carried and the size of
-its body, so that a test sees what the edge and the gateway passed on.
+client's masked). The server is also a small HTTP application: a plain request is answered with
+the headers it carried and the size of its body, so that a test sees what the edge and the
+gateway passed on.
 
     python3 kokoa_infra/lab/websocket.py serve HOST PORT
     python3 kokoa_infra/lab/websocket.py echo URL --ca CA --connect HOST:PORT --message TEXT [--count N --pause S]
@@ -134,7 +135,8 @@ def echo(url: str, message: str, *, ca: str | None = None, connect: str | None =
     """Opens a WebSocket to `url` (ws:// or wss://, at `connect` host:port if given), sends
     `message` `count` times `pause` seconds apart, and returns the echoes. Raises on anything else."""
     parts = urlsplit(url)
-    host, port = (connect.rsplit(":", 1) if connect else (parts.hostname, parts.port or (443 if parts.scheme == "wss" else 80)))
+    default_port = 443 if parts.scheme == "wss" else 80
+    host, port = connect.rsplit(":", 1) if connect else (parts.hostname, parts.port or default_port)
     sock = socket.create_connection((host, int(port)), timeout=timeout)
     if parts.scheme == "wss":
         context = ssl.create_default_context(cafile=ca)

@@ -8,13 +8,12 @@ import copy
 import json
 import shutil
 
-import pytest
 from click.testing import CliRunner
 
 from kokoa_infra.cli import main as kokoa
-from tests.support.html_preview import chromium_binary, run_chromium
 from kokoa_infra.lab.deploy import load_stack
 from tests.lab.test_health_lab import run_health
+from tests.support.html_preview import chromium_binary, run_chromium
 
 SITE = "shop"
 

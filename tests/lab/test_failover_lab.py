@@ -74,7 +74,8 @@ def until(condition, seconds: float = WAIT_S, step: float = 0.25) -> float | Non
 
 
 def votes_recorded(lab, agents: list[str]) -> bool:
-    records = [r for r in LabDns(lab.lab).records() if r["type"] == "A" and "kokoa edge edge-blog" in (r["comment"] or "")]
+    records = [r for r in LabDns(lab.lab).records()
+               if r["type"] == "A" and "kokoa edge edge-blog" in (r["comment"] or "")]
     return bool(records) and all(f"{a}=up" in r["comment"] for r in records for a in agents)
 
 

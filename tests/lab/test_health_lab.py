@@ -15,7 +15,6 @@ import pytest
 
 from tests.support.html_preview import PageRow, page_rows, parse_html
 
-
 REPO = Path(__file__).resolve().parents[2]
 POLL_DEADLINE_S = 40
 USERSPACE_WG = ("WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go",
@@ -127,12 +126,13 @@ def test_wireguard_down_makes_that_edge_unhealthy_by_ping(lab_env, origin, edge)
     key = f"edge/{edge['name']}"
     outputs = json.loads(Path(lab_env.outputs_file).read_text())
     interface = f"wg-origin-{outputs['origins'][origin['name']]['subnet']}"
-    on_edge(lab_env, edge, f"systemctl stop wg-quick@{interface}", f"env {' '.join(USERSPACE_WG)} wg-quick down {interface}")
+    userspace = " ".join(USERSPACE_WG)
+    on_edge(lab_env, edge, f"systemctl stop wg-quick@{interface}", f"env {userspace} wg-quick down {interface}")
     try:
         nodes = wait_for(lab_env, origin, lambda n: key in unhealthy(n))
         assert key in unhealthy(nodes)
         assert nodes[key]["checks"]["ping"]["ok"] is False
         assert unhealthy(nodes) == {key}
     finally:
-        on_edge(lab_env, edge, f"systemctl start wg-quick@{interface}", f"env {' '.join(USERSPACE_WG)} wg-quick up {interface}")
+        on_edge(lab_env, edge, f"systemctl start wg-quick@{interface}", f"env {userspace} wg-quick up {interface}")
     assert all_healthy(wait_for(lab_env, origin, all_healthy))

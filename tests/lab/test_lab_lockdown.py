@@ -18,7 +18,6 @@ from kokoa_infra.lab.hosts import topology
 from kokoa_infra.render import CERT_PORT, GATEWAY_PORT
 from tests.netns.test_firewall import CONNECTOR
 
-
 REPO = Path(__file__).resolve().parents[2]
 PROBE_PORT = 8081
 LISTENER = textwrap.dedent("""
@@ -164,7 +163,8 @@ def test_a_short_flood_from_one_address_leaves_legitimate_visitors_served(lab, o
 
 
 def public_key_digest(lab, netns: str, command: str) -> str:
-    return lab.on_host(netns, "bash", "-c", f"set -o pipefail; {command} | openssl pkey -pubin -pubout | sha256sum").stdout
+    pipeline = f"set -o pipefail; {command} | openssl pkey -pubin -pubout | sha256sum"
+    return lab.on_host(netns, "bash", "-c", pipeline).stdout
 
 
 def test_an_edge_that_leaves_takes_no_usable_key_with_it(lab):

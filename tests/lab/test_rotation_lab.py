@@ -16,7 +16,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 from ruamel.yaml import YAML
 
@@ -26,7 +25,7 @@ from kokoa_infra.lab.deploy import up
 from kokoa_infra.lab.dns import LabDns
 from kokoa_infra.lab.executor import SshRunner
 from kokoa_infra.lab.rotation import rotate_ssh_key
-from tests.lab.test_lab_e2e import domain_of, https_get, wait_for_certificates
+from tests.lab.test_lab_e2e import domain_of, wait_for_certificates
 
 PROJECT = Path(__file__).resolve().parents[2]
 BLOG = "blog"

@@ -16,8 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kokoa_infra.health.html import CHART_HEIGHT
-from tests.support.html_preview import chromium_binary, page_rows, parse_html, screenshot
 from kokoa_infra.render import COUNTERS_INTERVAL, LOG_FLUSH_S
+from tests.support.html_preview import chromium_binary, page_rows, parse_html, screenshot
 
 REPO = Path(__file__).resolve().parents[2]
 SUCCESSES = 10

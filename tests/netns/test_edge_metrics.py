@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.stacks import BASE_CONFIG
 from kokoa_infra.health.probes import scrape_edge
 from kokoa_infra.health.traffic import parse_edge_metrics
 from kokoa_infra.render import COUNTERS_INTERVAL, LOG_FLUSH_S, METRICS_PORT, METRICS_STATE_DIR
 from tests.support.rendering import bundles, wireguard_ips
+from tests.support.stacks import BASE_CONFIG
 
 DOMAIN = "blog.example.com"
 EDGE = "edge-tokyo-1"
@@ -95,7 +95,8 @@ def edge(make_netns, tmp_path):
     in_ns(edge_ns, "nft", "-f", str(tmp_path / "firewall.nft"))
     # As install.sh's no-systemd branch: mtail as nobody (group adm, no capabilities), restarted
     # by a loop, on the WireGuard address only; the mounts stand in for the edge's own files.
-    mtail = (f"setsid nice -n 19 setpriv --reuid=nobody --regid=nogroup --groups=adm --inh-caps=-all --bounding-set=-all "
+    mtail = ("setsid nice -n 19 setpriv --reuid=nobody --regid=nogroup --groups=adm "
+             "--inh-caps=-all --bounding-set=-all "
              f"--no-new-privs sh -c 'echo 19 > /proc/self/autogroup 2>/dev/null; exec \"$@\"' kokoa-edge-metrics "
              f"mtail --progs /run/metrics-progs --logs /var/log/nginx/access.log "
              f"--logs {METRICS_STATE_DIR}/counters.log --address {ips[EDGE]} --port {METRICS_PORT} "

@@ -12,9 +12,8 @@ import uuid
 
 import pytest
 
-from tests.support.stacks import BASE_CONFIG
 from tests.support.rendering import bundles, lab_config
-
+from tests.support.stacks import BASE_CONFIG
 
 SERVER, ATTACKER, VISITOR = "10.9.1.1", "10.9.1.2", "10.9.2.2"
 LIMITS = {"requestsPerSecond": 5, "burst": 5, "connections": 8,
@@ -177,7 +176,8 @@ def test_an_origin_admits_wireguard_only_from_its_edges(make_netns, tmp_path):
             "s.settimeout(8)\nwhile True:\n d, a = s.recvfrom(64); s.sendto(d, a)")
     server = subprocess.Popen(["ip", "netns", "exec", origin, sys.executable, "-c", echo])
     probe = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)\n"
-             "for _ in range(6):\n s.sendto(b'hi', (sys.argv[1], 51820))\n try: s.recvfrom(64); print('answered'); break\n"
+             "for _ in range(6):\n s.sendto(b'hi', (sys.argv[1], 51820))\n"
+             " try: s.recvfrom(64); print('answered'); break\n"
              " except OSError: pass\nelse: print('silent')")
     try:
         answers = {ns: subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", probe,

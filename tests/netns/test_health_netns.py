@@ -16,7 +16,6 @@ import pytest
 from tests.support.html_preview import page_rows, parse_html
 from tests.support.target_network import TargetNetwork, target_network
 
-
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 1.0
 NOBODY = "65534"

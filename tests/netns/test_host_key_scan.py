@@ -13,7 +13,6 @@ import pytest
 from kokoa_infra.model import RSA_HOST_KEY
 from tests.unit.test_cli import stack_file  # noqa: F401 (a fixture)
 
-
 # A real sshd per test server, in a throwaway namespace; ssh-keyscan (run by the kokoa CLI
 # in the same namespace) reaches it on an address of that namespace's loopback device.
 EDGE_IP, ORIGIN_IP, RSA_ONLY_IP = "198.51.100.50", "203.0.113.60", "198.51.100.51"

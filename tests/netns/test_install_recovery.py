@@ -100,7 +100,8 @@ def install_then_remove(program, role: str, broken: str | None, netns: str, tmp_
     (tmp_path / "harness.sh").write_text(HARNESS)
     env = {"PATH": f"{stubs}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "SANDBOX": str(tmp_path / "sandbox"), "BUNDLE": str(bundle), "IFACE": iface,
-           "PATHS": " ".join(paths), "KOKOA_TEST_TRACE": os.environ.get("KOKOA_TEST_TRACE", ""), "DELETE": program.named(command).inputs["delete"], "CHECK": check}
+           "PATHS": " ".join(paths), "KOKOA_TEST_TRACE": os.environ.get("KOKOA_TEST_TRACE", ""),
+           "DELETE": program.named(command).inputs["delete"], "CHECK": check}
     result = subprocess.run(["ip", "netns", "exec", netns, "unshare", "--mount", "--pid", "--fork", "--mount-proc",
                              "--propagation", "private", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
                              "bash", str(tmp_path / "harness.sh")],

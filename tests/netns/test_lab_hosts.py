@@ -1,4 +1,5 @@
-"""The lab's own pieces: real hosts (systemd machines and plain namespace hosts) with sshd, driven by the executor over SSH."""
+"""The lab's own pieces: real hosts (systemd machines and plain namespace hosts) with sshd, driven
+by the executor over SSH."""
 
 from __future__ import annotations
 

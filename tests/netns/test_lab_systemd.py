@@ -17,7 +17,6 @@ from kokoa_infra.lab.lab import Lab, lab_unavailable
 from kokoa_infra.lab.processes import LabError, alive, namespaces
 from tests.support.lab_fixture import TAG
 
-
 PREFIX = f"kokoam{TAG}-"
 
 

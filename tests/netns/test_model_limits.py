@@ -5,20 +5,19 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.unit.test_model import RATE_LIMIT_BOUNDS, limits_or_none, need
 
 
 def nft_accepts(netns: str, tmp_path: Path, rate: int, burst: int) -> subprocess.CompletedProcess:
     """`nft -c` (check only, nothing is loaded) of a per-address new-connection limit on 80/443."""
     rules = tmp_path / "limits.nft"
+    meter = f"add @clients {{ ip saddr limit rate {rate}/second burst {burst} packets }}"
     rules.write_text(f"""
 table inet kokoa_check {{
     set clients {{ type ipv4_addr; flags dynamic; timeout 1m; }}
     chain input {{
         type filter hook input priority 0; policy accept;
-        tcp dport {{ 80, 443 }} ct state new add @clients {{ ip saddr limit rate {rate}/second burst {burst} packets }} accept
+        tcp dport {{ 80, 443 }} ct state new {meter} accept
         tcp dport {{ 80, 443 }} ct state new drop
     }}
 }}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.stacks import BASE_CONFIG
 from tests.support.edge_serving import link_tunnel, start_edge_nginx, throwaway_certificate
 from tests.support.rendering import bundles, wireguard_ips
+from tests.support.stacks import BASE_CONFIG
 
 DOMAIN = "blog.example.com"
 PROJECT = Path(__file__).resolve().parents[2]

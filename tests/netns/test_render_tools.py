@@ -1,4 +1,5 @@
-"""Rendered bundles on the real tools that need a namespace: wg setconf on a wireguard-go interface, a WireGuard handshake between two namespaces, nginx -t binding the listen addresses."""
+"""Rendered bundles on the real tools that need a namespace: wg setconf on a wireguard-go
+interface, a WireGuard handshake between two namespaces, nginx -t binding the listen addresses."""
 
 from __future__ import annotations
 

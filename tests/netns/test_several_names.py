@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.stacks import BASE_CONFIG
-from tests.support.edge_serving import link_tunnel, start_edge_nginx, throwaway_certificate
 from tests.netns.test_real_sites import WEBSOCKET, start_gateway, wait_for_port
+from tests.support.edge_serving import link_tunnel, start_edge_nginx, throwaway_certificate
 from tests.support.rendering import bundles, wireguard_ips
+from tests.support.stacks import BASE_CONFIG
 
 BLOG, WWW, API = "blog.example.com", "www.blog.example.com", "api.blog.example.com"
 MAIN_PORT, API_PORT = 8080, 9000

@@ -1,4 +1,5 @@
-"""The status page in a real browser: headless Chromium, in a namespace with only loopback, renders it and fetches nothing."""
+"""The status page in a real browser: headless Chromium, in a namespace with only loopback,
+renders it and fetches nothing."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.support.html_preview import (
-    chromium_binary, dump_dom, parse_html, run_chromium, sample_page, screenshot)
-
+from tests.support.html_preview import chromium_binary, dump_dom, parse_html, run_chromium, sample_page, screenshot
 
 # The page's colours (kokoa_infra/health/html.py STYLE): serving, unhealthy, drained.
 GREEN, RED, GREY = (0x1A, 0x7F, 0x37), (0xC6, 0x28, 0x28), (0x57, 0x60, 0x6A)

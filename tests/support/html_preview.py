@@ -1,4 +1,5 @@
-"""For the status page's tests and screenshot: a sample sweep history with nodes down, headless Chromium, a page reader."""
+"""For the status page's tests and screenshot: a sample sweep history with nodes down, headless
+Chromium, a page reader."""
 
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from kokoa_infra.health.html import DEFAULT_HISTORY, History, render_page, update_history
-from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep
+from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep, TrafficMemory
 from kokoa_infra.health.targets import Target
-from kokoa_infra.health.results import TrafficMemory
 from kokoa_infra.health.traffic import EdgeCounters, TrafficResult
 
 # No background traffic of the browser's own: no sync, component updates, field trials, QUIC.

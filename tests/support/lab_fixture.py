@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import os
 import ipaddress
+import os
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator

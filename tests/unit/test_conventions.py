@@ -42,8 +42,8 @@ def help_of(path: tuple[str, ...]) -> str:
 
 def test_the_tree_is_what_the_readme_lists():
     assert {" ".join(path) for path, _ in ALL} >= {
-        "", "add-origin", "add-edge", "bundle", "drain", "undrain", "remove-edge", "under-attack", "health", "dns", "dns list",
-        "dns add", "dns remove", "lab", "lab up", "lab status", "lab down", "lab rotate-ssh-key"}
+        "", "add-origin", "add-edge", "bundle", "drain", "undrain", "remove-edge", "under-attack", "health",
+        "dns", "dns list", "dns add", "dns remove", "lab", "lab up", "lab status", "lab down", "lab rotate-ssh-key"}
 
 
 @pytest.mark.parametrize("path", [path for path, _ in ALL], ids=lambda path: " ".join(path) or "kokoa")
@@ -72,7 +72,8 @@ def test_stack_is_s_or_stack_with_the_same_default_everywhere():
                 assert param.opts == ["-s", "--stack"], path
                 assert param.envvar == conventions.STACK_ENV, path
                 assert conventions.STACK_DEFAULT in param.help, path
-    assert sorted(found) == ["add-edge", "add-origin", "bundle", "drain", "health", "remove-edge", "under-attack", "undrain"]
+    assert sorted(found) == ["add-edge", "add-origin", "bundle", "drain", "health", "remove-edge", "under-attack",
+                             "undrain"]
 
 
 def test_kokoa_dns_is_kokoa_dns():

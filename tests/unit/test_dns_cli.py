@@ -16,8 +16,8 @@ import pytest
 import requests
 from click.testing import CliRunner, Result
 
-from kokoa_infra.lab.cloudflare_standin import FakeCloudflare, failure_envelope
 from kokoa_infra import dns_cli
+from kokoa_infra.lab.cloudflare_standin import FakeCloudflare, failure_envelope
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 ZONE_ID = "023e105f4ecef8ad9ca31a8372d0c353"

@@ -1,4 +1,5 @@
-"""`kokoa drain`, `kokoa undrain`, `kokoa remove-edge`: edit one edge's entry, keep comments, refuse the last serving edge."""
+"""`kokoa drain`, `kokoa undrain`, `kokoa remove-edge`: edit one edge's entry, keep comments,
+refuse the last serving edge."""
 
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ def test_remove_edge_refuses_the_last_serving_edge_and_warns_about_a_serving_one
 def test_problems_change_nothing(stack_file):
     unknown = invoke("drain", "--stack", "prod", "edge-9")
     assert unknown.exit_code == 2 and "no edge is named 'edge-9' (edges: edge-1, edge-2)" in unknown.output
-    stack_file.write_text(STACK.replace("origin: blog\n      publicIp: 198.51.100.8", "origin: nope\n      publicIp: 198.51.100.8"))
+    stack_file.write_text(STACK.replace("origin: blog\n      publicIp: 198.51.100.8",
+                                        "origin: nope\n      publicIp: 198.51.100.8"))
     broken = stack_file.read_text()
     result = invoke("drain", "--stack", "prod", "edge-2")
     assert result.exit_code == 2 and "its origin 'nope' is not in the stack" in result.output

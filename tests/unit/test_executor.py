@@ -18,8 +18,16 @@ from pathlib import Path
 import pytest
 
 from kokoa_infra.lab import executor
-from kokoa_infra.lab.executor import (COMMAND, Completed, ExecutorError, SshRunner, apply,
-                                      path_contains, parse_path, replace_reasons)
+from kokoa_infra.lab.executor import (
+    COMMAND,
+    Completed,
+    ExecutorError,
+    SshRunner,
+    apply,
+    parse_path,
+    path_contains,
+    replace_reasons,
+)
 from kokoa_infra.mocked_program import DeclaredResource
 
 STACK = "urn:pulumi:lab::kokoa::pulumi:pulumi:Stack::kokoa-lab"

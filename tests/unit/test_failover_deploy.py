@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from kokoa_infra.lab.cloudflare_standin import FakeCloudflare
 from kokoa_infra.cloudflare import ApiSettings, CloudflareDns, RetryPolicy
 from kokoa_infra.health import failover as fo
 from kokoa_infra.health.results import HttpsResult, NodeResult, Sweep
 from kokoa_infra.health.targets import Target
+from kokoa_infra.lab.cloudflare_standin import FakeCloudflare
 from kokoa_infra.lab.dns import DnsRecordHandler
 from kokoa_infra.lab.executor import DNS_RECORD, apply
 from kokoa_infra.mocked_program import run_program

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.stacks import BASE_CONFIG
 from tests.support.rendering import bundles, lab_config
+from tests.support.stacks import BASE_CONFIG
 
 GIXY = Path(sys.executable).with_name("gixy")
 # The edge's HTTPS server ends a connection after twice the burst of requests (at least 100):

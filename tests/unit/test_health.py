@@ -19,23 +19,35 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv4Address
 from pathlib import Path
 
-import ping3
 import click
+import ping3
 import pytest
 from click.testing import CliRunner
 
-from kokoa_infra.health import command as health_cli
 from kokoa_infra.atomic_file import write_atomically
+from kokoa_infra.health import command as health_cli
 from kokoa_infra.health import probes as health_probes
 from kokoa_infra.health.command import Reporter, health, parse_checks, run_interval
 from kokoa_infra.health.probes import SweepOptions, fit_file_descriptors, probe_https, run_sweep
 from kokoa_infra.health.report import (
-    render_prometheus, render_summary_line, render_table, statuses, statuses_from_document,
-    sweep_document, transitions)
+    render_prometheus,
+    render_summary_line,
+    render_table,
+    statuses,
+    statuses_from_document,
+    sweep_document,
+    transitions,
+)
 from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep, exit_code, summarize
 from kokoa_infra.health.targets import (
-    LocalNetwork, Target, TargetsError, parse_local_network, parse_targets, ping_address,
-    wireguard_routable)
+    LocalNetwork,
+    Target,
+    TargetsError,
+    parse_local_network,
+    parse_targets,
+    ping_address,
+    wireguard_routable,
+)
 
 ORIGIN = {"name": "blog", "role": "origin", "origin": "blog", "domain": "blog.example.test",
           "wireguardIp": "10.100.0.1", "publicIp": "203.0.113.10"}
@@ -748,8 +760,8 @@ def test_health_reads_the_secret_origin_addresses_and_no_bundle(tmp_path, monkey
     """`kokoa health` asks for healthTargets and edges with --show-secrets (an origin's
     publicIp is a secret output), never for every output (the bundles hold private keys);
     the targets it gets are the program's own, under the mocks."""
-    from tests.support.stacks import BASE_CONFIG
     from kokoa_infra.mocked_program import run_program
+    from tests.support.stacks import BASE_CONFIG
 
     outputs = run_program(BASE_CONFIG).outputs
     for name in ("healthTargets", "edges", "healthTokens"):

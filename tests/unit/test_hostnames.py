@@ -12,17 +12,17 @@ from ipaddress import IPv4Address
 import pytest
 from ruamel.yaml import YAML
 
-from tests.support.stacks import BASE_CONFIG, blog_problems
-from kokoa_infra.lab.cloudflare_standin import FakeCloudflare
 from kokoa_infra.health.probes import SweepOptions, run_sweep
 from kokoa_infra.health.report import render_prometheus, sweep_document
 from kokoa_infra.health.results import HostnameResult, HttpsResult, NodeResult, Sweep
 from kokoa_infra.health.targets import HostnameTarget, LocalNetwork, Target, parse_targets
+from kokoa_infra.lab.cloudflare_standin import FakeCloudflare
 from kokoa_infra.mocked_program import run_program
 from kokoa_infra.model import InvalidConfig, parse_topology
 from kokoa_infra.render import applications
 from kokoa_infra.stackfile import kokoa_config, remove_edge, set_edge_dns
 from tests.support.rendering import bundles, wireguard_ips
+from tests.support.stacks import BASE_CONFIG, blog_problems
 from tests.unit.test_failover import IPS, TOKEN, ZONE_ID, agent, live
 
 BLOG, WWW, API, STATIC = "blog.example.com", "www.blog.example.com", "api.blog.example.com", "static.blog.example.com"
@@ -198,7 +198,8 @@ def program():
 
 
 def test_an_a_record_for_every_name_on_every_serving_edge(program):
-    records = {(r.name, r.inputs["name"], r.inputs["content"]) for r in program.of_type("cloudflare:index/dnsRecord:DnsRecord")}
+    records = {(r.name, r.inputs["name"], r.inputs["content"])
+               for r in program.of_type("cloudflare:index/dnsRecord:DnsRecord")}
     assert records == {
         ("edge-tokyo-1-a-record", BLOG, "198.51.100.7"),   # the resource name it always had
         (f"edge-tokyo-1-a-record-{WWW}", WWW, "198.51.100.7"),
@@ -213,7 +214,8 @@ def test_an_a_record_for_every_name_on_every_serving_edge(program):
 def test_the_certificate_step_names_every_name_and_waits_for_every_record(program):
     certificate = program.named("blog-certificate")
     assert certificate.inputs["create"].startswith(f"# kokoa certificate for {BLOG}, {WWW}, {API}, {STATIC} from ")
-    records = {r.urn for r in program.of_type("cloudflare:index/dnsRecord:DnsRecord") if r.inputs["name"] != "shop.example.com"}
+    records = {r.urn for r in program.of_type("cloudflare:index/dnsRecord:DnsRecord")
+               if r.inputs["name"] != "shop.example.com"}
     assert records <= set(certificate.dependencies)
     # A stack without hostnames keeps the command it had (no re-run at the next up).
     plain = run_program(BASE_CONFIG).named("blog-certificate").inputs["create"]

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from tests.support.stacks import BASE_CONFIG
 from tests.support.rendering import bundles
+from tests.support.stacks import BASE_CONFIG
 
 
 def domain_of(length: int) -> str:

@@ -37,7 +37,8 @@ def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """The wheel `pip install .` builds, from a copy of what a clone has (pyproject.toml, the package and its templates)."""
+    """The wheel `pip install .` builds, from a copy of what a clone has (pyproject.toml, the package
+    and its templates)."""
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"
     source.mkdir()

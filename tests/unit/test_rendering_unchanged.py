@@ -14,8 +14,8 @@ import pytest
 if __name__ == "__main__":  # run as a script: tests.* as pytest finds them
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.support.stacks import BASE_CONFIG
 from tests.support.rendering import bundles, lab_config
+from tests.support.stacks import BASE_CONFIG
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 # The lab's stack as it was on main (tests/golden/lab-stack.yaml): the lab itself moves on.

@@ -13,7 +13,7 @@ import pytest
 
 from kokoa_infra.lab.executor import apply
 from kokoa_infra.mocked_program import ProgramFailed, run_program
-from tests.support.stacks import BASE_CONFIG, SSH_KEY
+from tests.support.stacks import SSH_KEY
 from tests.unit.test_executor import FakeRunner, quiet
 
 OTHER_SSH_KEY = SSH_KEY.replace("AAAAAABAAAAMwAAAAtzc2gtZW", "AAAAAABAAAAMwAAAAtzc2gtZX")

@@ -35,7 +35,8 @@ REFUSED = {
     "body size as number": ({"maxBodySize": 10},
                             f"{BLOG}: maxBodySize: 10 is not a size like 10m or 512k (a number, then k or m)"),
     "body size with a newline": ({"maxBodySize": "10m\n"},
-                                 f"{BLOG}: maxBodySize: '10m\\n' is not a size like 10m or 512k (a number, then k or m)"),
+                                 f"{BLOG}: maxBodySize: '10m\\n' is not a size like 10m or 512k "
+                                 "(a number, then k or m)"),
     "body size 0": ({"maxBodySize": "0"},
                     f"{BLOG}: maxBodySize: '0' is not a size like 10m or 512k (a number, then k or m)"),
     "body size too small": ({"maxBodySize": "1023"}, f"{BLOG}: maxBodySize: '1023' is not from 1k to 1024m"),
@@ -67,7 +68,8 @@ def test_the_keys_reach_the_edge_and_both_gateway_forms():
                      upstream="http://127.0.0.1:8080/app")
     plain = rendered(upstream="http://127.0.0.1:8080/app")
     edge, gateway = files["edge/edge-tokyo-1"]["nginx.conf"], files["origin/blog"]["gateway.conf"]
-    for conf, without in ((edge, plain["edge/edge-tokyo-1"]["nginx.conf"]), (gateway, plain["origin/blog"]["gateway.conf"])):
+    for conf, without in ((edge, plain["edge/edge-tokyo-1"]["nginx.conf"]),
+                          (gateway, plain["origin/blog"]["gateway.conf"])):
         assert "client_max_body_size 50m;" in conf
         assert conf.count("proxy_read_timeout 300s;") == conf.count("proxy_send_timeout 300s;") == 2
         # "/" streams in the one `location /`: no duplicate location.

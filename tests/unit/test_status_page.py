@@ -1,4 +1,5 @@
-"""`kokoa health --html`: the page's content, secrecy and structure, its bounded history, the CLI and deployment lines."""
+"""`kokoa health --html`: the page's content, secrecy and structure, its bounded history, the CLI
+and deployment lines."""
 
 from __future__ import annotations
 
@@ -20,14 +21,30 @@ from click.testing import CliRunner
 from kokoa_infra.health import command as health_cli
 from kokoa_infra.health.command import Reporter, health, run_interval
 from kokoa_infra.health.html import (
-    DRAINED, SERVING, UNHEALTHY, History, StatusPage, history_document, measured_interval,
-    node_state, parse_history, render_page, update_history)
-from tests.support.html_preview import (
-    SAMPLE_END, SAMPLE_INTERVAL_S, page_rows, parse_html, sample_history, sample_sweep,
-    sample_targets)
+    DRAINED,
+    SERVING,
+    UNHEALTHY,
+    History,
+    StatusPage,
+    history_document,
+    measured_interval,
+    node_state,
+    parse_history,
+    render_page,
+    update_history,
+)
 from kokoa_infra.health.probes import SweepOptions
 from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep
 from kokoa_infra.health.targets import LocalNetwork, Target, parse_targets
+from tests.support.html_preview import (
+    SAMPLE_END,
+    SAMPLE_INTERVAL_S,
+    page_rows,
+    parse_html,
+    sample_history,
+    sample_sweep,
+    sample_targets,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 STATE_WORDS = {SERVING: "\u2713 serving", DRAINED: "\u2013 drained", UNHEALTHY: "\u2717 unhealthy"}

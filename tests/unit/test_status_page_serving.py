@@ -1,4 +1,5 @@
-"""Deploying the status page: the nginx block in docs/health.md passes `nginx -t` and serves only the page, with basic auth; the systemd units verify."""
+"""Deploying the status page: the nginx block in docs/health.md passes `nginx -t` and serves only
+the page, with basic auth; the systemd units verify."""
 
 from __future__ import annotations
 

@@ -11,26 +11,32 @@ import subprocess
 from dataclasses import replace
 from datetime import timedelta
 from ipaddress import IPv4Address
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kokoa_infra.health import command as health_cli
-from kokoa_infra.health.html import History, parse_history, history_document, render_page, update_history
-from tests.support.html_preview import page_rows, parse_html, sample_history
-from kokoa_infra.health.probes import SweepOptions, run_sweep
-from kokoa_infra.health.report import render_prometheus, sweep_document
-from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep
+from kokoa_infra.health.html import History, history_document, parse_history, render_page, update_history
+from kokoa_infra.health.probes import SweepOptions, run_sweep, scrape_edge
+from kokoa_infra.health.report import (
+    render_prometheus,
+    render_textfile,
+    render_traffic_table,
+    sweep_document,
+    write_textfile,
+)
+from kokoa_infra.health.results import HttpsResult, NodeResult, PingResult, Sweep, TrafficMemory, origin_traffic
 from kokoa_infra.health.targets import LocalNetwork, Target
-from kokoa_infra.health.probes import scrape_edge
-from kokoa_infra.health.report import render_textfile, render_traffic_table, write_textfile
-from kokoa_infra.health.results import origin_traffic
 from kokoa_infra.health.traffic import (
-    EdgeCounters, MetricsFormatError, TrafficResult, bucket_deltas, parse_edge_metrics, quantile)
-from kokoa_infra.health.results import TrafficMemory
+    EdgeCounters,
+    MetricsFormatError,
+    TrafficResult,
+    bucket_deltas,
+    parse_edge_metrics,
+    quantile,
+)
 from kokoa_infra.render import TEMPLATES_DIR
-
+from tests.support.html_preview import parse_html, sample_history
 from tests.unit.test_health import CHECKED_AT
 
 EDGE = Target("edge-1", "edge", "blog", "blog.example.test", IPv4Address("10.100.0.10"), "192.0.2.10")
@@ -274,7 +280,9 @@ def test_without_traffic_the_textfile_is_the_node_series_alone():
 # --- the CLI -------------------------------------------------------------------------------------
 
 def test_cli_metrics_prints_the_traffic_table(monkeypatch, tmp_path):
-    from tests.unit.test_health import ORIGIN as ORIGIN_ENTRY, EDGE as EDGE_ENTRY, invoke
+    from tests.unit.test_health import EDGE as EDGE_ENTRY
+    from tests.unit.test_health import ORIGIN as ORIGIN_ENTRY
+    from tests.unit.test_health import invoke
 
     outputs = tmp_path / "outputs.json"
     outputs.write_text(json.dumps({"healthTargets": [ORIGIN_ENTRY, EDGE_ENTRY]}))

@@ -1,9 +1,9 @@
-"""`kokoa under-attack on|off|auto ORIGIN`: edit one origin's underAttack, keep comments, refuse auto without capacity."""
+"""`kokoa under-attack on|off|auto ORIGIN`: edit one origin's underAttack, keep comments, refuse
+auto without capacity."""
 
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest
@@ -73,7 +73,8 @@ def test_on_inserts_the_key_in_writing_order_keeps_comments_and_says_what_up_wil
     text = stack_file.read_text()
     assert text == STACK.replace("      exemptPaths: [/api/]   # the mobile app\n",
                                  "      underAttack: on\n      exemptPaths: [/api/]   # the mobile app\n")
-    assert parse_topology(kokoa_config(YAML(typ="safe").load(text)["config"])).origin("blog").defence.under_attack == "on"
+    topology = parse_topology(kokoa_config(YAML(typ="safe").load(text)["config"]))
+    assert topology.origin("blog").defence.under_attack == "on"
 
 
 def test_back_to_the_default_removes_the_key_and_the_file_is_as_before(stack_file):
