@@ -6,7 +6,7 @@ from typing import Any
 
 import pulumi
 
-from kokoa_infra.components import Origin, OriginArgs, server_key
+from kokoa_infra.components import Origin, OriginArgs, gathered, secret_of, server_key
 from kokoa_infra.model import (NAME_RE, OBJECT_KEYS, SECRET_KEYS, STRING_KEYS, InvalidConfig, Problem, Topology, keyscan_command,
                                parse_topology)
 
@@ -100,14 +100,13 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
         ssh_private_key = pulumi.Output.secret(ssh_private_key)
     renamed = former_names(pulumi.Config("kokoa").get_object("formerNames"), topology)
     key = server_key()
-    origins = {
-        spec.name: Origin(spec.name, OriginArgs(
+    origins = {}
+    for spec in topology.origins:  # (a loop: a comprehension is one more frame in every resource's stack trace)
+        origins[spec.name] = Origin(spec.name, OriginArgs(
             origin=spec, edges=topology.edges_of(spec), settings=topology.settings, zone_id=topology.zone_for(spec),
             ssh_private_key=ssh_private_key, stack=stack, server_key=key,
             former_names=renamed.get(spec.name, ()),
             edge_former_names={e.name: renamed[e.name] for e in topology.edges_of(spec) if e.name in renamed}))
-        for spec in topology.origins
-    }
     warn_about_exposure(topology)
     without_zone = [o.name for o in topology.origins if not topology.zone_for(o)]
     if without_zone:
@@ -158,7 +157,7 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
              "domain": topology.origin(e.origin).domain,
              "wireguardIp": e.wireguard_ip, "publicIp": e.public_ip} for e in topology.edges
         ],
-        "bundles": pulumi.Output.secret(bundles),
+        "bundles": secret_of(gathered(bundles)),
         # What `kokoa health` sends so that its probes are never challenged (secret).
         "healthTokens": pulumi.Output.secret({name: origin.health_token for name, origin in origins.items()}),
     }

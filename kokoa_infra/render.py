@@ -98,6 +98,8 @@ def _environment() -> jinja2.Environment:
         autoescape=False,
         trim_blocks=True,
         lstrip_blocks=True,
+        # Templates do not change while the program runs: compiled once, never stat()ed again.
+        auto_reload=False,
     )
     env.filters["shell_quote"] = lambda value: shlex.quote(str(value))
     return env
