@@ -15,7 +15,7 @@ from pulumi_command import remote
 
 from kokoa_infra.admission import Admission, admissions
 from kokoa_infra.keys import public_key
-from kokoa_infra.model import DNS_TTL, Edge, Origin as OriginSpec, Settings, Ssh, server_identity
+from kokoa_infra.model import DNS_TTL, Edge, Origin as OriginSpec, Settings, Ssh, check_serves, server_identity
 from kokoa_infra.render import (INSTALL_DIR, EdgePeer, bundle_archive, health_token, render_edge_bundle,
                                 render_origin_bundle)
 
@@ -207,8 +207,7 @@ class EdgeNodeArgs:
     former_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.edge.origin != self.origin.name:
-            raise ValueError(f"edge {self.edge.name} serves origin {self.edge.origin}, not {self.origin.name}")
+        check_serves(self.origin, [self.edge])
 
 
 class EdgeNode(pulumi.ComponentResource):
@@ -277,9 +276,7 @@ class OriginArgs:
     edge_former_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        strangers = [e.name for e in self.edges if e.origin != self.origin.name]
-        if strangers:
-            raise ValueError(f"edges {', '.join(strangers)} do not serve origin {self.origin.name}")
+        check_serves(self.origin, self.edges)
         if [e.index for e in self.edges] != sorted(e.index for e in self.edges):
             raise ValueError(f"the edges of origin {self.origin.name} must be in index order")
 

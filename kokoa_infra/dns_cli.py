@@ -15,7 +15,7 @@ from kokoa_infra.cloudflare import (  # noqa: F401
     ApiSettings, CloudflareApiError, CloudflareDns, ConfigError, NothingMatched, RetryPolicy,
     read_settings)
 from kokoa_infra.conventions import CONTEXT, epilog
-from kokoa_infra.model import DOMAIN_RE, ipv4_problem, parse_ipv4 as canonical_ipv4_address
+from kokoa_infra.values import DOMAIN_RE, ipv4_problem, parse_ipv4 as canonical_ipv4_address
 from kokoa_infra.tables import format_table
 
 ENVIRONMENT = {

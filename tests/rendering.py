@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from conftest import BASE_CONFIG
 from kokoa_infra.admission import admissions
-from kokoa_infra.model import parse_topology
+from kokoa_infra.validate import parse_topology
 from kokoa_infra.render import EdgePeer, render_edge_bundle, render_origin_bundle
 from kokoa_infra.stackfile import kokoa_config
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pytest
 
 from conftest import BASE_CONFIG
-from kokoa_infra.model import parse_topology
+from kokoa_infra.validate import parse_topology
 from kokoa_infra.render import JS_MODULE, health_token
 from kokoa_infra.stackfile import kokoa_config
 from tests.edge_serving import link_tunnel, start_edge_nginx, throwaway_certificate, write_edge_files

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import BASE_CONFIG, blog_problems, blog_with
 from kokoa_infra.admission import Admission, reserve, split_capacity
-from kokoa_infra.model import Defence, parse_topology
+from kokoa_infra.model import Defence
+from kokoa_infra.validate import parse_topology
 from kokoa_infra.render import file_mode, render_edge_bundle
 from tests.rendering import KEY, PASS_KEY, bundles
 

@@ -11,7 +11,7 @@ from nacl.public import PrivateKey
 
 from conftest import BASE_CONFIG
 from kokoa_infra.keys import public_key
-from kokoa_infra.model import parse_topology
+from kokoa_infra.validate import parse_topology
 from kokoa_infra.render import EdgePeer, render_edge_bundle, render_origin_bundle
 from kokoa_infra.stackfile import kokoa_config
 from tests.rendering import wireguard_ips

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from conftest import BASE_CONFIG, blog_problems, blog_with
-from kokoa_infra.model import parse_topology
+from kokoa_infra.validate import parse_topology
 from kokoa_infra.render import DROPPED_CLIENT_HEADERS
 from tests.rendering import bundles
 

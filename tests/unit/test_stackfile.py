@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from conftest import BASE_CONFIG
 from kokoa_infra.cli import main
-from kokoa_infra.model import parse_topology
+from kokoa_infra.validate import parse_topology
 from kokoa_infra.stackfile import guess_indent, kokoa_config
 
 # A wide hostKey line (over 100 characters with its comment) and `  - ` under each list key.
@@ -55,6 +55,8 @@ INDENTED = "\n".join(("  " + line) if line.startswith("  ") and not line.startsw
 JSON_FORM = """\
 config:
   kokoa:acmeEmail: ops@example.com
+  kokoa:sshPrivateKey:
+    secure: AAABAFakeCiphertext
   kokoa:origins: '[{"name": "blog", "domain": "blog.example.com", "subnet": 0, "host": "203.0.113.10", \
 "upstream": "http://127.0.0.1:8080", "insecureAnyHostKey": true}]'   # as set with --json
   kokoa:edges: '[{"name":"edge-1","origin":"blog","publicIp":"198.51.100.7","index":10,\

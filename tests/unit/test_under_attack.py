@@ -10,7 +10,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from conftest import BASE_CONFIG, kokoa, stack_in
-from kokoa_infra.model import parse_topology
+from kokoa_infra.validate import parse_topology
 from kokoa_infra.stackfile import kokoa_config
 
 HOST_KEY = BASE_CONFIG["kokoa:edges"][0]["hostKey"]
