@@ -19,9 +19,11 @@ or entries (an endpoint that defaults to host, unique names...) are validate.py'
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 import textwrap
+import typing
 from typing import Any, Iterator, Protocol
 
 from kokoa_infra.addressing import NETWORK_MAX_PREFIX
@@ -480,22 +482,20 @@ def inline() -> Any:
     return dataclasses.field(default=None, metadata={"inline": True})
 
 
-def declared(cls: type) -> Iterator[tuple[str, Key | type]]:
+@functools.cache
+def declared(cls: type) -> tuple[tuple[str, Key | type], ...]:
     """(field name, Key) for each key of `cls` in writing order; (field name, dataclass) for an inline one."""
+    found: list[tuple[str, Key | type]] = []
     for f in dataclasses.fields(cls):
         if f.metadata.get("inline"):
-            yield f.name, _field_type(cls, f.name)
+            found.append((f.name, typing.get_type_hints(cls)[f.name]))
         elif "key" in f.metadata:
             spec = dict(f.metadata["key"])
-            yield f.name, Key(name=spec.pop("name") or camel(f.name), **spec)
+            found.append((f.name, Key(name=spec.pop("name") or camel(f.name), **spec)))
+    return tuple(found)
 
 
-def _field_type(cls: type, name: str) -> type:
-    import typing
-
-    return typing.get_type_hints(cls)[name]
-
-
+@functools.cache
 def declared_keys(cls: type) -> tuple[str, ...]:
     """The key names of `cls` (inline ones included), in writing order."""
     names: list[str] = []
