@@ -3,11 +3,12 @@
 import pulumi
 
 from kokoa_infra.model import InvalidConfig
-from kokoa_infra.program import deploy, read_config, validate
+from kokoa_infra.program import deploy, read_config
+from kokoa_infra.validate import parse_topology
 
 raw_config, ssh_private_key = read_config(pulumi.Config("kokoa"))
 try:
-    topology = validate(raw_config, ssh_private_key)
+    topology = parse_topology(raw_config)
 except InvalidConfig as invalid:
     for problem in invalid.problems:
         pulumi.log.error(str(problem))

@@ -21,7 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kokoa_infra.model import CHALLENGE_DIFFICULTY_RANGE, DEFAULT_CHALLENGE_DIFFICULTY  # noqa: E402
+from kokoa_infra.model import DEFAULT_CHALLENGE_DIFFICULTY, Origin  # noqa: E402
+from kokoa_infra.schema import declared_key  # noqa: E402
 from tests.support.html_preview import chromium_binary, run_chromium  # noqa: E402
 
 CHALLENGE_JS = REPO / "templates" / "edge" / "challenge.js"
@@ -95,7 +96,7 @@ def main() -> int:
         rows.append(f"{bits:>4}{default:<10} {rate / 1e6:6.2f} M/s  mean {mean:7.1f} ms  p95 {p95:7.1f} ms  "
                     f"max {max(times):7.1f} ms  phone-class p95 ~{p95 * PHONE_FACTOR / 1000:5.2f} s")
     print(f"challenge solve time in headless Chromium, {SOLVES} challenges per difficulty "
-          f"(bounds {CHALLENGE_DIFFICULTY_RANGE[0]}..{CHALLENGE_DIFFICULTY_RANGE[1]})")
+          f"(bounds {declared_key(Origin, 'challengeDifficulty').kind.describe()})")
     print("\n".join(rows))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(document, indent=1) + "\n")

@@ -42,7 +42,8 @@ from kokoa_infra.lab.deploy import STACK_FILE, load_stack, up, verify_sites  # n
 from kokoa_infra.lab.hosts import DEFAULT_INIT, INIT_SYSTEMS, Host, topology  # noqa: E402
 from kokoa_infra.lab.lab import Lab, lab_unavailable  # noqa: E402
 from kokoa_infra.lab.processes import LabError, run  # noqa: E402
-from kokoa_infra.model import RATE_LIMIT_KEYS  # noqa: E402
+from kokoa_infra.model import RateLimit  # noqa: E402
+from kokoa_infra.schema import declared_keys  # noqa: E402
 
 LAB_DIR = Path("/var/lib/kokoa-lab-bench")
 PREFIX = "kokoab-"
@@ -188,7 +189,7 @@ class Bench(OnTheLab):
         origins = copy.deepcopy(base["kokoa:origins"])
         if lifted:
             for origin in origins:
-                origin["rateLimit"] = {k: v for k, v in LIFTED.items() if k in RATE_LIMIT_KEYS}
+                origin["rateLimit"] = {k: v for k, v in LIFTED.items() if k in declared_keys(RateLimit)}
         log(f"deploying the lab ({'limits lifted' if lifted else 'the stack limits'})")
         self.status = up(self.lab, {"kokoa:origins": origins}, echo=log).status
         verify_sites(self.lab, self.status)

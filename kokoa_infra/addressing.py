@@ -8,6 +8,7 @@ host on an origin's tunnel network holds an address in that origin's /24.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any, Mapping
 
 TUNNEL_PREFIX = 24            # each origin's WireGuard network
 NETWORK_MAX_PREFIX = 16       # kokoa:network: room for every subnet
@@ -29,3 +30,23 @@ def tunnel_network(address: ipaddress.IPv4Address | str) -> ipaddress.IPv4Networ
 def edge_interface(subnet: int) -> str:
     """The name of an edge's WireGuard interface to the origin with this subnet (unique per origin)."""
     return f"wg-origin-{subnet}"
+
+
+# Allocation of the next free value, used by `kokoa add-origin` / `add-edge`.
+
+def next_free(used: set[int], low: int, high: int, what: str) -> int:
+    for candidate in range(low, high + 1):
+        if candidate not in used:
+            return candidate
+    raise ValueError(f"no free {what} left ({low}..{high} are all taken)")
+
+
+def next_subnet(origins: list[Mapping[str, Any]]) -> int:
+    return next_free({o.get("subnet") for o in origins if isinstance(o.get("subnet"), int)},
+                     *SUBNET_RANGE, "subnet")
+
+
+def next_index(edges: list[Mapping[str, Any]], origin: str) -> int:
+    return next_free({e.get("index") for e in edges
+                      if e.get("origin") == origin and isinstance(e.get("index"), int)},
+                     *EDGE_INDEX_RANGE, f"edge index for origin {origin}")

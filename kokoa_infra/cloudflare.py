@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from kokoa_infra.conventions import CouldNotRun, Failed
-from kokoa_infra.model import DNS_TTL, ZONE_ID_RE
+from kokoa_infra.model import DNS_TTL
+from kokoa_infra.values import ZONE_ID_RE
 
 if TYPE_CHECKING:  # imported when a request is made: `--help` and usage errors stay fast
     import requests

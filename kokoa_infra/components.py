@@ -6,7 +6,7 @@ import base64
 import hashlib
 import hmac
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Sequence, TypeVar
 
 import pulumi
 import pulumi_cloudflare as cloudflare
@@ -15,15 +15,58 @@ from pulumi_command import remote
 
 from kokoa_infra.admission import Admission, admissions
 from kokoa_infra.keys import public_key
-from kokoa_infra.model import DNS_TTL, Edge, Origin as OriginSpec, Settings, Ssh, server_identity
-from kokoa_infra.render import (INSTALL_DIR, EdgePeer, bundle_archive, health_token, render_edge_bundle,
-                                render_origin_bundle)
+from kokoa_infra.model import DNS_TTL, Edge, Settings, Ssh, check_serves, server_identity
+from kokoa_infra.model import Origin as OriginSpec
+from kokoa_infra.render import (
+    INSTALL_DIR,
+    EdgePeer,
+    bundle_archive,
+    health_token,
+    render_edge_bundle,
+    render_origin_bundle,
+)
 
 ORIGIN_TYPE = "kokoa:index:Origin"
 EDGE_TYPE = "kokoa:index:EdgeNode"
 
 
 SERVER_KEY = "kokoa-server-key"
+T = TypeVar("T")
+
+
+def secret_of(output: pulumi.Output[T]) -> pulumi.Output[T]:
+    """`output`, marked secret as it is. `Output.secret` would lift every value nested in it
+    again (a bundle's files, one Output each); an apply that returns an Output passes it on
+    whole, with its dependencies and the secret mark of both."""
+    return pulumi.Output.secret(True).apply(lambda _: output)
+
+
+def gathered(outputs: Mapping[str, pulumi.Output[Any]]) -> pulumi.Output[dict[str, Any]]:
+    """One Output of {name: value} of `outputs`: `Output.all(**outputs)` without lifting every
+    value nested in each again (550 bundles of 7 files would be some 7,000 Outputs more).
+    Merged in halves, so that each value is looked over for unknowns about log2(n) times,
+    not n times. Secret when any of them is; unknown (preview) when any of them is."""
+    items = list(outputs.items())
+    if not items:
+        return pulumi.Output.from_input({})
+    if len(items) == 1:
+        (name, output), = items
+        return output.apply(lambda value: {name: value})
+    half = len(items) // 2
+    first, second = gathered(dict(items[:half])), gathered(dict(items[half:]))
+    return first.apply(lambda one: second.apply(lambda other: {**one, **other}))
+
+
+def combined(*outputs: pulumi.Output[Any]) -> pulumi.Output[list[Any]]:
+    """The values of `outputs` as one list: `Output.all(*outputs)` in one apply per output
+    (Output.all lifts each again first, two Outputs more each). For a few small values: each
+    apply looks over the values gathered so far for unknowns."""
+    def rest(index: int, values: tuple[Any, ...]) -> pulumi.Output[list[Any]] | list[Any]:
+        if index == len(outputs):
+            return list(values)
+        return outputs[index].apply(lambda value: rest(index + 1, (*values, value)))
+    chain = rest(0, ())
+    return chain if isinstance(chain, pulumi.Output) else pulumi.Output.from_input(chain)
 
 
 def server_key() -> pulumi.Output[str]:
@@ -88,7 +131,7 @@ def host_trigger(ssh: Ssh, key: pulumi.Output[str]) -> pulumi.Output[str]:
     key re-runs the idempotent install where it is, while a node moved to another server
     is replaced: the old state's uninstall runs on the old server first.
     """
-    return server_tag(key, _identity_text(ssh)).apply(lambda tag: f"server {tag}")
+    return pulumi.Output.unsecret(key.apply(lambda k: f"server {keyed_server_tag(k, _identity_text(ssh))}"))
 
 
 def node_server_tag(ssh: Ssh, public_address: str, key: pulumi.Output[str]) -> pulumi.Output[str]:
@@ -122,7 +165,8 @@ def _push_command(name: str, label: str, ssh: Ssh, ssh_private_key: pulumi.Input
         connection=_connection(ssh, ssh_private_key),
         create=command,
         delete=f"if [ -x {INSTALL_DIR}/uninstall.sh ]; then {_as_root(INSTALL_DIR + '/uninstall.sh')}; fi",
-        stdin=pulumi.Output.secret(archive.apply(lambda data: base64.b64encode(data).decode())),
+        # Secret as the bundle it is made of (no second Output.secret: a whole bundle lifted again).
+        stdin=archive.apply(lambda data: base64.b64encode(data).decode()),
         triggers=[host_trigger(ssh, key)],
         # Otherwise update and delete setenv PULUMI_COMMAND_STDOUT/STDERR: a stock sshd refuses
         # them (one warning per command), and one that accepts them receives the old output.
@@ -170,8 +214,7 @@ class EdgeNodeArgs:
     former_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.edge.origin != self.origin.name:
-            raise ValueError(f"edge {self.edge.name} serves origin {self.edge.origin}, not {self.origin.name}")
+        check_serves(self.origin, [self.edge])
 
 
 class EdgeNode(pulumi.ComponentResource):
@@ -195,10 +238,11 @@ class EdgeNode(pulumi.ComponentResource):
         private_key, self.public_key = _wireguard_key_pair(name, self, edge.key_generation, self.server_tag)
         self.preshared_key = _wireguard_secret(f"{name}-preshared-key", self, edge.key_generation,
                                                self.server_tag)
-        self.bundle = pulumi.Output.secret(pulumi.Output.all(
+        # Secret: made of the node's private key, a secret (_wireguard_secret).
+        self.bundle = combined(
             private_key, self.preshared_key, args.origin_public_key, args.pass_key,
         ).apply(lambda keys: render_edge_bundle(args.settings, origin, edge, *keys[:3], pass_key=keys[3],
-                                                admission=args.admission)))
+                                                admission=args.admission))
         self.install = _push_command(f"{name}-install", f"edge/{edge.name}", edge.ssh,
                                      args.ssh_private_key, self.bundle, self, args.server_key)
 
@@ -243,9 +287,7 @@ class OriginArgs:
     edge_former_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        strangers = [e.name for e in self.edges if e.origin != self.origin.name]
-        if strangers:
-            raise ValueError(f"edges {', '.join(strangers)} do not serve origin {self.origin.name}")
+        check_serves(self.origin, self.edges)
         if [e.index for e in self.edges] != sorted(e.index for e in self.edges):
             raise ValueError(f"the edges of origin {self.origin.name} must be in index order")
 
@@ -272,15 +314,14 @@ class Origin(pulumi.ComponentResource):
             f"{name}-pass-key", length=32, opts=pulumi.ResourceOptions(parent=self)).hex)
         self.health_token = pulumi.Output.secret(pass_key.apply(lambda key: health_token(key, spec)))
         shares = admissions(spec, args.edges)
-        self.edges = {
-            edge.name: EdgeNode(edge.name, EdgeNodeArgs(
+        self.edges = {}
+        for edge in args.edges:  # (a loop: a comprehension is one more frame in every resource's stack trace)
+            self.edges[edge.name] = EdgeNode(edge.name, EdgeNodeArgs(
                 edge=edge, origin=spec, settings=args.settings, zone_id=args.zone_id,
                 origin_public_key=self.public_key, ssh_private_key=args.ssh_private_key, stack=args.stack,
                 pass_key=pass_key, admission=shares[edge.name], server_key=args.server_key,
                 former_names=args.edge_former_names.get(edge.name, ())),
                 opts=pulumi.ResourceOptions(parent=self))
-            for edge in args.edges
-        }
         edge_specs = list(args.edges)
         edge_nodes = [self.edges[edge.name] for edge in edge_specs]
 
@@ -290,10 +331,11 @@ class Origin(pulumi.ComponentResource):
             return render_origin_bundle(args.settings, spec, origin_key, peers)
 
         # Each edge with its server's tag: the origin replaces its TLS key when a holder of
-        # the current one is gone, and an edge on a new server is a new holder.
-        self.bundle = pulumi.Output.secret(pulumi.Output.all(
+        # the current one is gone, and an edge on a new server is a new holder. Secret: made of
+        # the origin's private key, a secret (_wireguard_secret).
+        self.bundle = combined(
             private_key, *[k for node in edge_nodes for k in (node.public_key, node.preshared_key, node.server_tag)],
-        ).apply(render))
+        ).apply(render)
         self.install = _push_command(f"{name}-install", f"origin/{spec.name}", spec.ssh,
                                      args.ssh_private_key, self.bundle, self, args.server_key)
 

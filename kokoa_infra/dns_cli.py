@@ -26,9 +26,9 @@ from kokoa_infra.cloudflare import (  # noqa: F401
     read_settings,
 )
 from kokoa_infra.conventions import CONTEXT, epilog
-from kokoa_infra.model import DOMAIN_RE, ipv4_problem
-from kokoa_infra.model import parse_ipv4 as canonical_ipv4_address
 from kokoa_infra.tables import format_table
+from kokoa_infra.values import DOMAIN_RE, ipv4_problem
+from kokoa_infra.values import parse_ipv4 as canonical_ipv4_address
 
 ENVIRONMENT = {
     "CLOUDFLARE_API_TOKEN": 'API token sent as "Authorization: Bearer ..."; needs Zone > DNS > Edit on '

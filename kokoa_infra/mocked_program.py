@@ -19,7 +19,8 @@ from typing import Any, Mapping
 
 import pulumi
 from pulumi.runtime import mocks as pulumi_mocks
-from pulumi.runtime import rpc, settings as pulumi_settings
+from pulumi.runtime import rpc
+from pulumi.runtime import settings as pulumi_settings
 
 from kokoa_infra.project import PROJECT_DIR
 
@@ -264,13 +265,13 @@ def run_program(stack_config: Mapping[str, Any], *, stack: str = "test",
                 lambda: runpy.run_path(str(main), run_name="__main__"))
             root = pulumi_settings.get_root_resource()
             for name, value in dict(root.outputs).items():
-                out = pulumi.Output.from_input(value)
-                run.outputs[name] = json.loads(json.dumps(await out.future()))
-                if await out.is_secret():
+                # As the SDK sends it to the engine: nested secrets stay where they are. One
+                # walk gives both the plain value and where its secrets are.
+                serialized = json.loads(json.dumps(await rpc.serialize_property(value, [], name)))
+                run.output_secret_paths[name] = _secret_paths(serialized)
+                run.outputs[name] = _unwrap(serialized)
+                if run.output_secret_paths[name]:
                     run.secret_outputs.add(name)
-                # As the SDK sends it to the engine: nested secrets stay where they are.
-                serialized = await rpc.serialize_property(value, [], name)
-                run.output_secret_paths[name] = _secret_paths(json.loads(json.dumps(serialized)))
 
         try:
             loop.run_until_complete(evaluate())

@@ -6,72 +6,25 @@ from typing import Any
 
 import pulumi
 
-from kokoa_infra.components import Origin, OriginArgs, server_key
-from kokoa_infra.model import (NAME_RE, OBJECT_KEYS, SECRET_KEYS, STRING_KEYS, InvalidConfig, Problem, Topology, keyscan_command,
-                               parse_topology)
+from kokoa_infra.components import Origin, OriginArgs, gathered, secret_of, server_key
+from kokoa_infra.host_keys import keyscan_command
 from kokoa_infra.model import Origin as OriginSpec
+from kokoa_infra.model import Topology
+from kokoa_infra.schema import Secret, top_level
 
 
 def read_config(config: pulumi.Config) -> tuple[dict[str, Any], pulumi.Output[str] | None]:
-    """The `kokoa:` keys as plain values, and the SSH key as a secret Output."""
-    raw: dict[str, Any] = {key: config.get(key) for key in STRING_KEYS}
-    raw |= {key: config.get_object(key) for key in OBJECT_KEYS}
-    secret, = SECRET_KEYS
-    return {k: v for k, v in raw.items() if v is not None}, config.get_secret(secret)
-
-
-def former_names(value: Any, topology: Topology) -> dict[str, tuple[str, ...]]:
-    """`kokoa:formerNames` ({node: old name or [old names]}) checked against the topology.
-
-    A renamed node keeps its resources through these aliases: without them the engine
-    creates the new name's resources and then deletes the old ones, whose uninstall would
-    wipe the server the node stays on.
-    """
-    if value is None:
-        return {}
-    where = "kokoa:formerNames"
-    if not isinstance(value, dict):
-        raise InvalidConfig([Problem("kokoa", "formerNames", "must be a mapping {node: former name or [names]}")])
-    nodes = {o.name for o in topology.origins} | {e.name for e in topology.edges}
-    problems, result, claimed = [], {}, {}
-    for node, names in value.items():
-        names = [names] if isinstance(names, str) else names
-        if node not in nodes:
-            problems.append(Problem(where, str(node), "names no origin or edge of this stack"))
-            continue
-        if not isinstance(names, list) or not names:
-            problems.append(Problem(where, node, "must be a former name or a list of them"))
-            continue
-        for name in names:
-            if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-                problems.append(Problem(where, node, f"{name!r} is not a node name"))
-            elif name in nodes:
-                problems.append(Problem(where, node, f"{name} is the name of a node of this stack; "
-                                                     "a former name must be free"))
-            elif name in claimed:
-                problems.append(Problem(where, node, f"{name} is already the former name of {claimed[name]}"))
-            else:
-                claimed[name] = node
-        result[node] = tuple(n for n in names if isinstance(n, str))
-    if problems:
-        raise InvalidConfig(problems)
-    return result
-
-
-def validate(raw: dict[str, Any], ssh_private_key: pulumi.Output[str] | None) -> Topology:
-    problems: list[Problem] = []
-    try:
-        topology = parse_topology(raw)
-        former_names(raw.get("formerNames"), topology)
-    except InvalidConfig as exc:
-        problems = exc.problems
-    if ssh_private_key is None and (raw.get("origins") or raw.get("edges")):
-        problems.append(Problem("kokoa", "sshPrivateKey",
-                                "is required to reach the hosts: "
-                                "pulumi config set --secret kokoa:sshPrivateKey < ~/.ssh/id_ed25519"))
-    if problems:
-        raise InvalidConfig(problems)
-    return topology
+    """Every declared `kokoa:` key as the model reads it (a string, or a JSON/YAML value, as its
+    kind says), and the SSH key as a secret Output (in the config as well: the model checks
+    that it is set)."""
+    raw: dict[str, Any] = {}
+    secret = None
+    for spec in top_level(Topology):
+        if isinstance(spec.kind, Secret):
+            raw[spec.name] = secret = config.get_secret(spec.name)
+        else:
+            raw[spec.name] = config.get(spec.name) if spec.kind.text else config.get_object(spec.name)
+    return {k: v for k, v in raw.items() if v is not None}, secret
 
 
 def warn_about_exposure(topology: Topology) -> None:
@@ -99,16 +52,15 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
     """Declare every resource; return the stack outputs (README, "Stack outputs")."""
     if ssh_private_key is not None:
         ssh_private_key = pulumi.Output.secret(ssh_private_key)
-    renamed = former_names(pulumi.Config("kokoa").get_object("formerNames"), topology)
+    renamed = topology.former_names
     key = server_key()
-    origins = {
-        spec.name: Origin(spec.name, OriginArgs(
+    origins = {}
+    for spec in topology.origins:  # (a loop: a comprehension is one more frame in every resource's stack trace)
+        origins[spec.name] = Origin(spec.name, OriginArgs(
             origin=spec, edges=topology.edges_of(spec), settings=topology.settings, zone_id=topology.zone_for(spec),
             ssh_private_key=ssh_private_key, stack=stack, server_key=key,
             former_names=renamed.get(spec.name, ()),
             edge_former_names={e.name: renamed[e.name] for e in topology.edges_of(spec) if e.name in renamed}))
-        for spec in topology.origins
-    }
     warn_about_exposure(topology)
     without_zone = [o.name for o in topology.origins if not topology.zone_for(o)]
     if without_zone:
@@ -162,7 +114,7 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
              "domain": topology.origin(e.origin).domain, "hostnames": _hostname_targets(topology.origin(e.origin)),
              "wireguardIp": e.wireguard_ip, "publicIp": e.public_ip} for e in topology.edges
         ],
-        "bundles": pulumi.Output.secret(bundles),
+        "bundles": secret_of(gathered(bundles)),
         # What `kokoa health` sends so that its probes are never challenged (secret).
         "healthTokens": pulumi.Output.secret({name: origin.health_token for name, origin in origins.items()}),
     }

@@ -6,8 +6,8 @@ import functools
 import gzip
 import hashlib
 import hmac
-import ipaddress
 import io
+import ipaddress
 import re
 import tarfile
 from dataclasses import dataclass
@@ -125,10 +125,8 @@ def _common(settings: Settings, origin: Origin) -> dict:
 
 def render_origin_bundle(settings: Settings, origin: Origin, private_key: str,
                          peers: list[EdgePeer]) -> BundleFiles:
-    """Files an origin host needs: its WireGuard interface, tunnel gateway, certificate jobs."""
-    strangers = [p.edge.name for p in peers if p.edge.origin != origin.name]
-    if strangers:
-        raise ValueError(f"edges {', '.join(strangers)} do not serve origin {origin.name}")
+    """Files an origin host needs: its WireGuard interface, tunnel gateway, certificate jobs.
+    `peers`: the origin's edges (the components check that they serve it: model.check_serves)."""
     peers = sorted(peers, key=lambda p: p.edge.index)
     relay = any(app.relay for app in applications(origin))
     ctx = _common(settings, origin) | {
@@ -178,9 +176,8 @@ def render_edge_bundle(settings: Settings, origin: Origin, edge: Edge, private_k
                        admission: Admission | None = None) -> BundleFiles:
     """Files an edge host needs: tunnel to its origin, nginx, certificate refresh, and where
     the origin has them, the pass and challenge (`pass_key`: the origin's, secret) and its
-    share of the origin's capacity (`admission`, from admission.split_capacity)."""
-    if edge.origin != origin.name:
-        raise ValueError(f"edge {edge.name} serves origin {edge.origin}, not {origin.name}")
+    share of the origin's capacity (`admission`, from admission.split_capacity). `edge` serves
+    `origin` (the components check it: model.check_serves)."""
     defence = origin.defence
     if defence.passes and not PASS_KEY_RE.fullmatch(pass_key or ""):
         raise ValueError(f"origin {origin.name} has underAttack: {defence.under_attack}, which needs its pass "

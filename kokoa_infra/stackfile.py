@@ -12,12 +12,19 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
+from kokoa_infra.addressing import next_index, next_subnet
 from kokoa_infra.atomic_file import PRIVATE, write_atomically
 from kokoa_infra.conventions import STACK_ENV, selected_stack
-from kokoa_infra.model import (DNS_TTL, EDGE_KEYS, OBJECT_KEYS, ORIGIN_KEYS, UNDER_ATTACK_MODES, InvalidConfig,
-                               next_index, next_subnet, parse_topology)
+from kokoa_infra.model import DNS_TTL, UNDER_ATTACK_MODES, Edge, InvalidConfig, Origin, Topology
+from kokoa_infra.schema import Secret, declared_keys, top_level
+from kokoa_infra.validate import parse_topology
 
 PREFIX = "kokoa:"
+# Keys in the order an added entry is written, as stacks/reference.yaml shows them.
+ORIGIN_KEYS, EDGE_KEYS = declared_keys(Origin), declared_keys(Edge)
+# Top-level keys that hold a list or mapping, or a number: a JSON string is decoded, as
+# `pulumi.Config.get_object` does.
+OBJECT_KEYS = tuple(k.name for k in top_level(Topology) if not k.kind.text and not isinstance(k.kind, Secret))
 
 
 class StackFileError(Exception):
@@ -67,13 +74,13 @@ def stack_file(stack: str | None, path: str | None) -> Path:
 
 
 def kokoa_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The `kokoa:` keys without their prefix, as the model reads them (secrets left out).
+    """The `kokoa:` keys without their prefix, as the model reads them (a secret as its
+    ciphertext: the model only sees that it is set).
 
     An object key may hold its value as a JSON string (`kokoa:origins: '[{"name": ...}]'`):
     decoded, as `pulumi.Config.get_object` does.
     """
-    found = {key[len(PREFIX):]: value for key, value in config.items()
-             if key.startswith(PREFIX) and not (isinstance(value, dict) and "secure" in value)}
+    found = {key[len(PREFIX):]: value for key, value in config.items() if key.startswith(PREFIX)}
     for key in OBJECT_KEYS:
         if isinstance(found.get(key), str):
             try:
@@ -273,7 +280,8 @@ def _view(stack: StackDocument, entry: Any) -> _EdgeView:
         raise StackFileError(f"edge {name}: its origin {entry.get('origin')!r} is not in the stack")
     if not isinstance(entry.get("publicIp"), str):
         raise StackFileError(f"edge {name}: no publicIp")
-    return _EdgeView(name=name, origin=origin["name"], public_ip=entry["publicIp"], dns=entry.get("dns", True) is not False,
+    return _EdgeView(name=name, origin=origin["name"], public_ip=entry["publicIp"],
+                     dns=entry.get("dns", True) is not False,
                      host=str(entry.get("host", entry["publicIp"])),
                      user=str(entry.get("sshUser", plain.get(PREFIX + "sshUser", "root"))),
                      port=int(entry.get("sshPort", 22)), names=_names(origin),

@@ -24,6 +24,8 @@ def environment(*, html: bool = False) -> jinja2.Environment:
         autoescape=html,
         trim_blocks=True,
         lstrip_blocks=True,
+        # Templates do not change while a program runs: compiled once, never stat()ed again.
+        auto_reload=False,
     )
     env.filters["shell_quote"] = lambda value: shlex.quote(str(value))
     return env

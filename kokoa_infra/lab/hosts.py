@@ -61,10 +61,12 @@ def model_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
     `kokoa lab up` pins each server's own key once the server exists; until then an entry
     without one is read as `insecureAnyHostKey: true`, which only the host-key checks see.
+    The operator's SSH key is made by `kokoa lab up` too: read as set.
     """
     from kokoa_infra.stackfile import kokoa_config  # (ruamel): only when a lab is read, not for --help
 
     kokoa = kokoa_config(dict(config))
+    kokoa.setdefault("sshPrivateKey", "made by kokoa lab up")
     for key in ("origins", "edges"):
         entries = kokoa.get(key)
         if isinstance(entries, list):
@@ -78,7 +80,8 @@ def topology(config: Mapping[str, Any], prefix: str = PREFIX) -> LabTopology:
     """The hosts a lab stack config describes: its origins and edges from the program's own model
     (`parse_topology`: the same validation, defaults and addresses as `pulumi up`), one namespace
     each, at their one address; the client (`lab:clientIp`) and the ACME host (`kokoa:acmeServer`)."""
-    from kokoa_infra.model import InvalidConfig, parse_topology
+    from kokoa_infra.model import InvalidConfig
+    from kokoa_infra.validate import parse_topology
 
     try:
         model = parse_topology(model_config(config))

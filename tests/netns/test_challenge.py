@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import pytest
 
-from kokoa_infra.model import parse_topology
 from kokoa_infra.render import JS_MODULE, health_token
 from kokoa_infra.stackfile import kokoa_config
+from kokoa_infra.validate import parse_topology
 from tests.support.edge_serving import link_tunnel, start_edge_nginx, throwaway_certificate, write_edge_files
 from tests.support.rendering import PASS_KEY, bundles, wireguard_ips
 from tests.support.stacks import BASE_CONFIG

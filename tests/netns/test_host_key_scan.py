@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kokoa_infra.model import RSA_HOST_KEY
+from kokoa_infra.host_keys import RSA_HOST_KEY
 from tests.unit.test_cli import stack_file  # noqa: F401 (a fixture)
 
 # A real sshd per test server, in a throwaway namespace; ssh-keyscan (run by the kokoa CLI

@@ -4,9 +4,9 @@ the rendered files with real tools (tests/unit/test_gixy.py, tests/netns/test_fi
 from __future__ import annotations
 
 from kokoa_infra.admission import admissions
-from kokoa_infra.model import parse_topology
 from kokoa_infra.render import EdgePeer, render_edge_bundle, render_origin_bundle
 from kokoa_infra.stackfile import kokoa_config
+from kokoa_infra.validate import parse_topology
 from tests.support.stacks import BASE_CONFIG
 
 KEY = "YAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="

@@ -51,7 +51,8 @@ def blog_with(**values: Any) -> dict[str, Any]:
 
 def blog_problems(**values: Any) -> list[str]:
     """The validation's messages for BASE_CONFIG with blog's entry updated by `values`."""
-    from kokoa_infra.model import InvalidConfig, parse_topology
+    from kokoa_infra.model import InvalidConfig
+    from kokoa_infra.validate import parse_topology
 
     with pytest.raises(InvalidConfig) as raised:
         parse_topology(blog_with(**values))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kokoa_infra.model import RSA_HOST_KEY
+from kokoa_infra.host_keys import RSA_HOST_KEY
 from tests.support.stacks import kokoa, stack_in
 
 STACK = """\
@@ -98,6 +98,33 @@ def test_invalid_additions_change_nothing(stack_file, args, message):
     assert result.exit_code == 1
     assert "nothing changed" in result.output and message in result.output
     assert stack_file.read_text() == STACK
+
+
+def test_an_edge_cannot_take_a_name_that_formernames_keeps_for_another_node(tmp_path, monkeypatch):
+    """`pulumi up` would refuse the file (a former name must be free): so does add-edge, first."""
+    text = STACK + "  kokoa:formerNames: {edge-1: edge-old}\n"
+    stack_file = stack_in(tmp_path, monkeypatch, text)
+    result = invoke("add-edge", "--stack", "prod", "--name", "edge-old", "--origin", "blog",
+                    "--public-ip", "198.51.100.8", "--host-key", KEY)
+    assert result.exit_code == 1
+    assert result.output == ("Error: nothing changed:\nkokoa:formerNames: edge-1: edge-old is the name of a node "
+                             "of this stack; a former name must be free\n")
+    assert stack_file.read_text() == text
+    result = invoke("add-edge", "--stack", "prod", "--name", "edge-new", "--origin", "blog",
+                    "--public-ip", "198.51.100.8", "--host-key", KEY)
+    assert result.exit_code == 0, result.output
+
+
+def test_a_stack_without_its_ssh_key_takes_no_entry(tmp_path, monkeypatch):
+    """`pulumi up` needs kokoa:sshPrivateKey to reach any host: add-origin says so before writing."""
+    text = STACK.replace("  kokoa:sshPrivateKey:\n    secure: AAABAFakeCiphertext\n", "")
+    stack_file = stack_in(tmp_path, monkeypatch, text)
+    result = invoke("add-origin", "--stack", "prod", "--name", "shop", "--domain", "shop.example.com",
+                    "--host", "203.0.113.20", "--upstream", "http://127.0.0.1:3000", "--host-key", KEY)
+    assert result.exit_code == 1
+    assert ("kokoa: sshPrivateKey: is required to reach the hosts: pulumi config set --secret "
+            "kokoa:sshPrivateKey < ~/.ssh/id_ed25519") in result.output
+    assert stack_file.read_text() == text
 
 
 def test_add_needs_a_stack_or_file(stack_file, monkeypatch):

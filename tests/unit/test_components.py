@@ -20,8 +20,8 @@ import pytest
 
 import kokoa_infra
 from kokoa_infra.components import EdgeNodeArgs, OriginArgs
-from kokoa_infra.model import parse_topology
 from kokoa_infra.stackfile import kokoa_config
+from kokoa_infra.validate import parse_topology
 from tests.support.stacks import BASE_CONFIG
 
 
@@ -85,7 +85,7 @@ def test_an_origin_takes_its_own_edges_in_index_order(topology):
     ours, theirs = topology.edges_of(blog), topology.edges_of(topology.origin("shop"))
     common = dict(origin=blog, settings=topology.settings, zone_id=None, ssh_private_key=None, stack="test",
                   server_key=None)
-    with pytest.raises(ValueError, match="^edges edge-tokyo-2 do not serve origin blog$"):
+    with pytest.raises(ValueError, match="^edge edge-tokyo-2 serves origin shop, not blog$"):
         OriginArgs(edges=ours + theirs, **common)
     with pytest.raises(ValueError, match="^the edges of origin blog must be in index order$"):
         OriginArgs(edges=tuple(reversed(ours)), **common)

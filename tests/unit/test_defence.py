@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from kokoa_infra.admission import Admission, reserve, split_capacity
-from kokoa_infra.model import Defence, parse_topology
+from kokoa_infra.model import Defence
 from kokoa_infra.render import file_mode, render_edge_bundle
+from kokoa_infra.validate import parse_topology
 from tests.support.rendering import KEY, PASS_KEY, bundles
 from tests.support.stacks import BASE_CONFIG, blog_problems, blog_with
 

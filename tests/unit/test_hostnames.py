@@ -18,9 +18,10 @@ from kokoa_infra.health.results import HostnameResult, HttpsResult, NodeResult, 
 from kokoa_infra.health.targets import HostnameTarget, LocalNetwork, Target, parse_targets
 from kokoa_infra.lab.cloudflare_standin import FakeCloudflare
 from kokoa_infra.mocked_program import run_program
-from kokoa_infra.model import InvalidConfig, parse_topology
+from kokoa_infra.model import InvalidConfig
 from kokoa_infra.render import applications
 from kokoa_infra.stackfile import kokoa_config, remove_edge, set_edge_dns
+from kokoa_infra.validate import parse_topology
 from tests.support.rendering import bundles, wireguard_ips
 from tests.support.stacks import BASE_CONFIG, blog_problems
 from tests.unit.test_failover import IPS, TOKEN, ZONE_ID, agent, live
@@ -48,44 +49,43 @@ def test_hostnames_are_read_in_order_with_their_upstream_or_redirect():
 
 
 @pytest.mark.parametrize("hostnames, expected", [
-    ({"name": WWW}, [f"{ENTRY}: hostnames: {{'name': '{WWW}'}} is not a list of names like "
-                     "[{name: www.blog.example.com}]"]),
-    (["www"], [f"{ENTRY}: hostnames[0]: 'www' is not a mapping like {{name: www.blog.example.com}}"]),
+    ({"name": WWW}, [f"{ENTRY}: hostnames: must be a list of entries"]),
+    (["www"], [f"{ENTRY} hostnames[0]: hostnames: must be a mapping of keys to values"]),
     ([{"name": "WWW.blog.example.com"}],
-     [f"{ENTRY} hostnames[0]: name: 'WWW.blog.example.com' is not a lower-case domain name like "
+     [f"{ENTRY} hostnames[0] (WWW.blog.example.com): name: 'WWW.blog.example.com' is not a lower-case domain name like "
       "www.blog.example.com"]),
     ([{"upstream": "http://127.0.0.1:9000"}], [f"{ENTRY} hostnames[0]: name: is required"]),
     ([{"name": WWW, "port": 80}],
-     [f"{ENTRY} hostnames[0]: port: unknown key (allowed: name, redirectTo, upstream)"]),
+     [f"{ENTRY} hostnames[0] ({WWW}): port: unknown key (allowed: name, redirectTo, upstream)"]),
     ([{"name": API, "upstream": "ftp://127.0.0.1"}],
-     [f"{ENTRY} hostnames[0]: upstream: 'ftp://127.0.0.1' is not an http(s)://host[:port][/path] URL of "
+     [f"{ENTRY} hostnames[0] ({API}): upstream: 'ftp://127.0.0.1' is not an http(s)://host[:port][/path] URL of "
       "the application"]),
     ([{"name": API, "upstream": "http://169.254.169.254/"}],
-     [f"{ENTRY} hostnames[0]: upstream: 'http://169.254.169.254/': host 169.254.169.254 is link-local / "
+     [f"{ENTRY} hostnames[0] ({API}): upstream: 'http://169.254.169.254/': host 169.254.169.254 is link-local / "
       "cloud metadata (169.254.0.0/16), not the address of an application"]),
     ([{"name": WWW, "redirectTo": BLOG, "upstream": "http://127.0.0.1:9000"}],
-     [f"{ENTRY} hostnames[0]: redirectTo: cannot go with upstream: a redirected name never reaches an "
+     [f"{ENTRY} hostnames[0] ({WWW}): redirectTo: cannot go with upstream: a redirected name never reaches an "
       "application; keep one of the two"]),
     ([{"name": WWW, "redirectTo": WWW}],
-     [f"{ENTRY} hostnames[0]: redirectTo: {WWW} is this name itself; redirect to a name that is served, "
+     [f"{ENTRY} hostnames[0] ({WWW}): redirectTo: {WWW} is this name itself; redirect to a name that is served, "
       f"such as {BLOG}"]),
     ([{"name": WWW, "redirectTo": "shop.example.com"}],
-     [f"{ENTRY} hostnames[0]: redirectTo: shop.example.com is not a name of this origin (its domain {BLOG} "
+     [f"{ENTRY} hostnames[0] ({WWW}): redirectTo: shop.example.com is not a name of this origin (its domain {BLOG} "
       "or one of its hostnames)"]),
     # A chain, and so a loop, is refused at each redirect that points at another redirect.
     ([{"name": WWW, "redirectTo": STATIC}, {"name": STATIC, "redirectTo": WWW}],
-     [f"{ENTRY} hostnames[0]: redirectTo: {STATIC} is redirected itself (to {WWW}); redirect straight to a "
+     [f"{ENTRY} hostnames[0] ({WWW}): redirectTo: {STATIC} is redirected itself (to {WWW}); redirect straight to a "
       f"name that is served, such as {BLOG}",
-      f"{ENTRY} hostnames[1]: redirectTo: {WWW} is redirected itself (to {STATIC}); redirect straight to a "
+      f"{ENTRY} hostnames[1] ({STATIC}): redirectTo: {WWW} is redirected itself (to {STATIC}); redirect straight to a "
       f"name that is served, such as {BLOG}"]),
-    ([{"name": BLOG}], [f"{ENTRY} hostnames[0]: name: {BLOG} is already a name of {ENTRY}; a name belongs to "
+    ([{"name": BLOG}], [f"{ENTRY} hostnames[0] ({BLOG}): name: {BLOG} is already a name of {ENTRY}; a name belongs to "
                         "one origin, once"]),
     ([{"name": WWW}, {"name": WWW, "redirectTo": BLOG}],
-     [f"{ENTRY} hostnames[1]: name: {WWW} is already a name of {ENTRY} hostnames[0]; a name belongs to one "
-      "origin, once"]),
-    ([{"name": "shop.example.com"}],
-     [f"{ENTRY} hostnames[0]: name: shop.example.com is already a name of kokoa:origins[1] (shop); a name "
+     [f"{ENTRY} hostnames[1] ({WWW}): name: {WWW} is already a name of {ENTRY} hostnames[0] ({WWW}); a name "
       "belongs to one origin, once"]),
+    ([{"name": "shop.example.com"}],
+     [f"{ENTRY} hostnames[0] (shop.example.com): name: shop.example.com is already a name of "
+      "kokoa:origins[1] (shop); a name belongs to one origin, once"]),
     ([{"name": f"n{i}.blog.example.com"} for i in range(100)],
      [f"{ENTRY}: hostnames: has 100 names; with the domain an origin has at most 100 (all on one "
       "certificate): at most 99 here"]),
@@ -102,8 +102,8 @@ def test_a_hostname_taken_by_another_origin_is_reported_there_whatever_the_order
     with pytest.raises(InvalidConfig) as raised:
         parse_topology(kokoa_config(config))
     assert [str(p) for p in raised.value.problems] == [
-        "kokoa:origins[1] (shop) hostnames[0]: name: www.shop.example.com is already a name of "
-        f"{ENTRY} hostnames[0]; a name belongs to one origin, once"]
+        "kokoa:origins[1] (shop) hostnames[0] (www.shop.example.com): name: www.shop.example.com is already a "
+        f"name of {ENTRY} hostnames[0] (www.shop.example.com); a name belongs to one origin, once"]
 
 
 def test_99_hostnames_of_the_longest_length_are_accepted():

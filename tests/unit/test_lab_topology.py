@@ -9,7 +9,7 @@ import pytest
 from kokoa_infra.lab.deploy import STACK_FILE, load_stack
 from kokoa_infra.lab.hosts import LabTopology, model_config, topology
 from kokoa_infra.lab.processes import LabError
-from kokoa_infra.model import parse_topology
+from kokoa_infra.validate import parse_topology
 
 
 @pytest.fixture

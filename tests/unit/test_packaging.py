@@ -140,10 +140,10 @@ def test_console_scripts_run_from_the_root_directory(installed):
 def test_the_installed_package_renders_bundles_from_its_own_templates(installed):
     script = textwrap.dedent("""
         import json, pathlib, kokoa_infra, kokoa_infra.render as render
-        from kokoa_infra.model import parse_topology
+        from kokoa_infra.validate import parse_topology
         key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGL1PD1MFLSHFsj6ZYvAaf0idYchw2mywPcxjfuZyrx8"
         topology = parse_topology({
-            "acmeEmail": "ops@example.com",
+            "acmeEmail": "ops@example.com", "sshPrivateKey": "set",
             "origins": [{"name": "blog", "domain": "blog.example.com", "subnet": 0, "host": "203.0.113.10",
                          "upstream": "http://127.0.0.1:8080", "hostKey": key}],
             "edges": [{"name": "edge-1", "origin": "blog", "publicIp": "198.51.100.7", "index": 10,

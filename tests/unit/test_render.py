@@ -10,9 +10,9 @@ import pytest
 from nacl.public import PrivateKey
 
 from kokoa_infra.keys import public_key
-from kokoa_infra.model import parse_topology
 from kokoa_infra.render import EdgePeer, render_edge_bundle, render_origin_bundle
 from kokoa_infra.stackfile import kokoa_config
+from kokoa_infra.validate import parse_topology
 from tests.support.rendering import wireguard_ips
 from tests.support.stacks import BASE_CONFIG
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from kokoa_infra.model import parse_topology
 from kokoa_infra.render import DROPPED_CLIENT_HEADERS
+from kokoa_infra.validate import parse_topology
 from tests.support.rendering import bundles
 from tests.support.stacks import BASE_CONFIG, blog_problems, blog_with
 

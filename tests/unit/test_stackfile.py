@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from kokoa_infra.cli import main
-from kokoa_infra.model import parse_topology
 from kokoa_infra.stackfile import guess_indent, kokoa_config
+from kokoa_infra.validate import parse_topology
 from tests.support.stacks import BASE_CONFIG
 
 # A wide hostKey line (over 100 characters with its comment) and `  - ` under each list key.
@@ -55,6 +55,8 @@ INDENTED = "\n".join(("  " + line) if line.startswith("  ") and not line.startsw
 JSON_FORM = """\
 config:
   kokoa:acmeEmail: ops@example.com
+  kokoa:sshPrivateKey:
+    secure: AAABAFakeCiphertext
   kokoa:origins: '[{"name": "blog", "domain": "blog.example.com", "subnet": 0, "host": "203.0.113.10", \
 "upstream": "http://127.0.0.1:8080", "insecureAnyHostKey": true}]'   # as set with --json
   kokoa:edges: '[{"name":"edge-1","origin":"blog","publicIp":"198.51.100.7","index":10,\
@@ -103,7 +105,8 @@ def test_drain_adds_one_line_and_undrain_takes_it_away(stack, text, dash):
     assert path.read_text() == text
     # Before a key that comes after `dns` in an entry: keyGeneration.
     kokoa("drain", "-s", "prod", "edge-1")
-    assert path.read_text() == replace_lines(text, [f"{key}keyGeneration: 2"], [f"{key}dns: false", f"{key}keyGeneration: 2"])
+    assert path.read_text() == replace_lines(text, [f"{key}keyGeneration: 2"],
+                                             [f"{key}dns: false", f"{key}keyGeneration: 2"])
 
 
 @pytest.mark.parametrize("text, dash", [(FLUSH, "  - "), (INDENTED, "    - ")], ids=["flush", "indented"])
@@ -129,7 +132,8 @@ def test_remove_edge_takes_away_its_lines_only(stack, text, dash):
 
 
 def test_removing_the_last_entry_keeps_what_followed_it(stack):
-    text = FLUSH.replace("  # Tokyo first.\n  kokoa:edges:", "  kokoa:edges:") + "\n  # the end\n  kokoa:sshUser: root\n"
+    text = (FLUSH.replace("  # Tokyo first.\n  kokoa:edges:", "  kokoa:edges:")
+            + "\n  # the end\n  kokoa:sshUser: root\n")
     path = stack(text)
     kokoa("remove-edge", "-s", "prod", "edge-2")
     assert path.read_text() == replace_lines(text, [

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from kokoa_infra.model import parse_topology
 from kokoa_infra.stackfile import kokoa_config
+from kokoa_infra.validate import parse_topology
 from tests.support.stacks import BASE_CONFIG, kokoa, stack_in
 
 HOST_KEY = BASE_CONFIG["kokoa:edges"][0]["hostKey"]
