@@ -22,14 +22,6 @@ USERSPACE_WG = ("WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go",
 
 
 @pytest.fixture(scope="module")
-def lab_env(request):
-    try:
-        return request.getfixturevalue("lab")
-    except pytest.FixtureLookupError:
-        pytest.skip("the `lab` fixture (tests/conftest.py) is not available")
-
-
-@pytest.fixture(scope="module")
 def origin(lab_env) -> dict:
     return lab_env.status["origins"][0]
 

@@ -26,14 +26,6 @@ DEADLINE_S = 3 * (LOG_FLUSH_S + COUNTERS_INTERVAL) + 15
 REQ_COLOUR, REF_COLOUR = (0x09, 0x69, 0xDA), (0xBC, 0x4C, 0x00)   # html.py STYLE --req, --ref
 
 
-@pytest.fixture(scope="module")
-def lab_env(request):
-    try:
-        return request.getfixturevalue("lab")
-    except pytest.FixtureLookupError:
-        pytest.skip("the `lab` fixture (tests/conftest.py) is not available")
-
-
 def health(lab, origin: dict, directory: Path) -> dict:
     """One `kokoa health --once` on the origin host (no HTTPS probe: it would add requests to the
     mix), writing the status file (its counters carry to the next run), textfile and page."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.edge_serving import link_tunnel, start_edge_nginx, throwaway_certificate
+from tests.support.edge_serving import link_tunnel, start_edge_nginx, start_with_mounts, throwaway_certificate
 from tests.support.rendering import bundles, wireguard_ips
 from tests.support.stacks import BASE_CONFIG
 
@@ -170,13 +170,9 @@ def gateway(request, netns, tmp_path):
     passwd, group = tmp_path / "passwd", tmp_path / "group"
     passwd.write_text(Path("/etc/passwd").read_text() + f"{GATEWAY_USER}:x:0:0::/nonexistent:/usr/sbin/nologin\n")
     group.write_text(Path("/etc/group").read_text() + f"{GATEWAY_USER}:x:0:\n")
-    script = (f"mount --bind {var_lib} /var/lib && "
-              f"mount --bind {passwd} /etc/passwd && mount --bind {group} /etc/group && "
-              f"mount --bind {tmp_path / 'log'} /var/log && mount --bind {tmp_path / 'run'} /run && "
-              f"nginx -c {app} && exec nginx -c {tmp_path / 'gateway.conf'}")
-    started = subprocess.run(["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
-                              "sh", "-c", script], capture_output=True, text=True, timeout=30)
-    assert started.returncode == 0, started.stderr
+    start_with_mounts(netns, {var_lib: "/var/lib", passwd: "/etc/passwd", group: "/etc/group",
+                              tmp_path / "log": "/var/log", tmp_path / "run": "/run"},
+                      f"nginx -c {app} && exec nginx -c {tmp_path / 'gateway.conf'}")
     return netns, request.param
 
 

@@ -49,11 +49,18 @@ def start_edge_nginx(netns: str, directory: Path, files: dict[str, str]) -> None
         (directory / sub).mkdir(parents=True, exist_ok=True)
     write_edge_files(directory, files)
     # A /var/lib of its own: the request bodies nginx keeps there (BODY_SPACE) stay in `directory`.
-    script = (f"mount --bind {directory / 'var-lib'} /var/lib && "
-              f"mkdir -p /etc/letsencrypt && mount --bind {directory / 'letsencrypt'} /etc/letsencrypt && "
-              f"mount --bind {directory / 'log'} /var/log && mount --bind {directory / 'run'} /run && "
-              f"mkdir -p {EDGE_NGINX_DIR} && mount --bind {directory / 'kokoa'} {EDGE_NGINX_DIR} && "
-              f"exec nginx -c {directory / 'nginx.conf'}")
+    start_with_mounts(netns, {directory / "var-lib": "/var/lib", directory / "letsencrypt": "/etc/letsencrypt",
+                              directory / "log": "/var/log", directory / "run": "/run",
+                              directory / "kokoa": EDGE_NGINX_DIR},
+                      f"exec nginx -c {directory / 'nginx.conf'}")
+
+
+def start_with_mounts(netns: str, mounts: dict[Path, str], command: str) -> None:
+    """Run the shell `command` (a daemon that forks, or `exec` one) in `netns`, in a mount
+    namespace of its own where each of `mounts` (a directory or file -> its path, a directory
+    created if missing) is bound, so that nothing of the machine's own paths is touched."""
+    binds = " && ".join(f"{{ [ -e {target} ] || mkdir -p {target}; }} && mount --bind {source} {target}"
+                        for source, target in mounts.items())
     started = subprocess.run(["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
-                              "sh", "-c", script], capture_output=True, text=True, timeout=30)
+                              "sh", "-c", f"{binds} && {command}"], capture_output=True, text=True, timeout=30)
     assert started.returncode == 0, started.stderr

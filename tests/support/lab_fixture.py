@@ -123,3 +123,12 @@ def lab() -> Iterator[LabHandle]:
     yield handle
     left = handle.down()
     assert not left, f"the lab left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def lab_env(request):
+    """The `lab`, or the test skipped where it cannot come up."""
+    try:
+        return request.getfixturevalue("lab")
+    except pytest.FixtureLookupError:
+        pytest.skip("the `lab` fixture is not available")
