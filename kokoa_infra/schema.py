@@ -414,14 +414,14 @@ class Entries(Kind):
         top = where.entry == "kokoa"
         prefix = f"kokoa:{where.key}" if top else f"{where.entry} {where.key}"
         if not isinstance(value, list):
-            return where.fail("must be a list of entries", entry=prefix if top else None)
+            return where.fail(f"{value!r} is not a list of entries")
         entries = []
         for i, item in enumerate(value):
             name = item.get("name") if isinstance(item, dict) else None
             # A name with a newline or control character would break the one-line message.
             label = f"{prefix}[{i}]" + (f" ({name})" if isinstance(name, str) and name.isprintable() else "")
             if not isinstance(item, dict):
-                where.fail("must be a mapping of keys to values", entry=label)
+                where.fail(f"{item!r} is not a mapping of keys to values", key=f"{where.key}[{i}]")
                 continue
             entries.append(where.read(self.cls, item, label))
         return entries

@@ -49,8 +49,8 @@ def test_hostnames_are_read_in_order_with_their_upstream_or_redirect():
 
 
 @pytest.mark.parametrize("hostnames, expected", [
-    ({"name": WWW}, [f"{ENTRY}: hostnames: must be a list of entries"]),
-    (["www"], [f"{ENTRY} hostnames[0]: hostnames: must be a mapping of keys to values"]),
+    ({"name": WWW}, [f"{ENTRY}: hostnames: {{'name': '{WWW}'}} is not a list of entries"]),
+    (["www"], [f"{ENTRY}: hostnames[0]: 'www' is not a mapping of keys to values"]),
     ([{"name": "WWW.blog.example.com"}],
      [f"{ENTRY} hostnames[0] (WWW.blog.example.com): name: 'WWW.blog.example.com' is not a lower-case domain name like "
       "www.blog.example.com"]),

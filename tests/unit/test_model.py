@@ -209,8 +209,8 @@ CASES = {
                                  f"{BLOG}: rateLimit: must be a mapping like {{requestsPerSecond: 20, "
                                  "burst: 40, connections: 50}"),
     "entry not a mapping": (lambda c: c["edges"].append("edge-x"),
-                            "kokoa:edges[3]: edges: must be a mapping of keys to values"),
-    "entries not a list": (set_setting("edges", {"name": "x"}), "kokoa:edges: edges: must be a list of entries"),
+                            "kokoa: edges[3]: 'edge-x' is not a mapping of keys to values"),
+    "entries not a list": (set_setting("edges", {"name": "x"}), "kokoa: edges: {'name': 'x'} is not a list of entries"),
     # settings
     "missing acme email": (lambda c: c.pop("acmeEmail"), "kokoa: acmeEmail: is required"),
     "bad acme email": (set_setting("acmeEmail", "ops"), "kokoa: acmeEmail: 'ops' is not an e-mail address"),

@@ -127,8 +127,8 @@ def test_a_nested_list_of_objects_is_read_built_and_reported_by_entry_and_key():
         check_entry(Site, {"name": 1, "aliases": [{"name": "www.example.com", "redirect": "yes"}, "x", {"nme": 2}]},
                     "kokoa:sites[0]")
     assert [str(p) for p in raised.value.problems] == [
+        "kokoa:sites[0]: aliases[1]: 'x' is not a mapping of keys to values",
         "kokoa:sites[0] aliases[0] (www.example.com): redirect: 'yes' is not true or false",
-        "kokoa:sites[0] aliases[1]: aliases: must be a mapping of keys to values",
         "kokoa:sites[0] aliases[2]: nme: unknown key (allowed: name, redirect)",
         "kokoa:sites[0] aliases[2]: name: is required",
     ]
