@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -93,8 +94,15 @@ def require_root_netns() -> None:
 
 
 def _remove_netns(name: str) -> None:
-    for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split():
-        subprocess.run(["kill", "-9", pid], capture_output=True)
+    """Kill every process in the namespace, then delete it. Again until none is left (bounded): an
+    nginx master in the middle of a reload forks new workers after the first list was taken, and
+    a worker whose master is gone lives on."""
+    for _ in range(20):
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        if not pids:
+            break
+        subprocess.run(["kill", "-9", *pids], capture_output=True)
+        time.sleep(0.05)
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
