@@ -50,7 +50,7 @@ from typing import Any
 
 from kokoa_infra.atomic_file import write_atomically
 from kokoa_infra.cloudflare import CloudflareApiError, CloudflareDns
-from kokoa_infra.health.results import Sweep
+from kokoa_infra.health.results import Sweep, parse_timestamp, timestamp
 from kokoa_infra.health.targets import Target
 
 DEFAULT_FAIL_AFTER = 3
@@ -75,7 +75,7 @@ class FailoverError(Exception):
 
 
 def now_text(moment: datetime | None = None) -> str:
-    return (moment or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return timestamp(moment or datetime.now(timezone.utc))
 
 
 def default_agent_name() -> str:
@@ -436,7 +436,7 @@ class FailoverAgent:
     def _lock_age(self, record: dict[str, Any]) -> float:
         found = re.search(r" at (\S+)$", str(record.get("comment") or ""))
         try:
-            taken = datetime.strptime(found[1], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+            taken = parse_timestamp(found[1])
         except (TypeError, ValueError):
             return LOCK_STALE_S + 1   # not one of ours, or unreadable: treat as left behind
         return (self.clock() - taken).total_seconds()

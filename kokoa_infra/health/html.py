@@ -9,13 +9,12 @@ import re
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from kokoa_infra.atomic_file import write_atomically
-from kokoa_infra.health.report import timestamp
-from kokoa_infra.health.results import NodeResult, Sweep, milliseconds, origin_traffic
+from kokoa_infra.health.results import NodeResult, Sweep, milliseconds, origin_traffic, parse_timestamp, timestamp
 from kokoa_infra.health.traffic import ATTACK_REFUSED_PER_S, Rates
 from kokoa_infra.templating import TEMPLATES_DIR, environment
 
@@ -157,10 +156,6 @@ def _parse_point(text: str) -> TrafficPoint | None:
     requests, refused, errors, p50, p99 = text.split()
     return (float(requests), float(refused), float(errors), None if p50 == "-" else float(p50),
             None if p99 == "-" else float(p99))
-
-
-def parse_timestamp(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
 
 
 def measured_interval(history: History) -> float | None:

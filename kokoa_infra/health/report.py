@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any, Iterator
 
 from kokoa_infra.health.results import (
@@ -16,13 +15,10 @@ from kokoa_infra.health.results import (
     milliseconds,
     origin_traffic,
     summarize,
+    timestamp,
 )
 from kokoa_infra.health.traffic import Rates
 from kokoa_infra.tables import format_table
-
-
-def timestamp(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def node_document(node: NodeResult) -> dict[str, Any]:
@@ -253,23 +249,27 @@ class SweepCollector:
             yield from (up, requests, limited, sent, connections, upstream)
 
 
-def render_textfile(sweep: Sweep, extra: str = "") -> str:
-    """The whole textfile, as write_textfile writes it."""
-    from prometheus_client import CollectorRegistry, generate_latest
+def _registry(sweep: Sweep, extra: str) -> Any:
+    from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SweepCollector(sweep, extra))  # type: ignore[arg-type]
-    return generate_latest(registry).decode()
+    return registry
+
+
+def render_textfile(sweep: Sweep, extra: str = "") -> str:
+    """The whole textfile, as write_textfile writes it."""
+    from prometheus_client import generate_latest
+
+    return generate_latest(_registry(sweep, extra)).decode()
 
 
 def write_textfile(path: str, sweep: Sweep, extra: str = "") -> None:
     """Write the sweep's series, and `extra` ones given as Prometheus text, to `path` (atomically:
     prometheus_client writes a temporary file beside it and renames it)."""
-    from prometheus_client import CollectorRegistry, write_to_textfile
+    from prometheus_client import write_to_textfile
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SweepCollector(sweep, extra))  # type: ignore[arg-type]
-    write_to_textfile(path, registry)
+    write_to_textfile(path, _registry(sweep, extra))
 
 
 # --- the --metrics table -------------------------------------------------------------------------

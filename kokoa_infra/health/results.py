@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from kokoa_infra.health.targets import Target
@@ -115,6 +115,18 @@ def exit_code(sweep: Sweep) -> int:
     return 0 if all(node.healthy for node in sweep.nodes) else 1
 
 
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"   # UTC, to the second, as every report and record writes it
+
+
+def timestamp(moment: datetime) -> str:
+    return moment.strftime(TIMESTAMP_FORMAT)
+
+
+def parse_timestamp(text: str) -> datetime:
+    """A timestamp() back; ValueError when it is not one."""
+    return datetime.strptime(text, TIMESTAMP_FORMAT).replace(tzinfo=timezone.utc)
+
+
 def milliseconds(value: float | None, unit: str = " ms") -> str:
     """A duration in ms as the reports show it: two decimals below 10, one above; "-" unknown."""
     if value is None:
@@ -147,11 +159,9 @@ class TrafficMemory:
     @classmethod
     def from_status_document(cls, document: Mapping[str, Any]) -> TrafficMemory:
         """What an earlier `--status-file` recorded; nothing when it recorded none or is malformed."""
-        from datetime import datetime, timezone
         memory = cls()
         try:
-            at = datetime.strptime(document["checkedAt"], "%Y-%m-%dT%H:%M:%SZ").replace(
-                tzinfo=timezone.utc).timestamp()
+            at = parse_timestamp(document["checkedAt"]).timestamp()
             for node in document["nodes"]:
                 counters = (node.get("traffic") or {}).get("counters")
                 if counters:
