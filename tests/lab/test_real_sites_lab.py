@@ -1,11 +1,13 @@
 """Real sites in the lab: blog's three names (blog.kokoa.test; www.blog.kokoa.test, redirected by the
 edges; api.blog.kokoa.test, the WebSocket echo application behind its own door of the gateway) through
-every edge on one certificate; a WebSocket through every edge to each origin's second application
+every edge on one certificate; a name added to shop and removed again, each time on a
+certificate issued at once and in DNS; a WebSocket through every edge to each origin's second application
 (blog's gateway relays TCP, shop's is an HTTP proxy, and so is the door of blog's api name), open
 across a `kokoa lab up` that changes nothing; and uploads against blog's maxBodySize: 50m."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import threading
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 from tests.lab.test_lab_e2e import curl, domain_of, wait_for_certificates
+from tests.lab.test_rotation_lab import resolve
 
 WEBSOCKET = str(Path(__file__).resolve().parents[2] / "kokoa_infra" / "lab" / "websocket.py")
 BLOG, WWW, API = "blog.kokoa.test", "www.blog.kokoa.test", "api.blog.kokoa.test"
@@ -151,3 +154,44 @@ def test_blog_takes_a_20_mb_upload_and_refuses_60_mb_with_413(lab, tmp_path):
                     "--http1.1", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary", f"@{body}",
                     f"https://{domain}/upload", timeout=60)
         assert sent.stdout == expected, (megabytes, sent.stdout, sent.stderr)
+
+
+def test_a_name_added_to_an_origin_is_on_a_new_certificate_at_once_and_gone_when_removed(lab):
+    """Adding a name changes the origin's certificate command (it names every name), so the
+    up re-runs it: certbot issues a certificate for the new list at once, whatever the old one's
+    expiry (--renew-with-new-domains), the edges take it at their next refresh, and the name
+    gets its A records. Removing the name again does the same the other way."""
+    wait_for_certificates(lab, lab.status["edges"])
+    before = lab.config()["kokoa:origins"]
+    origins = copy.deepcopy(before)
+    shop = next(o for o in origins if o["name"] == "shop")
+    added = f"new.{shop['domain']}"
+    shop["hostnames"] = [*shop.get("hostnames", []), {"name": added}]
+    edges = [edge for edge in lab.status["edges"] if edge["origin"] == "shop"]
+    try:
+        report = lab.apply({"kokoa:origins": origins})
+        assert "updated shop-certificate" in report.changed, report.changed
+        assert resolve(lab, added) == {edge["publicIp"] for edge in edges}
+        served = wait_for_names(lab, edges, shop["domain"], [shop["domain"], added])
+        assert all(name_through(lab, edge, added).stdout == "hello from origin shop\n" for edge in edges)
+    finally:
+        report = lab.apply({"kokoa:origins": before})
+    assert "updated shop-certificate" in report.changed, report.changed
+    assert resolve(lab, added) == set()
+    after = wait_for_names(lab, edges, shop["domain"], [shop["domain"]])
+    assert {fingerprint for fingerprint, _ in after.values()}.isdisjoint(
+        fingerprint for fingerprint, _ in served.values())
+
+
+def wait_for_names(lab, edges: list[dict], domain: str, names: list[str],
+                   deadline_s: float = CERTIFICATE_AGREEMENT_S) -> dict[str, tuple[str, list[str]]]:
+    """{edge: (fingerprint, names)} once every edge serves, verified, one certificate for exactly
+    `names` (bounded: the certificate is issued during the up, the edges refresh every 5 s)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        served = {edge["name"]: served_certificate(lab, edge, domain) for edge in edges}
+        if all(sorted(found) == sorted(names) for _, found in served.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert all(sorted(found) == sorted(names) for _, found in served.values()), served
+    return served
