@@ -6,15 +6,16 @@ Three programs, each timed from its first line to its last registration:
   program declares in all;
 - replay: the SDK declaring exactly what the program declared (the same types, names,
   parents, dependencies and options, every input and stack output as the constant the
-  program computed), i.e. what these resources cost by themselves.
-kokoa / floor is the figure the structure issue set a goal for; replay / floor and
-kokoa / replay split it into what the resource types cost the SDK and what the program's
-own work (validation, rendering, archives, keys, Output wiring) adds.
+  program computed, through the generic CustomResource and ComponentResource), i.e. what
+  these resources cost by themselves.
+kokoa / floor is the figure with a goal of 1.5 (docs/performance.md); replay / floor and
+kokoa / replay split it into what the resources cost the SDK and what the program adds
+(validation, rendering, archives, keys, and the Outputs that carry them).
 
 Each evaluation runs in a fresh interpreter, as `pulumi up` runs a program, after the same
-imports and the same small warm-up in both (so that neither pays for importing the
-providers, and neither collects the other's garbage). The two alternate for --rounds
-rounds; the ratio printed is the median of each round's kokoa / floor.
+imports and the same small warm-up in all three (so that none pays for importing the
+providers, and none collects another's garbage). They take turns for --rounds rounds;
+each ratio printed is the median of the rounds' ratios.
 
 Run: .venv/bin/python bench/program_eval.py [--rounds 3]
 """
@@ -75,7 +76,9 @@ for r in records:
         if r["urn"] in registered_outputs:
             component.register_outputs({{name: "" for name in registered_outputs[r["urn"]]}})
 for name, value in outputs.items():
-    pulumi.export(name, pulumi.Output.secret(value) if name in {{"bundles", "healthTokens"}} else value)
+    # Secret as the program makes them: one Output (Output.secret would lift every nested value).
+    secret = name in {{"bundles", "healthTokens"}}
+    pulumi.export(name, pulumi.Output.secret(True).apply(lambda _, value=value: value) if secret else value)
 """
 
 
