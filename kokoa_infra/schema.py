@@ -509,32 +509,32 @@ def declared(cls: type) -> tuple[tuple[str, Key | type], ...]:
     return tuple(found)
 
 
+def top_level(cls: type) -> Iterator[Key]:
+    """The keys of `cls` (inline ones included), in writing order."""
+    for _, spec in declared(cls):
+        if isinstance(spec, type):
+            yield from top_level(spec)
+        else:
+            yield spec
+
+
 @functools.cache
 def declared_keys(cls: type) -> tuple[str, ...]:
     """The key names of `cls` (inline ones included), in writing order."""
-    names: list[str] = []
-    for _, spec in declared(cls):
-        names.extend(declared_keys(spec) if isinstance(spec, type) else [spec.name])
-    return tuple(names)
+    return tuple(spec.name for spec in top_level(cls))
 
 
 def declared_key(cls: type, name: str) -> Key:
     """The declaration of key `name` of `cls` (inline ones included)."""
-    for _, spec in declared(cls):
-        if isinstance(spec, type):
-            if name in declared_keys(spec):
-                return declared_key(spec, name)
-        elif spec.name == name:
+    for spec in top_level(cls):
+        if spec.name == name:
             return spec
     raise KeyError(name)
 
 
 def every_key(cls: type, path: str = "") -> Iterator[tuple[str, Key]]:
     """("origins[].rateLimit.burst", Key) for every key reachable from `cls`, depth first."""
-    for _, spec in declared(cls):
-        if isinstance(spec, type):
-            yield from every_key(spec, path)
-            continue
+    for spec in top_level(cls):
         full = f"{path}{spec.name}"
         yield full, spec
         if isinstance(spec.kind, Entries):
@@ -573,8 +573,6 @@ def _yaml_value(value: Any) -> str:
         return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_yaml_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (ipaddress.IPv4Network,)):
-        return str(value)
     return str(value)
 
 
@@ -607,7 +605,7 @@ def _reference_entries(cls: type, indent: str) -> list[str]:
     """The keys of one entry of `cls` (a list item), each after its doc comment."""
     lines: list[str] = []
     first = True
-    for _, spec in declared(cls):
+    for spec in top_level(cls):
         lead = f"{indent}- " if first else f"{indent}  "
         inner = f"{indent}  "
         lines += _comment(_doc_line(spec), indent if first else inner)
@@ -625,7 +623,7 @@ def _reference_key(spec: Key, lead: str, inner: str, label: str) -> list[str]:
         return [f"{lead}{label}", *_reference_entries(spec.kind.cls, inner + "  ")]
     if isinstance(spec.kind, Group):
         lines = [f"{lead}{comment}{label}"]
-        for _, sub in declared(spec.kind.cls):
+        for sub in top_level(spec.kind.cls):
             lines += _comment(_doc_line(sub), inner + "  ")
             lines += _reference_key(sub, inner + "  ", inner + "  ", f"{sub.name}:")
         return lines
@@ -643,15 +641,6 @@ def reference_yaml(root: type) -> str:
         if isinstance(spec.kind, Secret):
             lines += PROVIDER_KEYS.rstrip("\n").splitlines()
     return "\n".join(lines) + "\n"
-
-
-def top_level(root: type) -> Iterator[Key]:
-    """The keys of `root` (inline ones included), in writing order."""
-    for _, spec in declared(root):
-        if isinstance(spec, type):
-            yield from top_level(spec)
-        else:
-            yield spec
 
 
 def _cell(text: str) -> str:
