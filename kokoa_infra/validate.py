@@ -252,6 +252,17 @@ def _server(node: Values) -> Ssh | None:
     return Ssh(host, node.valid("ssh_port") or 22, "", None) if host else None
 
 
+def _server_identity(node: Values) -> Any:
+    """The server the node's SSH reaches (model.server_identity), or None when its host was reported."""
+    server = _server(node)
+    return server and server_identity(server)
+
+
+def _server_shown(node: Values) -> str | None:
+    server = _server(node)
+    return server and describe_server(server)
+
+
 def _all_valid(node: Values, *names: str) -> tuple[Any, ...] | None:
     values = tuple(node.valid(name) for name in names)
     return None if None in values else values
@@ -265,8 +276,7 @@ ORIGIN_UNIQUE: tuple[Uniqueness, ...] = (
     ("domain", "domain", lambda o: o.valid("domain"), lambda o: repr(o["domain"]), False),
     ("subnet", "subnet", lambda o: o.valid("subnet"), lambda o: repr(o["subnet"]), False),
     # One wg0 per host: two origins on one server would overwrite each other's tunnel.
-    ("host", "origin host", lambda o: _server(o) and server_identity(_server(o)),
-     lambda o: _server(o) and describe_server(_server(o)), False),
+    ("host", "origin host", _server_identity, _server_shown, False),
     ("listenPort", "endpoint and port", lambda o: _all_valid(o, "endpoint", "listen_port"),
      lambda o: repr(_all_valid(o, "endpoint", "listen_port")), False),
 )
@@ -277,8 +287,7 @@ def _unique_edges(c: _Checker, edges: list[Values], origins: set[Any]) -> None:
     same_ip = c.unique([(e.entry, e.valid("public_ip"), repr(e["public_ip"])) for e in edges], "publicIp",
                        "public IP")
     # An edge without `host` uses its publicIp: a duplicate publicIp is reported once, as such.
-    c.unique([(e.entry, _server(e) and server_identity(_server(e)), _server(e) and describe_server(_server(e)))
-              for e in edges], "host", "edge host",
+    c.unique([(e.entry, _server_identity(e), _server_shown(e)) for e in edges], "host", "edge host",
              quiet={e.entry for e in edges if e.entry in same_ip and e.raw.get("host") is None})
 
     def origin_and_index(e: Values) -> Any:
@@ -353,7 +362,7 @@ def parse_topology(config: Mapping[str, Any]) -> Topology:
     origin_servers: dict[Any, str] = {}
     for o in origins:
         if o.valid("name") is not None:
-            for address in (o.valid("endpoint"), _server(o) and server_identity(_server(o))):
+            for address in (o.valid("endpoint"), _server_identity(o)):
                 if address is not None:
                     origin_servers.setdefault(address, o["name"])
     declared_origins = {o.raw.get("name") for o in origins}
