@@ -152,6 +152,14 @@ class Ssh:
     insecure_any_host_key: bool = False
 
 
+class _ReachedOverSsh:
+    """A node's SSH keys (host, sshPort, sshUser, hostKey, insecureAnyHostKey) as one Ssh."""
+
+    @functools.cached_property
+    def ssh(self) -> Ssh:
+        return Ssh(self.host, self.ssh_port, self.ssh_user, self.host_key, self.insecure_any_host_key)
+
+
 # One certificate carries every name of an origin: Let's Encrypt issues at most 100 names per
 # certificate, the domain among them.
 MAX_NAMES_PER_ORIGIN = 100
@@ -175,7 +183,7 @@ class Hostname:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Origin:
+class Origin(_ReachedOverSsh):
     name: str = key(NAME, required=True, example="blog", doc="unique among origins")
     domain: str = key(Text(DOMAIN_RE, "a lower-case domain name like blog.example.com"), required=True,
                       example="blog.example.com", doc="the site's domain, unique among origins")
@@ -253,10 +261,6 @@ class Origin:
         return edge_interface(self.subnet)
 
     @functools.cached_property
-    def ssh(self) -> Ssh:
-        return Ssh(self.host, self.ssh_port, self.ssh_user, self.host_key, self.insecure_any_host_key)
-
-    @functools.cached_property
     def defence(self) -> Defence:
         return Defence(capacity=self.capacity.concurrent_requests if self.capacity else None,
                        under_attack=self.under_attack, allow_from=self.allow_from, exempt_paths=self.exempt_paths,
@@ -264,7 +268,7 @@ class Origin:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Edge:
+class Edge(_ReachedOverSsh):
     name: str = key(NAME, required=True, example="edge-tokyo-1", doc="unique among edges")
     origin: str = key(Text(NAME_RE, "an origin name"), required=True, example="blog", doc="the origin it serves")
     public_ip: str = key(PublicAddress(), required=True, example="198.51.100.7",
@@ -284,10 +288,6 @@ class Edge:
     key_generation: int = key(KEY_GENERATION, default=1, doc="raise it to rotate this edge's WireGuard key")
 
     wireguard_ip: str = derived()
-
-    @functools.cached_property
-    def ssh(self) -> Ssh:
-        return Ssh(self.host, self.ssh_port, self.ssh_user, self.host_key, self.insecure_any_host_key)
 
 
 @dataclass(frozen=True, kw_only=True)
