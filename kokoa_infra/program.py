@@ -54,13 +54,16 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
         ssh_private_key = pulumi.Output.secret(ssh_private_key)
     renamed = topology.former_names
     key = server_key()
+    # Each origin's spec and its edges (in index order), looked up once for everything below.
+    specs = {o.name: o for o in topology.origins}
+    edges_of = {o.name: topology.edges_of(o) for o in topology.origins}
     origins = {}
     for spec in topology.origins:  # (a loop: a comprehension is one more frame in every resource's stack trace)
         origins[spec.name] = Origin(spec.name, OriginArgs(
-            origin=spec, edges=topology.edges_of(spec), settings=topology.settings, zone_id=topology.zone_for(spec),
+            origin=spec, edges=edges_of[spec.name], settings=topology.settings, zone_id=topology.zone_for(spec),
             ssh_private_key=ssh_private_key, stack=stack, server_key=key,
             former_names=renamed.get(spec.name, ()),
-            edge_former_names={e.name: renamed[e.name] for e in topology.edges_of(spec) if e.name in renamed}))
+            edge_former_names={e.name: renamed[e.name] for e in edges_of[spec.name] if e.name in renamed}))
     warn_about_exposure(topology)
     without_zone = [o.name for o in topology.origins if not topology.zone_for(o)]
     if without_zone:
@@ -84,15 +87,15 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
                 # The one address Kokoa hides: secret in state, previews and CI logs.
                 "endpoint": pulumi.Output.secret(o.endpoint),
                 "listenPort": o.listen_port,
-                "edges": [e.name for e in topology.edges_of(o)],
+                "edges": [e.name for e in edges_of[o.name]],
                 "hostnames": [h.name for h in o.hostnames],
             } for o in topology.origins
         },
         "edges": {
             e.name: {
                 "origin": e.origin,
-                "domain": topology.origin(e.origin).domain,
-                "hostnames": [h.name for h in topology.origin(e.origin).hostnames],
+                "domain": specs[e.origin].domain,
+                "hostnames": [h.name for h in specs[e.origin].hostnames],
                 "publicIp": e.public_ip,
                 "wireguardIp": e.wireguard_ip,
                 "publicKey": origins[e.origin].edges[e.name].public_key,
@@ -102,7 +105,7 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
         # Whether `kokoa health --failover` may take records out of DNS (it refuses otherwise).
         "dnsFailover": topology.settings.dns_failover,
         "dnsRecords": {
-            name: [e.public_ip for e in topology.edges_of(o) if e.dns] for o in topology.origins for name in o.names
+            name: [e.public_ip for e in edges_of[o.name] if e.dns] for o in topology.origins for name in o.names
         },
         "healthTargets": [
             {"name": o.name, "role": "origin", "origin": o.name, "domain": o.domain,
@@ -111,7 +114,7 @@ def deploy(topology: Topology, ssh_private_key: pulumi.Output[str] | None, stack
             for o in topology.origins
         ] + [
             {"name": e.name, "role": "edge", "origin": e.origin,
-             "domain": topology.origin(e.origin).domain, "hostnames": _hostname_targets(topology.origin(e.origin)),
+             "domain": specs[e.origin].domain, "hostnames": _hostname_targets(specs[e.origin]),
              "wireguardIp": e.wireguard_ip, "publicIp": e.public_ip} for e in topology.edges
         ],
         "bundles": secret_of(gathered(bundles)),
