@@ -132,8 +132,9 @@ def render_origin_bundle(settings: Settings, origin: Origin, private_key: str,
     """Files an origin host needs: its WireGuard interface, tunnel gateway, certificate jobs.
     `peers`: the origin's edges (the components check that they serve it: model.check_serves)."""
     peers = sorted(peers, key=lambda p: p.edge.index)
-    relay = any(app.relay for app in applications(origin))
-    ctx = _common(settings, origin) | {
+    common = _common(settings, origin)
+    relay = any(app.relay for app in common["applications"])
+    ctx = common | {
         "private_key": private_key,
         "peers": peers,
         "renew_interval": RENEW_INTERVAL,
